@@ -1,0 +1,71 @@
+"""`fisher_config.json`: provenance and global statistics of a Fisher file."""
+
+from __future__ import annotations
+
+import math
+from typing import Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field
+
+FORMAT_NAME = "mergekit-fisher"
+FORMAT_VERSION = 1
+CONFIG_FILENAME = "fisher_config.json"
+SINGLE_FILENAME = "fisher.safetensors"
+INDEX_FILENAME = "fisher.safetensors.index.json"
+SHARD_PATTERN = "fisher{suffix}.safetensors"
+# key of the JSON config inside a standalone .safetensors file's header metadata
+HEADER_CONFIG_KEY = "fisher_config"
+
+
+class GlobalStats(BaseModel):
+    """Sum and sum of squares over every element of every tensor: enough for `mean` and `l2`."""
+
+    model_config = ConfigDict(frozen=True)
+
+    sum: float
+    sum_sq: float
+    num_elements: int
+
+    @property
+    def mean(self) -> float:
+        return self.sum / self.num_elements if self.num_elements else 0.0
+
+    @property
+    def l2(self) -> float:
+        return math.sqrt(self.sum_sq)
+
+
+class FisherConfig(BaseModel):
+    """Provenance of a Fisher file. Unknown keys are kept, so newer writers stay readable."""
+
+    model_config = ConfigDict(extra="allow", protected_namespaces=())
+
+    format: str = FORMAT_NAME
+    format_version: int = FORMAT_VERSION
+    model: Optional[str] = Field(None, description="model the Fisher was computed for (path or hub id)")
+    adapter: Optional[str] = Field(None, description="PEFT adapter applied on top of `model`, if any")
+    space: Literal["dense", "adapter"] = Field(
+        "dense", description="dense: names/shapes of the (merged) checkpoint; adapter: lora_A/lora_B names"
+    )
+    fisher_type: Optional[str] = Field(None, description="empirical | sampled | exact")
+    task: Optional[str] = None
+    num_examples: Optional[int] = None
+    num_tokens: Optional[int] = None
+    dataset: Optional[str] = None
+    dataset_hash: Optional[str] = None
+    samples_per_example: Optional[int] = None
+    seed: Optional[int] = None
+    dtype: Optional[str] = Field(None, description="dtype of the stored tensors")
+    accumulator_dtype: Optional[str] = None
+    sum: Optional[float] = Field(None, description="sum of all elements of all tensors")
+    sum_sq: Optional[float] = Field(None, description="sum of squares of all elements")
+    num_elements: Optional[int] = None
+    tool_version: Optional[str] = None
+    created: Optional[str] = None
+
+    def global_stats(self) -> Optional[GlobalStats]:
+        if self.sum is None or self.sum_sq is None or not self.num_elements:
+            return None
+        if not (math.isfinite(self.sum) and math.isfinite(self.sum_sq)):
+            return None
+        return GlobalStats(sum=self.sum, sum_sq=self.sum_sq, num_elements=self.num_elements)

@@ -1,0 +1,128 @@
+"""Tiny models and tokenizers built on the fly, for tests (no network, seconds on a CPU).
+
+Shared by every test module: keep it small and deterministic.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Iterable, Optional, Sequence
+
+import torch
+
+CORPUS = [
+    "the quick brown fox jumps over the lazy dog",
+    "def merge(models): return sum(models) / len(models)",
+    "import os, sys; print(sys.argv[1:])",
+    "fisher information weighs each parameter by how much the data cares",
+    "a lazy merge reads one tensor at a time from disk",
+    "class Tokenizer: pass  # trained on a handful of lines",
+    "for i in range(10): total += i * i",
+    "models that agree keep their weights; models that disagree are averaged",
+]
+
+
+def make_tokenizer(out_dir: str, texts: Optional[Sequence[str]] = None, vocab_size: int = 300):
+    """A byte-level BPE tokenizer trained on `texts`, saved as a HF fast tokenizer in `out_dir`."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    texts = list(texts or CORPUS)
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<pad>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>"
+    )
+    os.makedirs(out_dir, exist_ok=True)
+    fast.save_pretrained(out_dir)
+    return fast
+
+
+def llama_config(vocab_size: int, hidden: int = 32, layers: int = 2, tie: bool = False, **overrides):
+    from transformers import LlamaConfig
+
+    kwargs = dict(
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        tie_word_embeddings=tie,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    kwargs.update(overrides)
+    return LlamaConfig(**kwargs)
+
+
+def make_llama(
+    out_dir: Optional[str] = None,
+    *,
+    seed: int = 0,
+    vocab_size: int = 300,
+    hidden: int = 32,
+    layers: int = 2,
+    tie: bool = False,
+    tokenizer_dir: Optional[str] = None,
+    dtype: torch.dtype = torch.float32,
+    **overrides,
+):
+    """A randomly initialised tiny Llama; saved (safetensors) with the tokenizer when `out_dir` is given."""
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(llama_config(vocab_size, hidden, layers, tie, **overrides)).to(dtype)
+    model.eval()
+    if out_dir is not None:
+        model.save_pretrained(out_dir, safe_serialization=True)
+        if tokenizer_dir is not None:
+            AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(out_dir)
+    return model
+
+
+def perturbed_copy(model, out_dir: str, *, seed: int, scale: float = 0.05, tokenizer_dir: Optional[str] = None):
+    """Save a copy of `model` with Gaussian noise added to every parameter (a stand-in fine-tune)."""
+    import copy
+
+    from transformers import AutoTokenizer
+
+    clone = copy.deepcopy(model)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in clone.parameters():
+            param.add_(torch.randn(param.shape, generator=generator, dtype=torch.float32).to(param.dtype) * scale)
+    clone.save_pretrained(out_dir, safe_serialization=True)
+    if tokenizer_dir is not None:
+        AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(out_dir)
+    return clone
+
+
+def state_dict_from_dir(model_dir: str) -> dict:
+    """Every tensor of a saved checkpoint directory, by checkpoint name."""
+    from safetensors.torch import load_file
+
+    out = {}
+    for name in sorted(os.listdir(model_dir)):
+        if name.endswith(".safetensors"):
+            out.update(load_file(os.path.join(model_dir, name)))
+    return out
+
+
+def write_jsonl(path: str, rows: Iterable[dict]) -> str:
+    import json
+
+    with open(path, "w", encoding="utf-8") as fp:
+        for row in rows:
+            fp.write(json.dumps(row) + "\n")
+    return path
