@@ -233,6 +233,12 @@ class FisherFile:
             self._stats = stats
         return self._stats
 
+    def remember_stats(self, computed: GlobalStats) -> None:
+        """Keep stats computed by a full pass, unless the file's own metadata provides them."""
+        if self._stats is None:
+            stats = self.config.global_stats() if self.config is not None else None
+            self._stats = stats or computed
+
     def compute_stats(self) -> GlobalStats:
         total = 0.0
         total_sq = 0.0

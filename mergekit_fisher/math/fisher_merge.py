@@ -1,0 +1,152 @@
+"""Fisher-weighted merging, element-wise (Matena & Raffel 2021, arXiv 2111.09832).
+
+    θ* = Σᵢ λᵢ F̃ᵢ θᵢ / Σᵢ λᵢ F̃ᵢ,    F̃ᵢ = normalize(Fᵢ) + floor
+
+Fisher scales differ between models (data, sequence lengths, confidence), so each model's Fisher is
+first brought to a common scale (`normalize_fisher`) and then floored, so that elements no model
+cares about fall back to the plain weighted average instead of 0/0.
+
+The task-arithmetic family (TIES, DARE, ...) keeps every mergekit convention and only replaces each
+model's scalar weight wᵢ by the per-element weight wᵢ·F̃ᵢ/mean_j(F̃ⱼ) (`relative_fisher`): with equal
+Fishers the weights are exactly the recipe's, and `normalize: false` keeps task arithmetic's scale.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional, Sequence
+
+import torch
+
+NORMALIZATIONS = ("mean", "l2", "tensor", "none")
+
+
+def normalize_fisher(
+    fisher: torch.Tensor,
+    mode: str,
+    *,
+    global_mean: Optional[float] = None,
+    global_l2: Optional[float] = None,
+) -> torch.Tensor:
+    """Bring one model's Fisher tensor to a comparable scale.
+
+    - ``mean``:   divide by the mean over *all* elements of that model's Fisher file (`global_mean`),
+                  so model size and data scale do not move the floor;
+    - ``l2``:     divide by the global L2 norm of the file (`global_l2`; what the paper's code does);
+    - ``tensor``: divide by this tensor's own mean (each tensor is weighted on its own);
+    - ``none``:   raw values.
+    A zero scale (an all-zero Fisher) leaves the zeros as they are: the floor then decides.
+    """
+    if mode == "none":
+        return fisher
+    if mode == "mean":
+        scale = global_mean
+    elif mode == "l2":
+        scale = global_l2
+    elif mode == "tensor":
+        scale = float(fisher.mean()) if fisher.numel() else 0.0
+    else:
+        raise ValueError(f"unknown Fisher normalization {mode!r}; expected one of {NORMALIZATIONS}")
+    if scale is None:
+        raise ValueError(f"normalization {mode!r} needs the file's global statistics")
+    if scale <= 0:
+        return fisher
+    return fisher / scale
+
+
+def fisher_weighted_average(
+    tensors: Sequence[torch.Tensor],
+    fishers: Sequence[torch.Tensor],
+    weights: Sequence[float],
+    *,
+    floor: float = 0.0,
+) -> torch.Tensor:
+    """Σᵢ wᵢ(Fᵢ+floor)θᵢ / Σᵢ wᵢ(Fᵢ+floor), in the dtype of the tensors (float32 or float64).
+
+    `fishers` are already normalized; each may be a full tensor or a scalar (a uniform Fisher).
+    Where the denominator is exactly 0 (every Fisher 0 and no floor) the plain weighted average is used.
+    """
+    if not (len(tensors) == len(fishers) == len(weights)) or not tensors:
+        raise ValueError("need one Fisher and one weight per tensor")
+    dtype = tensors[0].dtype
+    numerator = torch.zeros_like(tensors[0])
+    denominator = torch.zeros_like(tensors[0])
+    for tensor, fisher, weight in zip(tensors, fishers, weights):
+        coefficient = fisher.to(dtype=dtype) + floor
+        coefficient = coefficient * weight
+        numerator.addcmul_(coefficient.expand_as(tensor), tensor)
+        denominator.add_(coefficient.expand_as(tensor))
+    empty = denominator == 0
+    if bool(empty.any()):
+        total_weight = float(sum(weights))
+        plain = sum(t * w for t, w in zip(tensors, weights)) / (total_weight if total_weight != 0 else 1.0)
+        numerator = torch.where(empty, plain, numerator)
+        denominator = torch.where(empty, torch.ones_like(denominator), denominator)
+    return numerator.div_(denominator).to(dtype)
+
+
+def relative_fisher(fishers: Sequence[torch.Tensor], *, floor: float = 0.0) -> list:
+    """(Fᵢ+floor) / meanⱼ(Fⱼ+floor) per element: per-element weight factors that average to 1.
+
+    Equal Fishers give factors of exactly 1 (up to rounding), which is what makes each
+    `fisher_X` reduce to mergekit's `X`. Elements where every Fisher is 0 (no floor) get 1.
+    """
+    floored = [f + floor for f in fishers]
+    mean = torch.stack(torch.broadcast_tensors(*floored)).mean(dim=0)
+    safe = torch.where(mean > 0, mean, torch.ones_like(mean))
+    return [torch.where(mean > 0, f / safe, torch.ones_like(safe)) for f in floored]
+
+
+def fisher_task_arithmetic(
+    base: torch.Tensor,
+    tensors: Sequence[torch.Tensor],
+    fishers: Sequence[torch.Tensor],
+    weights: Sequence[float],
+    *,
+    floor: float = 0.0,
+    sparsify_delta: Optional[Callable[[int, torch.Tensor], torch.Tensor]] = None,
+    consensus: Optional[str] = None,
+    normalize: bool = False,
+    lambda_: float = 1.0,
+    mask_dtype: Optional[torch.dtype] = None,
+) -> torch.Tensor:
+    """mergekit's generalized task arithmetic with per-element weights wᵢ·F̃ᵢ/meanⱼ(F̃ⱼ).
+
+    Mirrors ``GeneralizedTaskArithmeticMerge.merge_group`` step by step (sparsify each delta,
+    weight, TIES sign consensus on the weighted deltas, normalize by the weight mass of the agreeing
+    models, scale by lambda); only the scalar weight became a tensor.
+    `sparsify_delta(i, delta)` sparsifies model i's delta (mergekit.sparsify, same RNG order).
+    `consensus` is None, "sum" or "count" (mergekit's TIES mask, `get_mask`).
+    """
+    from mergekit.merge_methods.generalized_task_arithmetic import get_mask
+
+    if not tensors:
+        return base
+    deltas = base.new_empty((len(tensors), *base.shape))
+    for index, tensor in enumerate(tensors):
+        delta = tensor - base
+        if sparsify_delta is not None:
+            delta = sparsify_delta(index, delta)
+        deltas[index] = delta
+        del delta
+
+    factors = relative_fisher([f.to(base.dtype) for f in fishers], floor=floor)
+    element_weights = torch.stack(
+        [factor.expand(base.shape) * weight for factor, weight in zip(factors, weights)]
+    )
+    deltas.mul_(element_weights)
+
+    if consensus:
+        mask = get_mask(deltas, method=consensus, mask_dtype=mask_dtype or base.dtype)
+        mixed_delta = (deltas * mask).sum(dim=0)
+        divisor = (element_weights * mask).sum(dim=0)
+        divisor[divisor == 0] = 1
+    else:
+        mixed_delta = deltas.sum(dim=0)
+        divisor = element_weights.sum(dim=0)
+        divisor[divisor.abs() < 1e-8] = 1
+
+    if normalize:
+        mixed_delta /= divisor
+    if lambda_ != 1:
+        mixed_delta *= lambda_
+    return (base + mixed_delta).to(base.dtype)

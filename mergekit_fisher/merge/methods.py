@@ -1,0 +1,130 @@
+"""The Fisher merge methods, as mergekit `GroupMergeMethod`s over `mergekit_fisher.math`.
+
+`fisher`: the paper's method, θ* = Σᵢ wᵢF̃ᵢθᵢ / Σᵢ wᵢF̃ᵢ over all inputs (no base; a base listed as an
+input is just another input and needs its own Fisher).
+
+`fisher_<X>` for X in mergekit's generalized task arithmetic family: X with each model's scalar
+weight replaced by a per-element Fisher weight; parameters and defaults are X's own (read from
+mergekit's registered X), plus the Fisher parameters. The base needs no Fisher.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from functools import cached_property
+from typing import Any
+
+import torch
+from mergekit.merge_methods.base import (
+    BasePolicy,
+    GroupMergeMethod,
+    InputContract,
+    MergeMethodSpec,
+    ParameterScope,
+    ParameterSpec,
+    TensorGroup,
+)
+from mergekit.merge_methods.generalized_task_arithmetic import GeneralizedTaskArithmeticMerge
+from mergekit.sparsify import RescaleNorm, sparsify
+
+from mergekit_fisher.math import fisher_task_arithmetic, fisher_weighted_average
+from mergekit_fisher.merge.context import fishers_for
+from mergekit_fisher.merge.parameters import fisher_parameter_specs
+
+PAPER_URL = "https://arxiv.org/abs/2111.09832"
+DEFAULT_WEIGHT = 1.0
+
+
+def _math_dtype(tensor: torch.Tensor) -> torch.dtype:
+    # as mergekit's linear: float64 stays float64, everything else is computed in float32
+    return torch.float64 if tensor.dtype == torch.float64 else torch.float32
+
+
+class FisherMerge(GroupMergeMethod):
+    """Fisher-weighted averaging of every input (Matena & Raffel 2021)."""
+
+    @cached_property
+    def spec(self) -> MergeMethodSpec:
+        return MergeMethodSpec(
+            name="fisher",
+            pretty_name="Fisher-Weighted Averaging",
+            reference_url=PAPER_URL,
+            parameters=(
+                ParameterSpec("weight", float, ParameterScope.INPUT, default=DEFAULT_WEIGHT),
+                *fisher_parameter_specs(ParameterScope.INPUT),
+            ),
+            contract=InputContract(base=BasePolicy.IGNORED, min_inputs=1),
+        )
+
+    def merge_group(self, group: TensorGroup, /, **parameters: Any) -> torch.Tensor:
+        entries = group.entries
+        fishers = fishers_for(self.spec.name, group.metadata.name, entries)
+        first = entries[0].tensor
+        dtype = _math_dtype(first)
+        merged = fisher_weighted_average(
+            [entry.tensor.to(dtype) for entry in entries],
+            [fishers[entry.id] for entry in entries],
+            [parameters["weight"][entry.id] for entry in entries],
+            floor=parameters["fisher_floor"],
+        )
+        return merged.to(first.dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class FisherTaskArithmeticMerge(GroupMergeMethod):
+    """A Fisher-weighted member of mergekit's generalized task arithmetic family."""
+
+    namesake: GeneralizedTaskArithmeticMerge
+
+    @classmethod
+    def of(cls, namesake: GeneralizedTaskArithmeticMerge) -> "FisherTaskArithmeticMerge":
+        return cls(namesake=namesake)
+
+    @cached_property
+    def spec(self) -> MergeMethodSpec:
+        original = self.namesake.spec
+        parameters = []
+        for parameter in original.parameters:
+            if parameter.name == "weight" and parameter.required:
+                parameter = dataclasses.replace(parameter, default=DEFAULT_WEIGHT)
+            parameters.append(parameter)
+        return dataclasses.replace(
+            original,
+            name=f"fisher_{original.name}",
+            pretty_name=f"Fisher-weighted {original.pretty_name or original.name}",
+            reference_url=original.reference_url,
+            parameters=(*parameters, *fisher_parameter_specs(ParameterScope.NON_BASE)),
+        )
+
+    def merge_group(self, group: TensorGroup, /, **parameters: Any) -> torch.Tensor:
+        base = group.base.tensor
+        entries = group.non_base
+        if not entries:
+            return base
+        fishers = fishers_for(self.spec.name, group.metadata.name, entries)
+        method = self.namesake.sparsification_method
+        extra_keys = [key for key in ("gamma", "epsilon") if key in parameters]
+
+        def sparsify_delta(index: int, delta: torch.Tensor) -> torch.Tensor:
+            entry_id = entries[index].id
+            return sparsify(
+                delta,
+                density=parameters["density"][entry_id],
+                method=method,
+                rescale_norm=RescaleNorm.l1 if parameters["rescale"] else None,
+                **{key: parameters[key][entry_id] for key in extra_keys},
+            )
+
+        consensus = self.namesake.consensus_method
+        return fisher_task_arithmetic(
+            base,
+            [entry.tensor for entry in entries],
+            [fishers[entry.id] for entry in entries],
+            [parameters["weight"][entry.id] for entry in entries],
+            floor=parameters["fisher_floor"],
+            sparsify_delta=sparsify_delta if method else None,
+            consensus=consensus.value if consensus else None,
+            normalize=parameters["normalize"],
+            lambda_=parameters["lambda"],
+            mask_dtype=torch.int8 if parameters["int8_mask"] else base.dtype,
+        )

@@ -1,0 +1,201 @@
+"""Graph tasks that bring each input's Fisher tensor to the merge kernel, lazily.
+
+mergekit's kernels see the *output* tensor name only, but a Fisher must be looked up under each
+*input's* name (slices with layer offsets, aliases, tied embeddings) and must follow mergekit's
+vocabulary permutation when tokenizers are merged. The planner knows all of that when it builds
+each `ExecuteMergeMethodTask`; `fisher_aware_merge_task` (installed in place of that constructor in
+`mergekit.plan`, see `registry.patch_planner`) builds a `FisherMergeTask` instead for Fisher methods:
+the same task, plus a dependency that loads the inputs' Fishers. The graph executor then schedules,
+moves (`--cuda`) and frees Fisher tensors exactly like model tensors.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Optional, Tuple, Union
+
+import torch
+from mergekit.common import ImmutableMap, ModelReference
+from mergekit.graph import Task
+from mergekit.merge_methods.task_adapter import ExecuteMergeMethodTask
+from mergekit.tokenizer import BuildTokenizer, PermutedVocabulary, TokenizerInfo
+from mergekit.tokenizer.config import TokenEmbeddingConfig
+from mergekit.tokenizer.truncate import TruncatedVocabulary
+from pydantic import BaseModel
+
+from mergekit_fisher.errors import FisherInputError
+from mergekit_fisher.fisher_file import open_fisher
+from mergekit_fisher.math import normalize_fisher
+from mergekit_fisher.merge.context import attached_fishers
+
+
+class FisherInput(BaseModel, frozen=True):
+    """Where one input's Fisher for one output tensor lives (resolved and validated at plan time)."""
+
+    path: str
+    tensor: Optional[str]  # name inside the Fisher file; None = uniform (missing_fisher: uniform)
+    expected_shape: Optional[Tuple[int, ...]] = None
+
+
+class LoadFisherTensors(Task[Dict[ModelReference, torch.Tensor]]):
+    """Read and normalize the Fisher of every input of one output tensor (float32, CPU)."""
+
+    inputs: ImmutableMap[ModelReference, FisherInput]
+    normalize: str
+    output_name: str
+    vocabulary_axis: Optional[int] = None
+    truncate_rows: Optional[int] = None  # --unsafe-truncate-embeddings: keep this many token rows
+
+    def arguments(self) -> Dict[str, Task]:
+        return {}
+
+    def uses_accelerator(self) -> bool:
+        return False
+
+    def priority(self) -> int:
+        return -1000  # as mergekit's LoadTensor: load late, free early
+
+    def group_label(self) -> Optional[str]:
+        return self.output_name
+
+    def execute(self) -> Dict[ModelReference, torch.Tensor]:
+        result = {}
+        for model, spec in self.inputs.items():
+            fisher_file = open_fisher(spec.path)
+            needs_stats = self.normalize in ("mean", "l2") or spec.tensor is None
+            stats = fisher_file.global_stats() if needs_stats else None
+            if spec.tensor is None:
+                # A uniform Fisher at the file's own mean level: after `mean` normalization it is 1.
+                raw = torch.tensor(stats.mean, dtype=torch.float32)
+            else:
+                raw = fisher_file.get_tensor(spec.tensor)
+                if spec.expected_shape is not None and tuple(raw.shape) != spec.expected_shape:
+                    raise FisherInputError(
+                        f"Fisher shape {tuple(raw.shape)} does not match the model tensor {spec.expected_shape}",
+                        model=str(model), file=spec.path, tensor=spec.tensor,
+                        fix="this Fisher was computed for another model; recompute it for this one",
+                    )
+                if self.truncate_rows is not None and raw.ndim:
+                    raw = raw.narrow(self.vocabulary_axis, 0, self.truncate_rows)
+            result[model] = normalize_fisher(
+                raw,
+                self.normalize,
+                global_mean=stats.mean if stats else None,
+                global_l2=stats.l2 if stats else None,
+            )
+        return result
+
+
+class PermuteFisherVocabulary(Task[Dict[ModelReference, torch.Tensor]]):
+    """Apply the tokenizer merge's row permutation to the Fishers, as `PermutedVocabulary` does to weights.
+
+    A row whose token a model does not have (or whose embedding the recipe forces) gets Fisher 0 for
+    that model: the model carries no information about it, so the floor and the other models decide.
+    Padding rows (pad_to_multiple_of) get 0 too.
+    """
+
+    fisher_task: LoadFisherTensors
+    tokenizer_task: BuildTokenizer
+    tokens: Optional[ImmutableMap[str, TokenEmbeddingConfig]] = None
+    pad_to_multiple_of: Optional[int] = None
+    vocabulary_axis: int
+
+    def arguments(self) -> Dict[str, Task]:
+        return {"tokenizer_info": self.tokenizer_task, "fishers": self.fisher_task}
+
+    def uses_accelerator(self) -> bool:
+        return False
+
+    def group_label(self) -> Optional[str]:
+        return self.fisher_task.group_label()
+
+    def execute(
+        self, tokenizer_info: TokenizerInfo, fishers: Dict[ModelReference, torch.Tensor]
+    ) -> Dict[ModelReference, torch.Tensor]:
+        vocab = tokenizer_info.tokenizer.get_vocab()
+        vocab_size = len(vocab)
+        if self.pad_to_multiple_of and vocab_size % self.pad_to_multiple_of:
+            vocab_size = (vocab_size // self.pad_to_multiple_of + 1) * self.pad_to_multiple_of
+        forced = {token for token, cfg in (self.tokens or {}).items() if cfg.force}
+        result = {}
+        for model, fisher in fishers.items():
+            if fisher.ndim == 0:  # uniform stays uniform
+                result[model] = fisher
+                continue
+            permutation = tokenizer_info.permutations[model]
+            new_ids, old_ids = [], []
+            for token, token_id in vocab.items():
+                old = permutation.get(token_id, -1)
+                if old >= 0 and token not in forced:
+                    new_ids.append(token_id)
+                    old_ids.append(old)
+            rows = fisher.movedim(self.vocabulary_axis, 0)
+            permuted = rows.new_zeros((vocab_size, *rows.shape[1:]))
+            permuted[torch.tensor(new_ids, dtype=torch.long)] = rows[torch.tensor(old_ids, dtype=torch.long)]
+            result[model] = permuted.movedim(0, self.vocabulary_axis)
+        return result
+
+
+FisherSource = Union[LoadFisherTensors, PermuteFisherVocabulary]
+
+
+class FisherMergeTask(ExecuteMergeMethodTask):
+    """mergekit's merge task with the inputs' Fishers attached for the kernel."""
+
+    fisher_tensors: FisherSource
+
+    def arguments(self) -> Dict[str, Task]:
+        return {**super().arguments(), "fishers": self.fisher_tensors}
+
+    def execute(self, tensors, fishers=None, **kwargs):
+        with attached_fishers(fishers or {}):
+            return super().execute(tensors=tensors, **kwargs)
+
+
+def is_fisher_method(method_name: str) -> bool:
+    from mergekit import merge_methods
+
+    from mergekit_fisher.merge.methods import FisherMerge, FisherTaskArithmeticMerge
+
+    try:
+        method = merge_methods.get(method_name)
+    except RuntimeError:
+        return False
+    return isinstance(method, (FisherMerge, FisherTaskArithmeticMerge))
+
+
+def fisher_aware_merge_task(**kwargs) -> ExecuteMergeMethodTask:
+    """Drop-in for `ExecuteMergeMethodTask(...)` in mergekit's planner."""
+    if not is_fisher_method(kwargs["method_name"]):
+        return ExecuteMergeMethodTask(**kwargs)
+    from mergekit_fisher.merge.sources import resolve_fisher_inputs
+
+    gather = kwargs["gather_tensors"]
+    inner = gather.gather_tensors if isinstance(gather, (PermutedVocabulary, TruncatedVocabulary)) else gather
+    output_weight = kwargs["output_weight"]
+    inputs, truncate_rows = resolve_fisher_inputs(
+        method_name=kwargs["method_name"],
+        weight_info=inner.weight_info,
+        model_order=kwargs["model_order"],
+        base_model=kwargs["base_model"],
+        shared_parameters=dict(kwargs["parameters"].items()),
+        input_parameters=kwargs["input_parameters"],
+        output_name=output_weight.name,
+        vocabulary_axis=output_weight.vocabulary_axis,
+        truncate=isinstance(gather, TruncatedVocabulary),
+    )
+    source: FisherSource = LoadFisherTensors(
+        inputs=ImmutableMap(data=inputs),
+        normalize=kwargs["parameters"]["fisher_normalize"],
+        output_name=output_weight.name,
+        vocabulary_axis=output_weight.vocabulary_axis,
+        truncate_rows=truncate_rows,
+    )
+    if isinstance(gather, PermutedVocabulary):
+        source = PermuteFisherVocabulary(
+            fisher_task=source,
+            tokenizer_task=gather.tokenizer_task,
+            tokens=gather.tokens,
+            pad_to_multiple_of=gather.pad_to_multiple_of,
+            vocabulary_axis=gather.vocabulary_axis,
+        )
+    return FisherMergeTask(**kwargs, fisher_tensors=source)

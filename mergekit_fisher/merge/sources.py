@@ -1,0 +1,172 @@
+"""Plan-time resolution and validation of a recipe's Fisher files.
+
+Runs while mergekit plans the merge -- after its loader cache is warm, before any tensor is merged
+or written -- once per output tensor. Everything checkable without merging is checked here, so bad
+input fails with one clear message and the output directory gets no model shards:
+the file exists and is safetensors (pickles are refused), the tensor is there (under the input's
+name, aliases or tied names), its shape matches the model's, and -- with `fisher_validate: full`,
+the default -- every value of every Fisher file is finite and >= 0 (one streaming pass per file,
+which also yields the global statistics when the file's metadata lacks them).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from typing import Dict, Mapping, Optional, Sequence, Tuple
+
+from mergekit.common import ModelReference
+from safetensors import safe_open
+
+from mergekit_fisher.errors import FisherInputError
+from mergekit_fisher.fisher_file import FisherFile, open_fisher
+from mergekit_fisher.merge.parameters import check_shared
+
+LOG = logging.getLogger(__name__)
+
+_SCANNED: set = set()
+_WARNED: set = set()
+_LOCK = threading.Lock()
+
+
+def _warn_once(key, message: str, *args) -> None:
+    with _LOCK:
+        if key in _WARNED:
+            return
+        _WARNED.add(key)
+    LOG.warning(message, *args)
+
+
+def open_for_model(path: Optional[str], model: ModelReference, method_name: str) -> FisherFile:
+    if not path:
+        raise FisherInputError(
+            f"no Fisher file given for this model (merge method {method_name})",
+            model=str(model),
+            fix="add `fisher: /path/to/fisher` under this model's `parameters:` "
+            "(compute one with `mergekit-fisher compute`)",
+        )
+    try:
+        return open_fisher(path)
+    except FisherInputError as error:
+        if error.model is None:
+            raise FisherInputError(
+                error.problem, fix=error.fix, model=str(model), file=error.file, tensor=error.tensor
+            ) from None
+        raise
+
+
+def scan_values(fisher_file: FisherFile, model: ModelReference) -> None:
+    """One streaming pass over the whole file: refuses NaN/Inf/negative values before merging."""
+    with _LOCK:
+        if fisher_file.path in _SCANNED:
+            return
+    try:
+        stats = fisher_file.compute_stats()
+    except FisherInputError as error:
+        raise FisherInputError(
+            error.problem, fix=error.fix, model=str(model), file=error.file, tensor=error.tensor
+        ) from None
+    fisher_file.remember_stats(stats)
+    with _LOCK:
+        _SCANNED.add(fisher_file.path)
+
+
+def _model_tensor_shape(model: ModelReference, name: str) -> Optional[Tuple[int, ...]]:
+    """The model tensor's shape from its safetensors header (None for pickle checkpoints)."""
+    from mergekit.io.tasks import LoaderCache
+
+    index = LoaderCache().get(model).index
+    if not index.is_safetensors or name not in index.tensor_paths:
+        return None
+    shard = os.path.join(index.base_path, index.tensor_paths[name])
+    with safe_open(shard, framework="pt", device="cpu") as handle:
+        return tuple(handle.get_slice(name).get_shape())
+
+
+def _present_name(model: ModelReference, candidates: Sequence[str]) -> Optional[str]:
+    from mergekit.io.tasks import LoaderCache
+
+    index = LoaderCache().get(model).index
+    return next((name for name in candidates if name in index.tensor_paths), None)
+
+
+def _check_provenance(fisher_file: FisherFile, model: ModelReference) -> None:
+    config = fisher_file.config
+    if config is None or not config.model:
+        return
+    recorded = os.path.basename(os.path.normpath(config.model))
+    actual = os.path.basename(os.path.normpath(str(model.model.path)))
+    if recorded != actual and os.path.abspath(config.model) != os.path.abspath(str(model.model.path)):
+        _warn_once(
+            ("provenance", fisher_file.path, str(model)),
+            "Fisher file %s was computed for model %r, but is used for %s; "
+            "check that the `fisher:` path belongs to this model",
+            fisher_file.path, config.model, model,
+        )
+
+
+def resolve_fisher_inputs(
+    *,
+    method_name: str,
+    weight_info: Mapping[ModelReference, object],
+    model_order: Sequence[ModelReference],
+    base_model: Optional[ModelReference],
+    shared_parameters: Dict,
+    input_parameters: Mapping[ModelReference, Mapping],
+    output_name: str,
+    vocabulary_axis: Optional[int],
+    truncate: bool,
+):
+    """Validate and locate each merged input's Fisher for one output tensor.
+
+    Returns ({model: FisherInput}, rows to keep under unsafe vocabulary truncation or None).
+    """
+    from mergekit_fisher.merge.planning import FisherInput
+
+    check_shared(shared_parameters, where=f"merge method {method_name}")
+    uses_base = method_name != "fisher"  # delta methods: the base needs no Fisher
+    inputs: Dict[ModelReference, FisherInput] = {}
+    model_rows = []
+    for model in model_order:
+        if uses_base and model == base_model:
+            continue
+        info = weight_info[model]
+        candidates = [info.name, *(info.aliases or ()), *(getattr(info, "tied_names", None) or ())]
+        present = _present_name(model, candidates)
+        if present is None:
+            continue  # an optional weight this model lacks: mergekit's policy decides, no Fisher needed
+        fisher_file = open_for_model(input_parameters[model].get("fisher"), model, method_name)
+        _check_provenance(fisher_file, model)
+        if shared_parameters["fisher_validate"] == "full":
+            scan_values(fisher_file, model)
+        model_shape = _model_tensor_shape(model, present)
+        if vocabulary_axis is not None and model_shape is not None:
+            model_rows.append(model_shape[vocabulary_axis])
+        stored = fisher_file.find(*candidates)
+        if stored is None:
+            if shared_parameters["missing_fisher"] != "uniform":
+                raise FisherInputError(
+                    f"tensor missing from the Fisher file (looked for {', '.join(candidates)})",
+                    model=str(model), file=fisher_file.path, tensor=info.name,
+                    fix="recompute the Fisher for this model with `mergekit-fisher compute`, "
+                    "or set `missing_fisher: uniform` to weight this tensor uniformly",
+                )
+            _warn_once(
+                ("uniform", fisher_file.path, info.name),
+                "%s: tensor %s is not in Fisher file %s; using a uniform Fisher (missing_fisher: uniform)",
+                model, info.name, fisher_file.path,
+            )
+            inputs[model] = FisherInput(path=fisher_file.path, tensor=None)
+            continue
+        fisher_shape = fisher_file.header(stored).shape
+        if model_shape is not None and fisher_shape != model_shape:
+            raise FisherInputError(
+                f"Fisher shape {fisher_shape} does not match the model tensor {present} {model_shape}",
+                model=str(model), file=fisher_file.path, tensor=stored,
+                fix="this Fisher was computed for another model (see its fisher_config.json `model`); "
+                "recompute it for this model with `mergekit-fisher compute`",
+            )
+        inputs[model] = FisherInput(path=fisher_file.path, tensor=stored, expected_shape=model_shape)
+    truncate_rows = min(model_rows) if truncate and model_rows else None
+    return inputs, truncate_rows
