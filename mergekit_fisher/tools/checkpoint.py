@@ -1,0 +1,117 @@
+"""Tensor names and shapes of a model checkpoint, read from safetensors headers only.
+
+No tensor data is loaded and nothing is unpickled: a checkpoint saved only as ``.bin``/``.pt``
+is refused with a fix (re-save it with ``safe_serialization=True``). `model` may be a checkpoint
+directory (``model.safetensors`` or shards with ``model.safetensors.index.json``), a single
+``.safetensors`` file, or a Hugging Face repo id found in the local cache (or, when online,
+read remotely through the Hub's header-only API).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Dict, Tuple
+
+from safetensors import safe_open
+
+from mergekit_fisher.errors import FisherInputError
+
+INDEX_NAME = "model.safetensors.index.json"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+RESAVE_FIX = (
+    "re-save the model with safetensors: "
+    "`AutoModelForCausalLM.from_pretrained(path).save_pretrained(out, safe_serialization=True)`"
+)
+
+
+def _file_shapes(path: str, model: str) -> Dict[str, Tuple[int, ...]]:
+    try:
+        with safe_open(path, framework="pt", device="cpu") as handle:
+            return {name: tuple(handle.get_slice(name).get_shape()) for name in handle.keys()}
+    except Exception as error:  # SafetensorError, OSError: truncated or not safetensors
+        raise FisherInputError(
+            f"cannot read the safetensors header of {os.path.basename(path)} ({error})",
+            model=model, fix="re-download or re-save the checkpoint",
+        ) from None
+
+
+def _directory_shapes(path: str, model: str) -> Dict[str, Tuple[int, ...]]:
+    index_path = os.path.join(path, INDEX_NAME)
+    if os.path.exists(index_path):
+        try:
+            with open(index_path, encoding="utf-8") as fp:
+                weight_map = json.load(fp)["weight_map"]
+        except (ValueError, KeyError, TypeError) as error:
+            raise FisherInputError(
+                f"broken {INDEX_NAME} ({error!r})", model=model, fix="re-download or re-save the checkpoint"
+            ) from None
+        shards = sorted(set(weight_map.values()))
+    else:
+        shards = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
+    if not shards:
+        pickles = sorted(f for f in os.listdir(path) if f.lower().endswith(PICKLE_SUFFIXES))
+        if pickles:
+            raise FisherInputError(
+                f"the checkpoint is pickle-only ({pickles[0]}); refusing to unpickle it", model=model, fix=RESAVE_FIX
+            )
+        raise FisherInputError(
+            "no .safetensors files in the model directory", model=model,
+            fix="point --model at a Hugging Face checkpoint directory (with config.json and *.safetensors)",
+        )
+    shapes: Dict[str, Tuple[int, ...]] = {}
+    for shard in shards:
+        shard_path = os.path.join(path, shard)
+        if not os.path.exists(shard_path):
+            raise FisherInputError(
+                f"shard {shard} listed in {INDEX_NAME} is missing", model=model, fix="copy the complete checkpoint"
+            )
+        shapes.update(_file_shapes(shard_path, model))
+    return shapes
+
+
+def _hub_shapes(repo_id: str) -> Dict[str, Tuple[int, ...]]:
+    import huggingface_hub
+
+    try:  # a cached snapshot first: works offline
+        local = huggingface_hub.snapshot_download(
+            repo_id, allow_patterns=["*.safetensors", "*.json"], local_files_only=True
+        )
+        return _directory_shapes(local, repo_id)
+    except FisherInputError:
+        raise
+    except Exception:
+        pass
+    try:
+        metadata = huggingface_hub.get_safetensors_metadata(repo_id)
+    except Exception as error:
+        raise FisherInputError(
+            f"model not found: not a local path, and the Hub could not be asked ({error.__class__.__name__})",
+            model=repo_id, fix="pass the local checkpoint directory (absolute path)",
+        ) from None
+    shapes: Dict[str, Tuple[int, ...]] = {}
+    for file_metadata in metadata.files_metadata.values():
+        for name, info in file_metadata.tensors.items():
+            shapes[name] = tuple(info.shape)
+    return shapes
+
+
+def checkpoint_shapes(model: str) -> Dict[str, Tuple[int, ...]]:
+    """Checkpoint tensor name -> shape, from the safetensors headers of `model` (see module doc)."""
+    path = os.path.abspath(os.path.expanduser(str(model)))
+    if os.path.isdir(path):
+        return _directory_shapes(path, str(model))
+    if os.path.isfile(path):
+        if path.endswith(".safetensors"):
+            return _file_shapes(path, str(model))
+        if path.lower().endswith(PICKLE_SUFFIXES):
+            raise FisherInputError("refusing to unpickle a pickle checkpoint", model=str(model), fix=RESAVE_FIX)
+        raise FisherInputError(
+            "unrecognised model file: expected a checkpoint directory or a .safetensors file", model=str(model),
+            fix="point --model at the model's checkpoint directory",
+        )
+    if str(model).count("/") == 1 and not str(model).startswith((".", "/", "~")):
+        return _hub_shapes(str(model))
+    raise FisherInputError(
+        "model path does not exist", model=str(model), fix="pass the checkpoint directory (absolute path)"
+    )

@@ -1,0 +1,172 @@
+"""`mergekit-fisher combine FISHER... OUT`: one Fisher file from several computed on data shards.
+
+A diagonal Fisher is a mean over examples, F_i = (1/n_i) sum_{e in shard i} f_e, so the Fisher of
+all the data is the example-weighted mean F = sum_i n_i F_i / sum_i n_i -- exactly what one run
+over the concatenated data gives. n_i comes from each file's ``num_examples`` (or ``--weights``).
+Inputs are read one tensor at a time and accumulated in float64; the output is float32.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import List, Optional, Sequence
+
+import click
+import torch
+
+from mergekit_fisher.errors import FisherInputError
+from mergekit_fisher.fisher_file import FisherConfig, FisherFile, open_fisher, write_fisher
+
+
+def _parse_weights(text: Optional[str], count: int) -> Optional[List[float]]:
+    if text is None:
+        return None
+    try:
+        weights = [float(part) for part in text.replace(" ", "").split(",") if part]
+    except ValueError:
+        raise FisherInputError(
+            f"--weights {text!r} is not a comma-separated list of numbers", fix="e.g. --weights 1000,250"
+        ) from None
+    if len(weights) != count:
+        raise FisherInputError(
+            f"--weights gives {len(weights)} weight(s) for {count} Fisher file(s)", fix="give one weight per input file"
+        )
+    if any(not (w > 0 and w != float("inf")) for w in weights):
+        raise FisherInputError("--weights must be positive and finite", fix="use each file's number of examples")
+    return weights
+
+
+def _example_weights(files: Sequence[FisherFile]) -> List[float]:
+    weights = []
+    for fisher in files:
+        n = fisher.config.num_examples if fisher.config is not None else None
+        if not n or n <= 0:
+            raise FisherInputError(
+                "the file does not record how many examples it was computed on (num_examples)",
+                file=fisher.path,
+                fix="pass --weights N1,N2,... with each file's number of examples, in input order",
+            )
+        weights.append(float(n))
+    return weights
+
+
+def _check_compatible(files: Sequence[FisherFile]) -> None:
+    first = files[0]
+    names = first.names()
+    for fisher in files[1:]:
+        ours, theirs = set(names), set(fisher.names())
+        for name in sorted(ours - theirs)[:1]:
+            raise FisherInputError(
+                f"tensor present in {first.path} but missing here", file=fisher.path, tensor=name,
+                fix="combine only Fisher files of the same model computed the same way (same tensors)",
+            )
+        for name in sorted(theirs - ours)[:1]:
+            raise FisherInputError(
+                f"tensor present here but missing in {first.path}", file=fisher.path, tensor=name,
+                fix="combine only Fisher files of the same model computed the same way (same tensors)",
+            )
+        for name in names:
+            a, b = first.header(name).shape, fisher.header(name).shape
+            if tuple(a) != tuple(b):
+                raise FisherInputError(
+                    f"shape {tuple(b)} here but {tuple(a)} in {first.path}", file=fisher.path, tensor=name,
+                    fix="combine only Fisher files of the same model",
+                )
+    for key in ("fisher_type", "space"):
+        values = {getattr(f.config, key) for f in files if f.config is not None and getattr(f.config, key)}
+        if len(values) > 1:
+            raise FisherInputError(
+                f"the inputs disagree on {key} ({', '.join(sorted(map(str, values)))})",
+                file=", ".join(f.path for f in files),
+                fix=f"combine only Fisher files computed with the same {key}",
+            )
+
+
+def _merged_config(files: Sequence[FisherFile], weights: Sequence[float]) -> FisherConfig:
+    configs = [f.config or FisherConfig() for f in files]
+
+    def same(key):
+        values = {getattr(c, key) for c in configs}
+        return values.pop() if len(values) == 1 else None
+
+    def total(key):
+        values = [getattr(c, key) for c in configs]
+        return sum(values) if all(v is not None for v in values) else None
+
+    datasets = [c.dataset for c in configs if c.dataset]
+    models = sorted({c.model for c in configs if c.model})
+    return FisherConfig(
+        model=models[0] if len(models) == 1 else None,
+        adapter=same("adapter"),
+        space=same("space") or "dense",
+        fisher_type=same("fisher_type"),
+        task=same("task"),
+        num_examples=total("num_examples"),
+        num_tokens=total("num_tokens"),
+        dataset=" + ".join(dict.fromkeys(datasets)) or None,
+        samples_per_example=same("samples_per_example"),
+        combined_from=[
+            {
+                "path": f.path, "weight": w, "num_examples": c.num_examples, "num_tokens": c.num_tokens,
+                "model": c.model, "dataset": c.dataset, "dataset_hash": c.dataset_hash, "seed": c.seed,
+            }
+            for f, c, w in zip(files, configs, weights)
+        ],
+        dataset_hashes=[c.dataset_hash for c in configs],
+        models=models if len(models) > 1 else None,
+    )
+
+
+def combine_fishers(
+    paths: Sequence[str], out: str, *, weights: Optional[Sequence[float]] = None, overwrite: bool = False,
+    max_shard_size="5GB",
+) -> FisherConfig:
+    """F = sum_i w_i F_i / sum_i w_i, w_i = num_examples of file i unless `weights` are given."""
+    if len(paths) < 2:
+        raise FisherInputError("combine needs at least two Fisher files", fix="mergekit-fisher combine A B ... OUT")
+    out_abs = os.path.abspath(out)
+    if os.path.exists(out_abs) and not overwrite:
+        raise FisherInputError("output already exists", file=out_abs, fix="choose another path or pass --overwrite")
+    files = [open_fisher(p) for p in paths]
+    if out_abs in {f.path for f in files}:
+        raise FisherInputError("the output would overwrite one of the inputs", file=out_abs, fix="choose another OUT")
+    _check_compatible(files)
+    weights = list(weights) if weights is not None else _example_weights(files)
+    norm = sum(weights)
+    combined = {}
+    for name in files[0].names():
+        acc = None
+        for fisher, weight in zip(files, weights):
+            term = fisher.get_tensor(name, check=True).to(torch.float64) * (weight / norm)
+            acc = term if acc is None else acc.add_(term)
+        combined[name] = acc.to(torch.float32)
+    return write_fisher(combined, out_abs, _merged_config(files, weights), max_shard_size=max_shard_size,
+                        overwrite=overwrite)
+
+
+@click.command("combine")
+@click.argument("inputs", nargs=-1, required=True, type=click.Path())
+@click.option(
+    "--weights", default=None,
+    help="Comma-separated weight per input (e.g. example counts 1000,250) instead of each file's num_examples.",
+)
+@click.option("--max-shard-size", default="5GB", show_default=True, help="Shard size of a directory output.")
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+def combine_command(inputs, weights: Optional[str], max_shard_size: str, overwrite: bool) -> None:
+    """Combine Fisher files FISHER... of one model, computed on different data shards, into OUT.
+
+    The result is the example-weighted mean: what a single run over all the shards would give.
+    """
+    if len(inputs) < 3:
+        raise FisherInputError(
+            f"combine needs at least two Fisher files and an output, got {len(inputs)} path(s)",
+            fix="mergekit-fisher combine A B ... OUT",
+        )
+    *paths, out = inputs
+    parsed = _parse_weights(weights, len(paths))
+    config = combine_fishers(paths, out, weights=parsed, overwrite=overwrite, max_shard_size=max_shard_size)
+    used = parsed or [f.config.num_examples for f in map(open_fisher, paths)]
+    click.echo(
+        f"combined {len(paths)} Fisher files (weights {', '.join(f'{w:g}' for w in used)}; "
+        f"{config.num_elements} elements, num_examples {config.num_examples}) -> {os.path.abspath(out)}"
+    )

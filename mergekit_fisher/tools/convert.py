@@ -1,0 +1,209 @@
+"""`mergekit-fisher convert IN OUT --model MODEL`: Fisher/importance data from other tools -> format v1.
+
+IN is a ``torch.save``d flat dict of tensors (loaded with ``weights_only=True`` only: no code runs),
+a ``.safetensors`` file, or a directory of either. Names are mapped onto MODEL's checkpoint names
+(see `names`), shapes checked against the checkpoint headers, values required finite and >= 0.
+Every check runs before anything is written; the output is written atomically by `write_fisher`.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Callable, Dict, List, Optional
+
+import click
+import torch
+from safetensors import safe_open
+
+from mergekit_fisher.errors import FisherInputError
+from mergekit_fisher.fisher_file import FisherConfig, write_fisher
+from mergekit_fisher.tools.checkpoint import checkpoint_shapes
+from mergekit_fisher.tools.names import match_names
+
+TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
+SHOW = 10  # names listed per category in the report
+
+
+def _load_torch(path: str) -> Dict[str, torch.Tensor]:
+    try:
+        obj = torch.load(path, weights_only=True, map_location="cpu")
+    except Exception as error:  # UnpicklingError (disallowed globals), RuntimeError (not a torch file)
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else error.__class__.__name__
+        raise FisherInputError(
+            f"cannot load it safely with torch.load(weights_only=True): {first_line}",
+            file=path,
+            fix="save a plain dict of tensors (`torch.save({name: tensor}, path)`) or a .safetensors file; "
+            "objects that need unpickling of arbitrary classes are refused",
+        ) from None
+    if not isinstance(obj, dict):
+        raise FisherInputError(
+            f"expected a dict of tensors, found a {type(obj).__name__}", file=path,
+            fix="save a flat dict {checkpoint name: tensor}",
+        )
+    for key, value in obj.items():
+        if not isinstance(key, str) or not isinstance(value, torch.Tensor):
+            hint = ""
+            if isinstance(value, dict):
+                hint = f" (a nested dict: save obj[{key!r}] itself)"
+            raise FisherInputError(
+                f"not a flat dict of tensors: entry {key!r} is a {type(value).__name__}{hint}", file=path,
+                fix="save a flat dict {checkpoint name: tensor}",
+            )
+    return obj
+
+
+class Source:
+    """Tensor names of IN, and a loader for one tensor at a time (safetensors stay lazy)."""
+
+    def __init__(self, path: str):
+        self.path = os.path.abspath(path)
+        self.loaders: Dict[str, Callable[[], torch.Tensor]] = {}
+        if not os.path.exists(self.path):
+            raise FisherInputError("input does not exist", file=self.path, fix="check the IN path")
+        files = (
+            [os.path.join(self.path, f) for f in sorted(os.listdir(self.path))] if os.path.isdir(self.path)
+            else [self.path]
+        )
+        files = [f for f in files if f.endswith(".safetensors") or f.lower().endswith(TORCH_SUFFIXES)]
+        if not files:
+            raise FisherInputError(
+                "no .safetensors or torch.save (.pt/.pth/.bin/.ckpt) file found", file=self.path,
+                fix="point IN at the file (or directory of files) holding the Fisher tensors",
+            )
+        for file in files:
+            self._add(file)
+
+    def _add(self, file: str) -> None:
+        if file.endswith(".safetensors"):
+            try:
+                with safe_open(file, framework="pt", device="cpu") as handle:
+                    names = list(handle.keys())
+            except Exception as error:
+                raise FisherInputError(f"not a valid safetensors file ({error})", file=file,
+                                       fix="re-download or re-export it") from None
+            loaders = {name: (lambda f=file, n=name: _safetensors_tensor(f, n)) for name in names}
+        else:
+            tensors = _load_torch(file)
+            loaders = {name: (lambda t=tensor: t) for name, tensor in tensors.items()}
+        for name, loader in loaders.items():
+            if name in self.loaders:
+                raise FisherInputError(
+                    "the same tensor name appears in two input files", file=file, tensor=name,
+                    fix="convert the files separately, or remove the duplicate",
+                )
+            self.loaders[name] = loader
+
+    def names(self) -> List[str]:
+        return list(self.loaders)
+
+    def get(self, name: str) -> torch.Tensor:
+        return self.loaders[name]()
+
+
+def _safetensors_tensor(file: str, name: str) -> torch.Tensor:
+    with safe_open(file, framework="pt", device="cpu") as handle:
+        return handle.get_tensor(name)
+
+
+def _checked(values: torch.Tensor, source: str, target: str, shape: tuple, path: str) -> torch.Tensor:
+    where = source if source == target else f"{source} (-> {target})"
+    if not values.is_floating_point():
+        raise FisherInputError(
+            f"dtype {values.dtype} is not floating point", file=path, tensor=where,
+            fix="Fisher values are floats (mean squared gradients); convert only importance tensors",
+        )
+    if tuple(values.shape) != tuple(shape):
+        transposed = tuple(values.shape) == tuple(reversed(shape)) and len(shape) == 2
+        raise FisherInputError(
+            f"shape {tuple(values.shape)} does not match the model's {tuple(shape)}"
+            + (" (transposed?)" if transposed else ""),
+            file=path, tensor=where,
+            fix="convert a Fisher computed for this very model" + (", transposing it first" if transposed else ""),
+        )
+    values = values.to(torch.float32)
+    finite = torch.isfinite(values)
+    if not bool(finite.all()):
+        raise FisherInputError(
+            f"{int((~finite).sum())} non-finite (NaN/Inf) value(s)", file=path, tensor=where,
+            fix="recompute the Fisher; NaN/Inf usually come from diverged gradients",
+        )
+    if values.numel() and float(values.min()) < 0:
+        raise FisherInputError(
+            f"{int((values < 0).sum())} negative value(s)", file=path, tensor=where,
+            fix="these are not squared gradients: a diagonal Fisher is a mean of squares and cannot be negative",
+        )
+    return values
+
+
+def _listing(title: str, items: List[str]) -> List[str]:
+    lines = [f"  {title}: {len(items)}"]
+    lines += [f"    {item}" for item in items[:SHOW]]
+    if len(items) > SHOW:
+        lines.append(f"    ... and {len(items) - SHOW} more")
+    return lines
+
+
+def convert(
+    source_path: str, out: str, model: str, *, overwrite: bool = False, num_examples: Optional[int] = None,
+    fisher_type: Optional[str] = None, max_shard_size="5GB",
+) -> List[str]:
+    """Convert; returns the report lines. Raises FisherInputError (nothing written) on any problem."""
+    out_abs = os.path.abspath(out)
+    if os.path.exists(out_abs) and not overwrite:
+        raise FisherInputError("output already exists", file=out_abs, fix="choose another path or pass --overwrite")
+    model_shapes = checkpoint_shapes(model)
+    source = Source(source_path)
+    match = match_names(source.names(), model_shapes)
+    collision = match.collision()
+    if collision:
+        first, second, target = collision
+        raise FisherInputError(
+            f"both {first!r} and {second!r} map onto this model tensor", file=source.path, tensor=target,
+            fix="keep one of them in the input",
+        )
+    if not match.mapping:
+        examples = ", ".join(source.names()[:3]) or "(no tensors)"
+        raise FisherInputError(
+            f"none of the {len(source.names())} input tensors matches a tensor of the model (e.g. {examples})",
+            file=source.path, model=model,
+            fix="check that IN was computed for this model; names must be the checkpoint's (wrappers such as "
+            "`module.`, `base_model.model.`, `_orig_mod.` are stripped automatically)",
+        )
+    tensors = {}
+    for name, target in match.mapping.items():
+        tensors[target] = _checked(source.get(name), name, target, model_shapes[target], source.path)
+    config = FisherConfig(
+        model=model, space="dense", fisher_type=fisher_type, num_examples=num_examples,
+        converted_from=source.path,
+        renamed=match.renamed or None,
+    )
+    write_fisher(tensors, out_abs, config, max_shard_size=max_shard_size, overwrite=overwrite)
+    uncovered = [name for name in model_shapes if name not in tensors]
+    lines = [
+        f"converted {source.path} -> {out_abs}",
+        f"  matched: {len(match.mapping)} of {len(source.names())} input tensors "
+        f"({len(match.renamed)} renamed); model tensors covered: {len(tensors)} of {len(model_shapes)}",
+    ]
+    lines += _listing("renamed", [f"{s} -> {t}" for s, t in match.renamed.items()])
+    lines += _listing("unmatched input tensors (not written)", [
+        name + (f" (ambiguous: {', '.join(match.ambiguous[name])})" if name in match.ambiguous else "")
+        for name in match.unmatched
+    ])
+    lines += _listing("model tensors without a Fisher", uncovered)
+    return lines
+
+
+@click.command("convert")
+@click.argument("source", metavar="IN", type=click.Path())
+@click.argument("out", type=click.Path())
+@click.option("--model", required=True, help="Model checkpoint (directory or .safetensors) the Fisher belongs to.")
+@click.option("--num-examples", type=int, default=None, help="Examples the Fisher was computed on (for combine).")
+@click.option("--fisher-type", type=click.Choice(["empirical", "sampled", "exact"]), default=None,
+              help="How the source tool computed it, recorded in the provenance.")
+@click.option("--max-shard-size", default="5GB", show_default=True, help="Shard size of a directory output.")
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+def convert_command(source, out, model, num_examples, fisher_type, max_shard_size, overwrite) -> None:
+    """Convert Fisher/importance tensors IN (torch.save dict, .safetensors, or a directory) to format v1 at OUT."""
+    lines = convert(source, out, model, overwrite=overwrite, num_examples=num_examples,
+                    fisher_type=fisher_type, max_shard_size=max_shard_size)
+    click.echo("\n".join(lines))

@@ -1,0 +1,200 @@
+"""`mergekit-fisher explain RECIPE.yml`: a dry run that shows who owns which layer.
+
+It plans the merge with mergekit's own planner -- so it validates the recipe and every Fisher file
+through exactly the code path (and messages) the merge uses -- then, instead of merging, loads each
+planned output tensor's Fishers (normalized as the recipe says) and reports, per layer and module
+type, each model's share of the Fisher mass Σ wᵢ(F̃ᵢ+floor): the effective weight the merge gives
+it there. It also reports the fraction of elements where the floor decides (every model's
+normalized Fisher below the floor, so the merge there is close to the plain weighted average).
+
+Vocabulary rows are counted as stored in each model (before a tokenizer merge would permute them):
+a permutation moves rows but hardly changes the masses.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+import click
+import torch
+
+from mergekit_fisher.tools.grouping import layer_and_module
+from mergekit_fisher.tools.report import format_table, percent
+
+
+@dataclass
+class GroupMass:
+    """Fisher mass per model and floor statistics of one (module type, layer) group."""
+
+    mass: Dict[str, float] = field(default_factory=dict)
+    elements: int = 0
+    floor_decides: int = 0
+
+    def shares(self, models: List[str]) -> List[float]:
+        total = sum(self.mass.get(m, 0.0) for m in models)
+        return [self.mass.get(m, 0.0) / total if total > 0 else float("nan") for m in models]
+
+
+def model_label(model) -> str:
+    label = os.path.basename(os.path.normpath(str(model.model.path)))
+    if model.lora is not None:
+        label += "+" + os.path.basename(os.path.normpath(str(model.lora.path)))
+    return label
+
+
+def plan_recipe(recipe_path: str, lora_merge_cache: Optional[str] = None, trust_remote_code: bool = False):
+    """Plan (and so validate) a recipe exactly as `mergekit-yaml` would, without executing it."""
+    import yaml
+    from mergekit.config import MergeConfiguration
+    from mergekit.io.tasks import LoaderCache
+    from mergekit.merge import _model_out_config, get_architecture_info
+    from mergekit.options import MergeOptions
+    from mergekit.plan import MergePlanner
+
+    from mergekit_fisher.errors import FisherInputError
+    from mergekit_fisher.merge.registry import ensure_registered
+
+    ensure_registered()
+    try:
+        with open(recipe_path, encoding="utf-8") as fp:
+            config = MergeConfiguration.model_validate(yaml.safe_load(fp))
+    except (OSError, ValueError) as error:
+        raise FisherInputError(
+            f"cannot read the recipe ({str(error).splitlines()[0]})", file=recipe_path,
+            fix="check the path and the YAML (mergekit's recipe format)",
+        ) from None
+    options = MergeOptions(lora_merge_cache=lora_merge_cache, trust_remote_code=trust_remote_code, quiet=True)
+    arch_info = get_architecture_info(config, options)
+    LoaderCache().setup(options=options)
+    out_config = _model_out_config(config, arch_info, trust_remote_code=trust_remote_code)
+    for model in config.referenced_models():
+        LoaderCache().get(model)
+    planned = MergePlanner(config, arch_info, options=options, out_model_config=out_config).plan_in_memory()
+    return config, planned
+
+
+def collect_masses(planned) -> tuple:
+    """{(module, layer): GroupMass}, model labels in recipe order, and the method name."""
+    from mergekit_fisher.merge.planning import FisherMergeTask, PermuteFisherVocabulary
+
+    groups: Dict[tuple, GroupMass] = defaultdict(GroupMass)
+    labels: List[str] = []
+    method = None
+    for item in planned:
+        task = item.tensor_task
+        if not isinstance(task, FisherMergeTask):
+            continue
+        method = task.method_name
+        source = task.fisher_tensors
+        if isinstance(source, PermuteFisherVocabulary):
+            source = source.fisher_task
+        fishers = source.execute()
+        if not fishers:
+            continue
+        floor = float(task.parameters["fisher_floor"])
+        layer, module = layer_and_module(item.weight_info.name)
+        group = groups[(module, layer)]
+        numel = None
+        below_floor = None
+        for model, fisher in fishers.items():
+            label = model_label(model)
+            if label not in labels:
+                labels.append(label)
+            weight = float(task.input_parameters[model].get("weight", 1.0))
+            shape = source.inputs[model].expected_shape
+            count = fisher.numel() if fisher.ndim else (int(torch.tensor(shape).prod()) if shape else 1)
+            numel = count if numel is None else numel
+            total = float(fisher.double().sum()) if fisher.ndim else float(fisher) * count
+            group.mass[label] = group.mass.get(label, 0.0) + weight * (total + floor * count)
+            below = fisher < floor
+            below_floor = below if below_floor is None else (below_floor & below)
+        group.elements += numel
+        group.floor_decides += int(below_floor.sum()) if below_floor.ndim else (numel if bool(below_floor) else 0)
+    return groups, labels, method
+
+
+def build_explanation(recipe_path: str, lora_merge_cache: Optional[str] = None) -> dict:
+    config, planned = plan_recipe(recipe_path, lora_merge_cache)
+    groups, labels, method = collect_masses(planned)
+    rows = []
+    for (module, layer), group in sorted(groups.items(), key=lambda kv: (kv[0][1] is not None, kv[0][1] or 0, kv[0][0])):
+        rows.append({
+            "layer": layer,
+            "module": module,
+            "shares": dict(zip(labels, group.shares(labels))),
+            "floor_fraction": group.floor_decides / group.elements if group.elements else 0.0,
+            "elements": group.elements,
+        })
+    totals = GroupMass()
+    for group in groups.values():
+        for label, mass in group.mass.items():
+            totals.mass[label] = totals.mass.get(label, 0.0) + mass
+        totals.elements += group.elements
+        totals.floor_decides += group.floor_decides
+    return {
+        "recipe": os.path.abspath(recipe_path),
+        "merge_method": config.merge_method if method is None else method,
+        "models": labels,
+        "overall": {
+            "shares": dict(zip(labels, totals.shares(labels))),
+            "floor_fraction": totals.floor_decides / totals.elements if totals.elements else 0.0,
+            "elements": totals.elements,
+        },
+        "groups": rows,
+    }
+
+
+def format_explanation(report: dict) -> str:
+    labels = report["models"]
+    lines = [f"recipe: {report['recipe']}", f"method: {report['merge_method']}", ""]
+    if not labels:
+        lines.append("no Fisher-weighted tensors in this recipe (not a Fisher merge method?)")
+        return "\n".join(lines)
+    headers = ["layer", "module", *[f"share {label}" for label in labels], "floor decides"]
+    rows = [
+        ["-" if row["layer"] is None else row["layer"], row["module"],
+         *[percent(row["shares"][label]) for label in labels], percent(row["floor_fraction"])]
+        for row in report["groups"]
+    ]
+    overall = report["overall"]
+    rows.append(["all", "all", *[percent(overall["shares"][label]) for label in labels], percent(overall["floor_fraction"])])
+    lines.append(format_table(headers, rows))
+    lines.append("")
+    lines.append("share: each model's part of the Fisher mass Σ weight·(normalized Fisher + floor) -- the effective")
+    lines.append("weight the merge gives it there. floor decides: elements where every model's normalized Fisher")
+    lines.append("is below fisher_floor, so the merge is close to the plain weighted average.")
+    return "\n".join(lines)
+
+
+def shares_for_plot(report: dict) -> Dict[str, Dict[int, List[float]]]:
+    shares: Dict[str, Dict[int, List[float]]] = defaultdict(dict)
+    for row in report["groups"]:
+        if row["layer"] is not None:
+            shares[row["module"]][row["layer"]] = [row["shares"][label] for label in report["models"]]
+    return dict(shares)
+
+
+@click.command("explain")
+@click.argument("recipe", type=click.Path(dir_okay=False))
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None,
+              help="Write a heatmap (layers x models, one panel per module type) to this PNG.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.option("--lora-merge-cache", default=None, help="As mergekit-yaml's: where base+adapter models are merged.")
+def explain_command(recipe: str, plot_path: Optional[str], as_json: bool, lora_merge_cache: Optional[str]) -> None:
+    """Validate RECIPE like the merge would and show each model's Fisher share per layer and module."""
+    report = build_explanation(recipe, lora_merge_cache)
+    if plot_path:
+        from mergekit_fisher.tools.plotting import plot_share_heatmap
+
+        plot_share_heatmap(shares_for_plot(report), report["models"], plot_path)
+        report["plot"] = os.path.abspath(plot_path)
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+    else:
+        click.echo(format_explanation(report))
+        if plot_path:
+            click.echo(f"\nheatmap: {report['plot']}")

@@ -1,0 +1,80 @@
+"""Summary statistics of Fisher tensors, computed one tensor at a time and merged into groups.
+
+Sums run in float64. NaN/Inf values are counted, not summed: `sum`, `mean`, `min` and `max` cover
+the finite elements only, so one bad value does not hide the rest of the picture.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+
+def _opt(op, a: Optional[float], b: Optional[float]) -> Optional[float]:
+    if a is None:
+        return b
+    if b is None:
+        return a
+    return op(a, b)
+
+
+@dataclass(frozen=True)
+class Summary:
+    tensors: int = 0
+    numel: int = 0
+    finite: int = 0  # finite elements: the ones sum/mean/min/max describe
+    sum: float = 0.0
+    min: Optional[float] = None
+    max: Optional[float] = None
+    zeros: int = 0
+    negative: int = 0
+    nonfinite: int = 0
+
+    @property
+    def mean(self) -> Optional[float]:
+        return self.sum / self.finite if self.finite else None
+
+    @property
+    def zero_fraction(self) -> Optional[float]:
+        return self.zeros / self.numel if self.numel else None
+
+    def __add__(self, other: "Summary") -> "Summary":
+        return Summary(
+            tensors=self.tensors + other.tensors,
+            numel=self.numel + other.numel,
+            finite=self.finite + other.finite,
+            sum=self.sum + other.sum,
+            min=_opt(min, self.min, other.min),
+            max=_opt(max, self.max, other.max),
+            zeros=self.zeros + other.zeros,
+            negative=self.negative + other.negative,
+            nonfinite=self.nonfinite + other.nonfinite,
+        )
+
+    def to_dict(self) -> dict:
+        out = dataclasses.asdict(self)
+        out["mean"] = self.mean
+        out["zero_fraction"] = self.zero_fraction
+        return out
+
+
+def summarize(values: torch.Tensor) -> Summary:
+    """Statistics of one tensor (any float dtype; summed in float64)."""
+    values = values.detach().reshape(-1)
+    finite_mask = torch.isfinite(values)
+    finite_values = values[finite_mask].to(torch.float64)
+    nfinite = int(finite_values.numel())
+    return Summary(
+        tensors=1,
+        numel=int(values.numel()),
+        finite=nfinite,
+        sum=float(finite_values.sum()) if nfinite else 0.0,
+        min=float(finite_values.min()) if nfinite else None,
+        max=float(finite_values.max()) if nfinite else None,
+        zeros=int((values == 0).sum()),
+        negative=int((finite_values < 0).sum()) + int((values == float("-inf")).sum()),
+        nonfinite=int(values.numel()) - nfinite,
+    )
