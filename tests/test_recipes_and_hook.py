@@ -102,6 +102,9 @@ def test_planner_internals_we_rely_on_are_still_there():
     )
     assert "gather_tensors" in TruncatedVocabulary.model_fields
     assert plan.ExecuteMergeMethodTask.__name__ == "fisher_aware_merge_task"
+    # explain plans without executing: MergePlanner._plan() fills _tensors with (WeightInfo, task)
+    assert "self._tensors.append((weight, tensor_task))" in inspect.getsource(plan.MergePlanner)
+    assert callable(plan.MergePlanner._plan)
 
 
 def test_kernel_without_attached_fisher_fails_loudly():

@@ -73,8 +73,10 @@ def plan_recipe(recipe_path: str, lora_merge_cache: Optional[str] = None, trust_
     out_config = _model_out_config(config, arch_info, trust_remote_code=trust_remote_code)
     for model in config.referenced_models():
         LoaderCache().get(model)
-    planned = MergePlanner(config, arch_info, options=options, out_model_config=out_config).plan_in_memory()
-    return config, planned
+    planner = MergePlanner(config, arch_info, options=options, out_model_config=out_config)
+    # `_plan()` builds every tensor task (running our validation) without the writer/return wrappers.
+    planner._plan()
+    return config, list(planner._tensors)
 
 
 def collect_masses(planned) -> tuple:
@@ -84,8 +86,7 @@ def collect_masses(planned) -> tuple:
     groups: Dict[tuple, GroupMass] = defaultdict(GroupMass)
     labels: List[str] = []
     method = None
-    for item in planned:
-        task = item.tensor_task
+    for weight_info, task in planned:
         if not isinstance(task, FisherMergeTask):
             continue
         method = task.method_name
@@ -96,7 +97,7 @@ def collect_masses(planned) -> tuple:
         if not fishers:
             continue
         floor = float(task.parameters["fisher_floor"])
-        layer, module = layer_and_module(item.weight_info.name)
+        layer, module = layer_and_module(weight_info.name)
         group = groups[(module, layer)]
         numel = None
         below_floor = None
@@ -110,7 +111,7 @@ def collect_masses(planned) -> tuple:
             numel = count if numel is None else numel
             total = float(fisher.double().sum()) if fisher.ndim else float(fisher) * count
             group.mass[label] = group.mass.get(label, 0.0) + weight * (total + floor * count)
-            below = fisher < floor
+            below = fisher <= floor  # at or under the floor: the floor (or the 0/0 fallback) decides
             below_floor = below if below_floor is None else (below_floor & below)
         group.elements += numel
         group.floor_decides += int(below_floor.sum()) if below_floor.ndim else (numel if bool(below_floor) else 0)
@@ -166,7 +167,7 @@ def format_explanation(report: dict) -> str:
     lines.append("")
     lines.append("share: each model's part of the Fisher mass Σ weight·(normalized Fisher + floor) -- the effective")
     lines.append("weight the merge gives it there. floor decides: elements where every model's normalized Fisher")
-    lines.append("is below fisher_floor, so the merge is close to the plain weighted average.")
+    lines.append("is at or below fisher_floor, so the merge is close to the plain weighted average.")
     return "\n".join(lines)
 
 

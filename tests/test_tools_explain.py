@@ -1,0 +1,123 @@
+"""`explain`: shares against hand-computed values; fails on bad recipes exactly as the merge does."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from merge_world import World, write_recipe
+from mergekit_fisher.cli import main as cli
+from mergekit_fisher.fisher_file import FisherConfig, write_fisher
+from test_merge_errors import run_stock_cli
+
+Q0 = "model.layers.0.self_attn.q_proj.weight"
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    return World(str(tmp_path_factory.mktemp("explain")), n_models=2)
+
+
+@pytest.fixture(scope="module")
+def crafted(world, tmp_path_factory):
+    """model0: Fisher 1 everywhere but 3 on layer-0 q_proj and 0 on layer-1 k_proj; model1: 1 everywhere
+    but 0 on layer-1 k_proj (so there, both are 0 and the floor decides)."""
+    root = tmp_path_factory.mktemp("crafted")
+    paths = []
+    for index, model in enumerate(world.models):
+        values = {k: torch.ones_like(v) for k, v in world.states[model].items()}
+        if index == 0:
+            values[Q0] *= 3
+        values["model.layers.1.self_attn.k_proj.weight"].zero_()
+        path = str(root / f"f{index}")
+        write_fisher(values, path, FisherConfig(model=model))
+        paths.append(path)
+    return paths
+
+
+def explain_json(recipe_path):
+    result = CliRunner().invoke(cli, ["explain", recipe_path, "--json"])
+    assert result.exit_code == 0, result.output
+    return json.loads(result.output)
+
+
+def row(report, layer, module):
+    return next(r for r in report["groups"] if r["layer"] == layer and r["module"] == module)
+
+
+def test_shares_without_normalization(world, crafted, tmp_path):
+    recipe = world.recipe("fisher", weights=[1.0, 1.0], fishers=crafted,
+                          shared={"fisher_normalize": "none", "fisher_floor": 0.0})
+    report = explain_json(write_recipe(recipe, str(tmp_path / "r.yml")))
+    labels = report["models"]
+    assert labels == ["model0", "model1"]
+    q0 = row(report, 0, "self_attn.q_proj")
+    assert q0["shares"]["model0"] == pytest.approx(0.75)
+    assert q0["shares"]["model1"] == pytest.approx(0.25)
+    assert row(report, 1, "self_attn.q_proj")["shares"]["model0"] == pytest.approx(0.5)
+    k1 = row(report, 1, "self_attn.k_proj")
+    assert k1["floor_fraction"] == pytest.approx(1.0)
+    assert q0["floor_fraction"] == pytest.approx(0.0)
+    # overall: hand-computed masses
+    sizes = {k: v.numel() for k, v in world.states[world.models[0]].items()}
+    total = sum(sizes.values())
+    k1_size = sizes["model.layers.1.self_attn.k_proj.weight"]
+    mass0 = total - k1_size + 2 * sizes[Q0]
+    mass1 = total - k1_size
+    assert report["overall"]["shares"]["model0"] == pytest.approx(mass0 / (mass0 + mass1))
+    assert report["overall"]["floor_fraction"] == pytest.approx(k1_size / total)
+
+
+def test_shares_follow_weights_and_mean_normalization(world, crafted, tmp_path):
+    recipe = world.recipe("fisher", weights=[1.0, 3.0], fishers=crafted, shared={"fisher_floor": 0.0})
+    report = explain_json(write_recipe(recipe, str(tmp_path / "r.yml")))
+    sizes = {k: v.numel() for k, v in world.states[world.models[0]].items()}
+    total = sum(sizes.values())
+    k1_size = sizes["model.layers.1.self_attn.k_proj.weight"]
+    mean0 = (total - k1_size + 2 * sizes[Q0]) / total
+    mean1 = (total - k1_size) / total
+    m0, m1 = 3 / mean0, 3 * 1 / mean1  # q_proj of layer 0: weight·F/mean per element
+    assert row(report, 0, "self_attn.q_proj")["shares"]["model0"] == pytest.approx(m0 / (m0 + m1))
+    o0, o1 = 1 / mean0, 3 / mean1
+    assert row(report, 0, "mlp.up_proj")["shares"]["model0"] == pytest.approx(o0 / (o0 + o1))
+
+
+def test_plot_is_a_valid_png(world, crafted, tmp_path):
+    from PIL import Image
+
+    recipe = write_recipe(world.recipe("fisher", fishers=crafted), str(tmp_path / "r.yml"))
+    png = str(tmp_path / "share.png")
+    result = CliRunner().invoke(cli, ["explain", recipe, "--plot", png])
+    assert result.exit_code == 0, result.output
+    with Image.open(png) as image:
+        image.verify()
+    with Image.open(png) as image:
+        assert image.format == "PNG" and image.size[0] > 100 and image.size[1] > 100
+
+
+@pytest.mark.parametrize("case", ["missing_file", "unknown_normalize", "missing_tensor", "no_fisher"])
+def test_explain_fails_like_the_merge(world, tmp_path, case):
+    fishers = list(world.fishers)
+    shared = {}
+    if case == "missing_file":
+        fishers[1] = str(tmp_path / "nowhere")
+    elif case == "unknown_normalize":
+        shared["fisher_normalize"] = "max"
+    elif case == "missing_tensor":
+        values = dict(world.fisher_values[world.models[1]])
+        values.pop(Q0)
+        fishers[1] = str(tmp_path / "holey")
+        write_fisher(values, fishers[1])
+    else:
+        fishers[1] = None
+    recipe = world.recipe("fisher", fishers=fishers, shared=shared)
+    merge_result, shards = run_stock_cli(recipe, tmp_path)
+    explain_result = CliRunner().invoke(cli, ["explain", str(tmp_path / "recipe.yml")])
+    assert merge_result.exit_code != 0 and explain_result.exit_code != 0
+    assert not shards
+    merge_error = [line for line in merge_result.output.splitlines() if line.startswith("Error:")]
+    explain_error = [line for line in explain_result.output.splitlines() if line.startswith("Error:")]
+    assert merge_error and merge_error == explain_error
