@@ -30,6 +30,17 @@ from mergekit_fisher.fisher_file.config import (
 DEFAULT_MAX_SHARD_SIZE = "5GB"
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _publish_mode(path: str, mode: int) -> None:
+    # mkstemp/mkdtemp create private (0600/0700) entries; give the result ordinary permissions.
+    os.chmod(path, mode & ~_umask())
+
+
 def _finalize_config(tensors: Mapping[str, torch.Tensor], config: FisherConfig) -> FisherConfig:
     total = 0.0
     total_sq = 0.0
@@ -87,6 +98,7 @@ def write_fisher(
         os.close(fd)
         try:
             save_file(stored, tmp, metadata={HEADER_CONFIG_KEY: config_json, "format": "pt"})
+            _publish_mode(tmp, 0o666)
             os.replace(tmp, out_path)
         finally:
             if os.path.exists(tmp):
@@ -112,6 +124,7 @@ def write_fisher(
             fp.write(config_json + "\n")
         if os.path.exists(out_path):  # overwrite=True: swap in only once the new one is complete
             shutil.rmtree(out_path) if os.path.isdir(out_path) else os.remove(out_path)
+        _publish_mode(tmp_dir, 0o777)
         os.rename(tmp_dir, out_path)
     finally:
         if os.path.exists(tmp_dir):
