@@ -1,0 +1,109 @@
+"""`mergekit-fisher combine`: the example-weighted mean of shard Fishers equals the all-data Fisher."""
+
+import os
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+import tiny
+from mergekit_fisher.cli import main
+from mergekit_fisher.fisher_file import FisherConfig, open_fisher, write_fisher
+
+
+def run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def brute_force_fisher(model, examples):
+    """Empirical diagonal Fisher, one example at a time: mean over examples of grad(loss)^2, float64."""
+    total = {name: torch.zeros_like(p, dtype=torch.float64) for name, p in model.named_parameters()}
+    for ids in examples:
+        model.zero_grad()
+        model(input_ids=ids[None], labels=ids[None]).loss.backward()
+        for name, p in model.named_parameters():
+            total[name] += p.grad.detach().to(torch.float64).square()
+    return {name: t / len(examples) for name, t in total.items()}
+
+
+@pytest.fixture(scope="module")
+def halves_and_all(tmp_path_factory):
+    root = tmp_path_factory.mktemp("combine")
+    model = tiny.make_llama(None, hidden=16, layers=1, vocab_size=64)
+    generator = torch.Generator().manual_seed(1)
+    examples = [torch.randint(3, 64, (6,), generator=generator) for _ in range(7)]
+    first, second = examples[:3], examples[3:]  # unequal halves: the weighting matters
+    paths = []
+    for i, part in enumerate((first, second)):
+        path = root / f"half{i}"
+        write_fisher(brute_force_fisher(model, part), path,
+                     FisherConfig(model="/m", fisher_type="empirical", num_examples=len(part), num_tokens=6 * len(part),
+                                  dataset=f"shard{i}.jsonl", dataset_hash=f"hash{i}"))
+        paths.append(path)
+    return root, paths, brute_force_fisher(model, examples)
+
+
+def test_combined_halves_equal_all_data_fisher(halves_and_all):
+    root, paths, everything = halves_and_all
+    out = root / "combined.safetensors"
+    result = run("combine", *paths, out)
+    assert result.exit_code == 0, result.output
+    combined = open_fisher(str(out))
+    assert sorted(combined.names()) == sorted(everything)
+    for name, reference in everything.items():
+        torch.testing.assert_close(combined.get_tensor(name).double(), reference, rtol=1e-6, atol=1e-12)
+    # the halves alone differ from the whole: the test could fail
+    half = open_fisher(str(paths[0]))
+    assert any(not torch.allclose(half.get_tensor(n).double(), everything[n], rtol=1e-3) for n in everything)
+    config = combined.config
+    assert (config.num_examples, config.num_tokens, config.fisher_type) == (7, 42, "empirical")
+    assert config.model == "/m" and config.dataset == "shard0.jsonl + shard1.jsonl"
+    assert config.model_extra["dataset_hashes"] == ["hash0", "hash1"]
+    assert [s["weight"] for s in config.model_extra["combined_from"]] == [3.0, 4.0]
+
+
+def test_explicit_weights_when_num_examples_missing(tmp_path):
+    a, b = torch.tensor([1.0, 4.0]), torch.tensor([3.0, 0.0])
+    write_fisher({"w": a}, tmp_path / "a.safetensors")
+    write_fisher({"w": b}, tmp_path / "b.safetensors")
+    out = tmp_path / "out"
+    result = run("combine", tmp_path / "a.safetensors", tmp_path / "b.safetensors", out)
+    assert result.exit_code == 2 and not out.exists()
+    assert "num_examples" in result.output and "a.safetensors" in result.output and "--weights" in result.output
+    result = run("combine", tmp_path / "a.safetensors", tmp_path / "b.safetensors", out, "--weights", "1,3")
+    assert result.exit_code == 0, result.output
+    # (1 * [1, 4] + 3 * [3, 0]) / 4 = [2.5, 1.0]
+    assert open_fisher(str(out)).get_tensor("w").tolist() == [2.5, 1.0]
+    result = run("combine", tmp_path / "a.safetensors", tmp_path / "b.safetensors", tmp_path / "o2", "--weights", "1")
+    assert result.exit_code == 2 and "1 weight(s) for 2" in result.output
+
+
+@pytest.mark.parametrize(
+    "second, message",
+    [
+        ({"w": torch.ones(2), "v": torch.ones(3)}, "tensor v"),
+        ({"u": torch.ones(2)}, "missing here [Fisher file"),  # w is missing from b
+        ({"w": torch.ones(3)}, "shape (3,) here but (2,)"),
+        ({"w": torch.tensor([1.0, -1.0])}, "negative"),
+    ],
+)
+def test_incompatible_inputs_are_refused_and_nothing_is_written(tmp_path, second, message):
+    write_fisher({"w": torch.ones(2)}, tmp_path / "a.safetensors", FisherConfig(num_examples=2))
+    write_fisher(second, tmp_path / "b.safetensors", FisherConfig(num_examples=2))
+    before = sorted(os.listdir(tmp_path))
+    result = run("combine", tmp_path / "a.safetensors", tmp_path / "b.safetensors", tmp_path / "out")
+    assert result.exit_code == 2, result.output
+    assert message in result.output and "Traceback" not in result.output
+    assert len(result.output.strip().splitlines()) == 1
+    assert sorted(os.listdir(tmp_path)) == before  # no output, no temporary leftovers
+
+
+def test_fisher_type_must_agree_and_arity(tmp_path):
+    write_fisher({"w": torch.ones(2)}, tmp_path / "a.safetensors", FisherConfig(num_examples=2, fisher_type="empirical"))
+    write_fisher({"w": torch.ones(2)}, tmp_path / "b.safetensors", FisherConfig(num_examples=2, fisher_type="sampled"))
+    result = run("combine", tmp_path / "a.safetensors", tmp_path / "b.safetensors", tmp_path / "out")
+    assert result.exit_code == 2 and "disagree on fisher_type (empirical, sampled)" in result.output
+    result = run("combine", tmp_path / "a.safetensors", tmp_path / "out")
+    assert result.exit_code == 2 and "at least two Fisher files" in result.output
+    result = run("combine", tmp_path / "a.safetensors", tmp_path / "a.safetensors", tmp_path / "b.safetensors")
+    assert result.exit_code == 2 and "already exists" in result.output

@@ -1,0 +1,191 @@
+"""`mergekit-fisher inspect`: statistics against hand-computed and brute-force values, coverage, JSON."""
+
+import json
+import math
+import os
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import save_file
+
+import tiny
+from mergekit_fisher.cli import main
+from mergekit_fisher.fisher_file import FisherConfig, write_fisher
+from mergekit_fisher.tools.checkpoint import checkpoint_shapes
+
+NAN, INF = float("nan"), float("inf")
+
+# layer / module label of each tensor, written out by hand (independent of tools.grouping)
+TENSORS = {
+    "model.embed_tokens.weight": ([[0.5, 0.5], [0.0, 1.0]], "embed_tokens", "embed_tokens"),
+    "model.layers.0.self_attn.q_proj.weight": ([[1.0, 0.0], [3.0, 0.0]], "layer 0", "self_attn.q_proj"),
+    "model.layers.0.mlp.up_proj.weight": ([[5.0, 1.0, 0.0]], "layer 0", "mlp.up_proj"),
+    "model.layers.1.self_attn.q_proj.weight": ([[2.0, 0.0], [0.0, 0.0]], "layer 1", "self_attn.q_proj"),
+}
+
+
+def run(*args):
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    return result
+
+
+@pytest.fixture
+def hand_file(tmp_path):
+    path = tmp_path / "hand"
+    write_fisher({n: torch.tensor(v[0]) for n, v in TENSORS.items()}, path,
+                 FisherConfig(model="/models/base", num_examples=12, fisher_type="empirical", dataset_hash="abc123",
+                              task="code"))
+    return path
+
+
+def test_hand_computed_numbers_per_tensor(hand_file):
+    result = run("inspect", hand_file, "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    rows = {row["name"]: row for row in report["rows"]}
+    q0 = rows["model.layers.0.self_attn.q_proj.weight"]
+    # [[1, 0], [3, 0]]: sum 4, mean 1, max 3, half zeros
+    assert (q0["sum"], q0["mean"], q0["max"], q0["zero_fraction"], q0["nonfinite"]) == (4.0, 1.0, 3.0, 0.5, 0)
+    assert q0["shape"] == [2, 2] and q0["dtype"] == "F32"
+    up = rows["model.layers.0.mlp.up_proj.weight"]
+    assert (up["sum"], up["mean"], up["max"], up["zero_fraction"]) == (6.0, 2.0, 5.0, pytest.approx(1 / 3))
+    # total mass 2 + 4 + 6 + 2 = 14
+    assert report["totals"]["sum"] == 14.0 and report["num_tensors"] == 4 and report["num_elements"] == 15
+    assert up["share"] == pytest.approx(6 / 14)
+    assert report["format"] == "mergekit-fisher" and report["format_version"] == 1
+    assert report["config"]["num_examples"] == 12 and report["config"]["dataset_hash"] == "abc123"
+    assert report["config_stats_match"] is True
+
+
+def test_hand_computed_grouped_sums(hand_file):
+    by_layer = {r["name"]: r for r in json.loads(run("inspect", hand_file, "--by", "layer", "--json").output)["rows"]}
+    assert list(by_layer) == ["embed_tokens", "layer 0", "layer 1"]
+    assert by_layer["layer 0"]["sum"] == 10.0 and by_layer["layer 0"]["tensors"] == 2
+    assert by_layer["layer 0"]["mean"] == pytest.approx(10 / 7) and by_layer["layer 0"]["zero_fraction"] == pytest.approx(3 / 7)
+    by_module = {r["name"]: r for r in json.loads(run("inspect", hand_file, "--by", "module", "--json").output)["rows"]}
+    assert by_module["self_attn.q_proj"]["sum"] == 6.0 and by_module["self_attn.q_proj"]["max"] == 3.0
+    assert by_module["self_attn.q_proj"]["zero_fraction"] == pytest.approx(5 / 8)
+
+
+def test_text_report_shows_provenance_and_rows(hand_file):
+    result = run("inspect", hand_file, "--by", "layer")
+    assert result.exit_code == 0
+    lines = result.output.splitlines()
+    assert "format:       mergekit-fisher v1" in lines
+    assert "num_examples: 12" in lines and "task:         code" in lines
+    layer0 = next(line for line in lines if line.startswith("layer 0"))
+    assert layer0.split() == ["layer", "0", "2", "7", "10", "71.4%", "1.429", "5", "42.9%", "0", "0"]
+    assert "config sum:   matches the values" in lines
+
+
+def _brute_force(values, label_of):
+    """Reference statistics with plain Python loops over lists (NaN/Inf counted, not summed)."""
+    groups = {}
+    for name, flat in values.items():
+        g = groups.setdefault(label_of[name], {"sum": 0.0, "finite": 0, "n": 0, "zeros": 0, "bad": 0, "neg": 0,
+                                               "max": -math.inf})
+        for x in flat:
+            g["n"] += 1
+            g["zeros"] += x == 0
+            if math.isfinite(x):
+                g["sum"] += x
+                g["finite"] += 1
+                g["max"] = max(g["max"], x)
+                g["neg"] += x < 0
+            else:
+                g["bad"] += 1
+                g["neg"] += x == -math.inf
+    return groups
+
+
+@pytest.mark.parametrize("by", ["tensor", "layer", "module"])
+def test_random_file_with_bad_values_matches_brute_force(tmp_path, by):
+    generator = torch.Generator().manual_seed(0)
+    values = {}
+    for name in TENSORS:
+        t = torch.rand(3, 5, generator=generator, dtype=torch.float64).to(torch.float32)
+        t[t < 0.2] = 0.0
+        values[name] = t
+    values["model.layers.1.self_attn.q_proj.weight"][0, :3] = torch.tensor([NAN, INF, -2.5])
+    values["model.layers.0.mlp.up_proj.weight"][1, 1] = -INF
+    path = tmp_path / "bad.safetensors"
+    save_file(values, str(path))  # no config, and values the reader would refuse: inspect reports them
+    report = json.loads(run("inspect", path, "--by", by, "--json").output)
+    column = {"tensor": None, "layer": 1, "module": 2}[by]
+    label_of = {n: (n if column is None else TENSORS[n][column]) for n in TENSORS}
+    expected = _brute_force({n: v.reshape(-1).tolist() for n, v in values.items()}, label_of)
+    rows = {r["name"]: r for r in report["rows"]}
+    assert set(rows) == set(expected)
+    for label, ref in expected.items():
+        row = rows[label]
+        assert row["sum"] == pytest.approx(ref["sum"], rel=1e-12)
+        assert row["mean"] == pytest.approx(ref["sum"] / ref["finite"], rel=1e-12)
+        assert row["max"] == pytest.approx(ref["max"])
+        assert row["zero_fraction"] == pytest.approx(ref["zeros"] / ref["n"])
+        assert (row["nonfinite"], row["negative"], row["numel"]) == (ref["bad"], ref["neg"], ref["n"])
+    assert report["totals"]["nonfinite"] == 3 and report["totals"]["negative"] == 2
+    assert report["config"] is None and report["config_stats_match"] is None
+    assert run("inspect", path, "--check").exit_code == 1  # problems -> non-zero for scripts
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    path = tmp_path_factory.mktemp("model")
+    tiny.make_llama(str(path), hidden=16, layers=1, vocab_size=64)
+    return path
+
+
+def test_checkpoint_shapes_single_and_sharded(tiny_model, tmp_path):
+    expected = {n: tuple(t.shape) for n, t in tiny.state_dict_from_dir(str(tiny_model)).items()}
+    assert checkpoint_shapes(str(tiny_model)) == expected
+    model = tiny.make_llama(None, hidden=16, layers=1, vocab_size=64)
+    sharded = tmp_path / "sharded"
+    model.save_pretrained(str(sharded), max_shard_size="4KB")
+    assert os.path.exists(sharded / "model.safetensors.index.json")
+    assert checkpoint_shapes(str(sharded)) == expected
+    assert checkpoint_shapes(str(tiny_model / "model.safetensors")) == expected
+
+
+def test_coverage_missing_extra_and_shape_mismatch(tiny_model, tmp_path):
+    state = tiny.state_dict_from_dir(str(tiny_model))
+    names = sorted(state)
+    missing, bad_shape = names[0], names[1]
+    fisher = {n: t.float().square() for n, t in state.items() if n != missing}
+    fisher[bad_shape] = torch.ones(3, 3)
+    fisher["model.layers.7.mlp.gate_proj.weight"] = torch.ones(2)
+    path = tmp_path / "partial.safetensors"
+    write_fisher(fisher, path)
+    report = json.loads(run("inspect", path, "--model", tiny_model, "--json").output)
+    cov = report["coverage"]
+    assert cov["missing"] == [missing]
+    assert cov["extra"] == ["model.layers.7.mlp.gate_proj.weight"]
+    assert cov["shape_mismatches"] == [{"name": bad_shape, "fisher_shape": [3, 3],
+                                        "model_shape": list(state[bad_shape].shape)}]
+    assert cov["model_tensors"] == len(state) and cov["covered"] == len(state) - 2
+    text = run("inspect", path, "--model", tiny_model).output
+    assert f"  missing:  {missing}" in text and f"{bad_shape}: Fisher (3, 3) vs model" in text
+    assert run("inspect", path, "--model", tiny_model, "--check").exit_code == 1
+    full = tmp_path / "full.safetensors"
+    write_fisher({n: t.float().square() for n, t in state.items()}, full)
+    result = run("inspect", full, "--model", tiny_model, "--check")
+    assert result.exit_code == 0, result.output
+    assert f"{len(state)} of {len(state)} model tensors covered" in result.output
+
+
+def test_bad_inputs_give_one_clear_error(tmp_path, hand_file):
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    torch.save({"w": torch.ones(2)}, pickled / "pytorch_model.bin")
+    result = run("inspect", hand_file, "--model", pickled)
+    assert result.exit_code == 2
+    assert "pickle-only" in result.output and "safe_serialization=True" in result.output
+    assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1
+    result = run("inspect", tmp_path / "nowhere")
+    assert result.exit_code == 2 and "does not exist" in result.output
+    result = run("inspect", hand_file, "--model", tmp_path / "no_model")
+    assert result.exit_code == 2 and "model path does not exist" in result.output
+    fisher_bin = tmp_path / "fisher.pt"
+    torch.save({"w": torch.ones(2)}, fisher_bin)
+    result = run("inspect", fisher_bin)
+    assert result.exit_code == 2 and "convert" in result.output
