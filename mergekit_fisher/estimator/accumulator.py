@@ -1,0 +1,57 @@
+"""Sums of weighted squared per-example gradients, kept in float32 or float64 whatever the model dtype."""
+
+from __future__ import annotations
+
+from typing import Dict, Iterable, Optional
+
+import torch
+
+
+class FisherAccumulator:
+    """`sums[key] += sum_b w_b * G_b**2`, keyed by parameter key (a stable string chosen by the planner)."""
+
+    def __init__(self, shapes: Dict[str, torch.Size], *, dtype: torch.dtype, devices: Dict[str, torch.device]):
+        self.dtype = dtype
+        self.sums: Dict[str, torch.Tensor] = {
+            key: torch.zeros(shape, dtype=dtype, device=devices[key]) for key, shape in shapes.items()
+        }
+
+    def add_dense(self, key: str, per_example: torch.Tensor, weights: torch.Tensor) -> None:
+        """`per_example`: (B, *shape) gradients; squared here (in place: callers hand over ownership)."""
+        target = self.sums[key]
+        squared = per_example.square_() if not per_example.requires_grad else per_example.square()
+        flat = squared.reshape(squared.shape[0], -1)
+        # w @ G**2 : the weighted sum over examples as one matrix-vector product
+        total = weights.to(flat.dtype).unsqueeze(0).matmul(flat).reshape(target.shape)
+        target.add_(total.to(device=target.device, dtype=self.dtype))
+
+    def add_rows(self, key: str, rows: torch.Tensor, row_grads: torch.Tensor, row_weights: torch.Tensor) -> None:
+        """Sparse form (embeddings): row `rows[k]` receives `row_weights[k] * row_grads[k]**2`.
+
+        Each (example, row) pair must appear once: the caller sums an example's contributions to a row first.
+        """
+        target = self.sums[key]
+        squared = row_grads.square_().mul_(row_weights.to(row_grads.dtype).unsqueeze(-1))
+        target.index_add_(0, rows.to(target.device), squared.to(device=target.device, dtype=self.dtype))
+
+    def add_squared(self, key: str, squared_sum: torch.Tensor) -> None:
+        target = self.sums[key]
+        target.add_(squared_sum.to(device=target.device, dtype=self.dtype))
+
+    def first_non_finite(self, keys: Optional[Iterable[str]] = None) -> Optional[str]:
+        for key in keys or self.sums:
+            if not bool(torch.isfinite(self.sums[key]).all()):
+                return key
+        return None
+
+    # ---------------------------------------------------------------- state (checkpoints, reduce)
+    def state(self) -> Dict[str, torch.Tensor]:
+        return self.sums
+
+    def load_state(self, state: Dict[str, torch.Tensor]) -> None:
+        for key, value in state.items():
+            self.sums[key].copy_(value.to(self.sums[key].device, self.dtype))
+
+    def zero_(self) -> None:
+        for value in self.sums.values():
+            value.zero_()

@@ -1,0 +1,288 @@
+"""Data for the estimator: read rows, tokenize, mask, truncate (and count), shuffle, hash, batch.
+
+Causal LM rows: ``{"text"}``, ``{"prompt", "completion"}`` (loss on completion tokens only) or
+``{"messages"}`` (chat template; loss on assistant turns only); a ``.txt`` file is one example per line.
+Sequence classification rows: ``{"text", "label"}`` or ``{"text", "text_pair", "label"}``.
+JSONL, a `datasets` dataset saved with ``save_to_disk``, or a hub dataset name (its ``train`` split).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from mergekit_fisher.errors import FisherInputError
+from mergekit_fisher.estimator.objectives import IGNORE
+
+TASKS = ("causal-lm", "seq-cls")
+LM_LAYOUTS = ({"text"}, {"prompt", "completion"}, {"messages"})
+CLS_FIELDS = {"text", "text_pair", "label"}
+
+
+@dataclass
+class Example:
+    index: int  # position in the selected (shuffled) list: seeds the sampled Fisher, picks the process
+    input_ids: List[int]
+    labels: Optional[List[int]] = None  # causal LM: per token, IGNORE where nothing is predicted
+    label: Optional[int] = None  # seq-cls
+
+    @property
+    def num_predicted(self) -> int:
+        if self.labels is None:
+            return 1
+        return sum(1 for value in self.labels[1:] if value != IGNORE)
+
+
+@dataclass
+class PreparedData:
+    examples: List[Example]
+    source: str
+    dataset_hash: str
+    num_rows: int
+    num_truncated: int = 0
+    num_skipped: int = 0
+    skipped_reasons: Dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    labels: torch.Tensor  # (B, T) token labels, or (B,) class labels
+    indices: List[int]
+
+    def to(self, device) -> "Batch":
+        return Batch(self.input_ids.to(device), self.attention_mask.to(device), self.labels.to(device), self.indices)
+
+
+# ---------------------------------------------------------------- reading rows
+def _hash_file(digest, path: str) -> None:
+    with open(path, "rb") as fp:
+        for chunk in iter(lambda: fp.read(1 << 20), b""):
+            digest.update(chunk)
+
+
+def _read_jsonl(path: str) -> List[Tuple[str, Dict[str, Any]]]:
+    rows = []
+    with open(path, encoding="utf-8") as fp:
+        for number, line in enumerate(fp, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except ValueError as error:
+                raise FisherInputError(
+                    f"line {number} is not valid JSON ({error})", file=path,
+                    fix="write one JSON object per line (JSONL)",
+                ) from None
+            if not isinstance(row, dict):
+                raise FisherInputError(f"line {number} is not a JSON object", file=path,
+                                       fix="write one JSON object per line (JSONL)")
+            rows.append((f"{path}:{number}", row))
+    return rows
+
+
+def _read_dataset(path: str, *, on_disk: bool) -> Tuple[List[Tuple[str, Dict[str, Any]]], str]:
+    import datasets
+
+    try:
+        loaded = datasets.load_from_disk(path) if on_disk else datasets.load_dataset(path, split="train")
+    except Exception as error:  # FileNotFoundError, ConnectionError, DatasetNotFoundError, ...
+        raise FisherInputError(
+            f"cannot load the data ({error.__class__.__name__}: {str(error).splitlines()[0] if str(error) else ''})",
+            file=path,
+            fix="pass a .jsonl/.txt file, a dataset saved with `save_to_disk`, or a reachable hub dataset name",
+        ) from None
+    if isinstance(loaded, datasets.DatasetDict):
+        split = "train" if "train" in loaded else (next(iter(loaded)) if len(loaded) == 1 else None)
+        if split is None:
+            raise FisherInputError(
+                f"the dataset has splits {sorted(loaded)} and none is called 'train'", file=path,
+                fix="save the split you want on its own, or name it 'train'",
+            )
+        loaded = loaded[split]
+    rows = [(f"{path}[{i}]", dict(row)) for i, row in enumerate(loaded)]
+    return rows, getattr(loaded, "_fingerprint", "") or ""
+
+
+def read_rows(path: str) -> Tuple[List[Tuple[str, Dict[str, Any]]], str, bool]:
+    """(where, row) pairs, a content hash, and whether unknown fields must be refused (our own files)."""
+    digest = hashlib.sha256()
+    if os.path.isfile(path):
+        _hash_file(digest, path)
+        if path.endswith(".txt"):
+            with open(path, encoding="utf-8") as fp:
+                rows = [(f"{path}:{n}", {"text": line.rstrip("\n")}) for n, line in enumerate(fp, 1) if line.strip()]
+            return rows, digest.hexdigest(), True
+        return _read_jsonl(path), digest.hexdigest(), True
+    if os.path.isdir(path):
+        for root, _dirs, files in sorted(os.walk(path)):
+            for name in sorted(files):
+                digest.update(name.encode())
+                _hash_file(digest, os.path.join(root, name))
+        rows, _fingerprint = _read_dataset(path, on_disk=True)
+        return rows, digest.hexdigest(), False
+    looks_local = path.startswith((".", "/", "~")) or path.endswith((".jsonl", ".json", ".txt")) or path.count("/") > 1
+    if looks_local:
+        raise FisherInputError("data file does not exist", file=path, fix="check the --data path")
+    rows, fingerprint = _read_dataset(path, on_disk=False)
+    digest.update(f"{path}:{fingerprint}".encode())
+    return rows, digest.hexdigest(), False
+
+
+# ---------------------------------------------------------------- tokenizing
+def _check_fields(where: str, row: Dict[str, Any], task: str, strict: bool) -> Dict[str, Any]:
+    keys = set(row)
+    if task == "seq-cls":
+        allowed = CLS_FIELDS
+        missing = {"text", "label"} - keys
+        if missing:
+            raise FisherInputError(
+                f"{where}: missing field(s) {sorted(missing)} for --task seq-cls", file=where.rsplit(":", 1)[0],
+                fix='give every row "text" (and optionally "text_pair") and an integer "label"',
+            )
+    else:
+        layouts = [layout for layout in LM_LAYOUTS if layout <= keys]
+        if not layouts:
+            raise FisherInputError(
+                f"{where}: no usable fields (has {sorted(keys)})", file=where.rsplit(":", 1)[0],
+                fix='give every row "text", or "prompt" and "completion", or chat "messages"',
+            )
+        allowed = layouts[0]
+    unknown = keys - allowed
+    if unknown and strict:
+        raise FisherInputError(
+            f"{where}: unknown field(s) {sorted(unknown)} (expected {sorted(allowed)})",
+            file=where.rsplit(":", 1)[0],
+            fix="remove the extra fields, or check --task (causal-lm reads text | prompt+completion | messages; "
+            "seq-cls reads text[/text_pair]+label)",
+        )
+    return {key: row[key] for key in allowed if key in row}
+
+
+def _ids(tokenizer, text: str, *, special: bool) -> List[int]:
+    return list(tokenizer(text, add_special_tokens=special)["input_ids"])
+
+
+def _chat_example(tokenizer, messages, where: str) -> Tuple[List[int], List[int]]:
+    """Render with the chat template; label only the tokens each assistant turn adds."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise FisherInputError(
+            f"{where}: chat `messages` need a tokenizer with a chat template", file=where.rsplit(":", 1)[0],
+            fix="use a tokenizer that defines chat_template, or convert the rows to prompt/completion",
+        )
+
+    def render(turns, generation_prompt: bool) -> List[int]:
+        out = tokenizer.apply_chat_template(turns, tokenize=True, add_generation_prompt=generation_prompt)
+        if isinstance(out, dict) or hasattr(out, "keys"):
+            out = out["input_ids"]
+        return list(out)
+
+    ids = render(messages, False)
+    labels = [IGNORE] * len(ids)
+    for i, message in enumerate(messages):
+        if message.get("role") != "assistant":
+            continue
+        start = len(render(messages[:i], True)) if i else 0
+        stop = len(render(messages[: i + 1], False))
+        if ids[:stop] != render(messages[: i + 1], False)[:stop]:
+            raise FisherInputError(
+                f"{where}: the chat template does not render conversation prefixes consistently",
+                file=where.rsplit(":", 1)[0], fix="convert the rows to prompt/completion",
+            )
+        for t in range(start, min(stop, len(ids))):
+            labels[t] = ids[t]
+    return ids, labels
+
+
+def tokenize_row(tokenizer, fields: Dict[str, Any], task: str, where: str, num_labels: Optional[int]):
+    """(input_ids, token labels or None, class label or None)."""
+    if task == "seq-cls":
+        label = fields["label"]
+        if isinstance(label, bool) or not isinstance(label, int) or not (0 <= label < (num_labels or 0)):
+            raise FisherInputError(
+                f"{where}: label {label!r} is out of range for a classifier with {num_labels} classes",
+                file=where.rsplit(":", 1)[0],
+                fix=f"use integer labels 0..{(num_labels or 1) - 1}, or a model with more labels",
+            )
+        pair = fields.get("text_pair")
+        ids = list(tokenizer(str(fields["text"]), pair if pair is None else str(pair))["input_ids"])
+        return ids, None, label
+    if "messages" in fields:
+        ids, labels = _chat_example(tokenizer, fields["messages"], where)
+        return ids, labels, None
+    if "prompt" in fields:
+        prompt = _ids(tokenizer, str(fields["prompt"]), special=True)
+        completion = _ids(tokenizer, str(fields["completion"]), special=False)
+        if tokenizer.eos_token_id is not None:
+            completion.append(tokenizer.eos_token_id)
+        return prompt + completion, [IGNORE] * len(prompt) + completion, None
+    ids = _ids(tokenizer, str(fields["text"]), special=True)
+    return ids, list(ids), None
+
+
+def prepare(
+    path: str,
+    tokenizer,
+    *,
+    task: str,
+    num_examples: Optional[int],
+    max_length: int,
+    seed: int,
+    shuffle: bool,
+    num_labels: Optional[int] = None,
+) -> PreparedData:
+    rows, dataset_hash, strict = read_rows(path)
+    if not rows:
+        raise FisherInputError("the data has no examples", file=path, fix="point --data at a non-empty file")
+    order = list(range(len(rows)))
+    if shuffle:
+        random.Random(seed).shuffle(order)
+    data = PreparedData([], path, dataset_hash, len(rows))
+    for position in order:
+        if num_examples is not None and len(data.examples) >= num_examples:
+            break
+        where, row = rows[position]
+        fields = _check_fields(where, row, task, strict)
+        ids, labels, label = tokenize_row(tokenizer, fields, task, where, num_labels)
+        if len(ids) > max_length:
+            data.num_truncated += 1
+            ids = ids[:max_length]
+            labels = labels[:max_length] if labels is not None else None
+        example = Example(len(data.examples), ids, labels, label)
+        if not ids or example.num_predicted == 0:
+            data.num_skipped += 1
+            continue
+        data.examples.append(example)
+    if not data.examples:
+        raise FisherInputError(
+            f"none of the {data.num_skipped} examples read has a token to predict "
+            "(empty text, or the prompt fills --max-length)",
+            file=path, fix="raise --max-length, or check that rows have completion/assistant text",
+        )
+    return data
+
+
+def collate(examples: Sequence[Example], pad_id: int, task: str) -> Batch:
+    """Right padding; pads get attention 0 and label IGNORE so they never reach the loss."""
+    width = max(len(e.input_ids) for e in examples)
+    input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(examples), width), dtype=torch.long)
+    token_labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
+    for row, example in enumerate(examples):
+        n = len(example.input_ids)
+        input_ids[row, :n] = torch.tensor(example.input_ids)
+        attention[row, :n] = 1
+        if example.labels is not None:
+            token_labels[row, :n] = torch.tensor(example.labels)
+    if task == "seq-cls":
+        labels = torch.tensor([e.label for e in examples], dtype=torch.long)
+    else:
+        labels = token_labels
+    return Batch(input_ids, attention, labels, [e.index for e in examples])

@@ -1,0 +1,266 @@
+"""Per-example gradients for a whole batch from ONE backward pass, squared and summed layer by layer.
+
+A forward hook keeps each covered module's input; a tensor hook on its output receives delta = dL/d(output)
+during backward. Because the batch loss is the SUM of per-example losses and examples do not interact,
+delta[b] is example b's own output gradient, so the per-example weight gradient is
+``G_b = sum_t delta_bt^T x_bt`` (Linear), a scatter of delta rows (Embedding), ``sum_t delta_bt * x_hat_bt``
+(norms). We square G_b -- never a batch-summed gradient -- and add ``w_b * G_b**2`` to the accumulator.
+
+A parameter used by several calls (tied embeddings / lm_head, a module called twice) gets its per-example
+contributions SUMMED in a buffer until the backward pass has delivered all of them, and only then squared:
+(a+b)**2 != a**2 + b**2.
+
+Parameters keep ``requires_grad=False``; the first covered module whose output does not yet require grad
+turns its output into a leaf, and ``torch.autograd.grad`` w.r.t. those leaves drives the backward pass,
+so no ``.grad`` buffers are ever allocated.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional
+
+import torch
+import torch.nn.functional as F
+
+from mergekit_fisher.estimator.accumulator import FisherAccumulator
+
+# Largest per-example gradient block materialised at once (elements); bigger weights go in row blocks.
+MAX_BLOCK_ELEMENTS = 1 << 26
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Half-precision models still get their per-example gradients formed and squared in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _flat_tokens(tensor: torch.Tensor, trailing: int) -> torch.Tensor:
+    """(B, ..., *trailing dims) -> (B, T, prod(trailing))."""
+    batch = tensor.shape[0]
+    tail = 1
+    for size in tensor.shape[tensor.dim() - trailing:]:
+        tail *= size
+    return tensor.reshape(batch, -1, tail)
+
+
+class Handler:
+    """Knows how one module type turns (input, output gradient) into per-example parameter gradients."""
+
+    def __init__(self, module: torch.nn.Module, keys: Dict[str, str], params: Dict[str, torch.nn.Parameter]):
+        self.module = module
+        self.keys = keys  # role ("weight", "bias") -> accumulator key
+        self.params = params  # role -> parameter
+
+    def saved_input(self, args, kwargs) -> torch.Tensor:
+        return args[0] if args else next(iter(kwargs.values()))
+
+    def contribute(self, x: torch.Tensor, delta: torch.Tensor, sink: "GradientSink") -> None:
+        raise NotImplementedError
+
+
+class LinearHandler(Handler):
+    """nn.Linear (weight O x I), HF Conv1D (weight I x O, `transposed`), and LoRA wrappers as dense W0+BA."""
+
+    def __init__(self, module, keys, params, *, transposed: bool = False):
+        super().__init__(module, keys, params)
+        self.transposed = transposed
+
+    def contribute(self, x, delta, sink):
+        dtype = compute_dtype(delta.dtype)
+        x = _flat_tokens(x, 1).to(dtype)  # (B, T, I)
+        delta = _flat_tokens(delta, 1).to(dtype)  # (B, T, O)
+        if "bias" in self.keys:
+            sink.dense(self.keys["bias"], delta.sum(1))
+        if "weight" not in self.keys:
+            return
+        key = self.keys["weight"]
+        # rows of the stored weight: O for Linear, I for Conv1D
+        left, right = (x, delta) if self.transposed else (delta, x)
+        batch, rows, cols = left.shape[0], left.shape[2], right.shape[2]
+        left_t = left.transpose(1, 2)  # (B, rows, T)
+        if sink.is_shared(key):
+            sink.dense(key, torch.bmm(left_t, right))
+            return
+        block = max(1, MAX_BLOCK_ELEMENTS // max(1, batch * cols))
+        for start in range(0, rows, block):
+            stop = min(rows, start + block)
+            sink.dense(key, torch.bmm(left_t[:, start:stop], right), rows=slice(start, stop))
+
+
+class EmbeddingHandler(Handler):
+    """nn.Embedding: example b's gradient row v is the sum of delta over b's positions holding token v."""
+
+    def contribute(self, ids, delta, sink):
+        module = self.module
+        key = self.keys["weight"]
+        dtype = compute_dtype(delta.dtype)
+        batch = delta.shape[0]
+        vocab, hidden = module.weight.shape
+        ids = ids.reshape(batch, -1).to(delta.device)
+        delta = delta.reshape(batch, -1, hidden).to(dtype)
+        example = torch.arange(batch, device=delta.device).unsqueeze(1).expand_as(ids)
+        flat_keys = (example * vocab + ids).reshape(-1)
+        flat_delta = delta.reshape(-1, hidden)
+        if module.padding_idx is not None:  # nn.Embedding never updates its padding row
+            keep = ids.reshape(-1) != module.padding_idx
+            flat_keys, flat_delta = flat_keys[keep], flat_delta[keep]
+        if sink.is_shared(key):
+            buffer = torch.zeros(batch * vocab, hidden, dtype=dtype, device=delta.device)
+            buffer.index_add_(0, flat_keys, flat_delta)
+            sink.dense(key, buffer.view(batch, vocab, hidden))
+            return
+        unique, inverse = torch.unique(flat_keys, return_inverse=True)
+        rows = torch.zeros(unique.numel(), hidden, dtype=dtype, device=delta.device)
+        rows.index_add_(0, inverse, flat_delta)
+        sink.rows(key, unique % vocab, rows, unique // vocab)
+
+
+class NormHandler(Handler):
+    """Elementwise-affine norms ``out = weight * x_hat (+ bias)``; `normalize` recomputes x_hat from the input."""
+
+    def __init__(self, module, keys, params, *, normalize: Callable[[torch.Tensor], torch.Tensor]):
+        super().__init__(module, keys, params)
+        self.normalize = normalize
+
+    def contribute(self, x, delta, sink):
+        dtype = compute_dtype(delta.dtype)
+        shape = next(iter(self.params.values())).shape
+        trailing = len(shape)
+        delta32 = _flat_tokens(delta, trailing).to(dtype)
+        batch = delta.shape[0]
+        if "weight" in self.keys:
+            with torch.no_grad():
+                x_hat = _flat_tokens(self.normalize(x), trailing).to(dtype)
+            sink.dense(self.keys["weight"], (delta32 * x_hat).sum(1).reshape(batch, *shape))
+        if "bias" in self.keys:
+            sink.dense(self.keys["bias"], delta32.sum(1).reshape(batch, *shape))
+
+
+@dataclass
+class _Call:
+    handler: Handler
+    saved: torch.Tensor
+
+
+@dataclass
+class _PassState:
+    weights: torch.Tensor
+    received: Dict[str, int] = field(default_factory=dict)
+    buffers: Dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+class GradientSink:
+    """Routes per-example contributions: straight into the accumulator, or into a buffer for shared params."""
+
+    def __init__(self, capture: "PerExampleCapture"):
+        self.capture = capture
+
+    def is_shared(self, key: str) -> bool:
+        return self.capture.uses.get(key, 0) > 1
+
+    def dense(self, key: str, per_example: torch.Tensor, rows: Optional[slice] = None) -> None:
+        state = self.capture.pass_state
+        if not self.is_shared(key):
+            if rows is None:
+                self.capture.accumulator.add_dense(key, per_example, state.weights)
+            else:
+                self._add_block(key, per_example, rows, state.weights)
+            return
+        buffer = state.buffers.get(key)
+        state.buffers[key] = per_example if buffer is None else buffer.add_(per_example)
+        self.capture.received_one(key)
+
+    def _add_block(self, key, per_example, rows, weights):
+        acc = self.capture.accumulator
+        target = acc.sums[key][rows]
+        squared = per_example.square_().reshape(per_example.shape[0], -1)
+        total = weights.to(squared.dtype).unsqueeze(0).matmul(squared).reshape(target.shape)
+        target.add_(total.to(device=target.device, dtype=acc.dtype))
+
+    def rows(self, key, rows, row_grads, examples) -> None:
+        weights = self.capture.pass_state.weights
+        self.capture.accumulator.add_rows(key, rows, row_grads, weights.to(row_grads.device)[examples])
+
+
+class PerExampleCapture:
+    """Installs the hooks for `handlers`; drives one forward + several weighted backward passes."""
+
+    def __init__(self, handlers: List[Handler], accumulator: FisherAccumulator):
+        self.handlers = handlers
+        self.accumulator = accumulator
+        self.sink = GradientSink(self)
+        self.active = False
+        self.calls: List[_Call] = []
+        self.leaves: List[torch.Tensor] = []
+        self.uses: Dict[str, int] = {}
+        self.pass_state: Optional[_PassState] = None
+        self._handles = []
+        for handler in handlers:
+            self._handles.append(
+                handler.module.register_forward_hook(self._forward_hook(handler), with_kwargs=True)
+            )
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    # ---------------------------------------------------------------- forward
+    def _forward_hook(self, handler: Handler):
+        def hook(module, args, kwargs, output):
+            if not self.active or not isinstance(output, torch.Tensor):
+                return None
+            saved = handler.saved_input(args, kwargs).detach()
+            call = _Call(handler, saved)
+            self.calls.append(call)
+            for key in handler.keys.values():
+                self.uses[key] = self.uses.get(key, 0) + 1
+            if not output.requires_grad:
+                # nothing upstream needs a gradient (params are frozen): start the graph here
+                output.requires_grad_(True)
+                self.leaves.append(output)
+            output.register_hook(lambda delta, call=call: self._on_output_grad(call, delta))
+            return None
+
+        return hook
+
+    def begin_forward(self) -> None:
+        self.calls.clear()
+        self.leaves.clear()
+        self.uses.clear()
+        self.active = True
+
+    def end_forward(self) -> None:
+        self.active = False
+
+    def release(self) -> None:
+        self.calls.clear()
+        self.leaves.clear()
+        self.uses.clear()
+        self.pass_state = None
+
+    # ---------------------------------------------------------------- backward
+    def _on_output_grad(self, call: _Call, delta: torch.Tensor) -> None:
+        if self.pass_state is None:
+            return None
+        call.handler.contribute(call.saved, delta.detach(), self.sink)
+        return None
+
+    def received_one(self, key: str) -> None:
+        state = self.pass_state
+        state.received[key] = state.received.get(key, 0) + 1
+        if state.received[key] == self.uses[key]:
+            self.accumulator.add_dense(key, state.buffers.pop(key), state.weights)
+
+    def backward(self, loss: torch.Tensor, weights: torch.Tensor, *, retain_graph: bool) -> None:
+        """One weighted pass: every per-example gradient of `loss` squared, times weights[b], accumulated."""
+        if not self.leaves:
+            return
+        self.pass_state = _PassState(weights=weights.detach())
+        try:
+            torch.autograd.grad(loss, self.leaves, retain_graph=retain_graph, allow_unused=True)
+            # shared parameters whose other uses got no gradient (unused outputs): complete now
+            for key, buffer in list(self.pass_state.buffers.items()):
+                self.accumulator.add_dense(key, buffer, self.pass_state.weights)
+        finally:
+            self.pass_state = None

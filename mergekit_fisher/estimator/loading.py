@@ -1,0 +1,88 @@
+"""Load tokenizer and model (optionally with a LoRA adapter) and work out checkpoint tensor names."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Dict, List, Optional, Set
+
+import torch
+
+from mergekit_fisher.errors import FisherInputError
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip()
+    return (text.splitlines()[0] if text else error.__class__.__name__)[:300]
+
+
+def check_model_path(model: str) -> None:
+    looks_local = model.startswith((".", "/", "~")) or model.count("/") > 1
+    if looks_local and not os.path.isdir(model):
+        raise FisherInputError("model directory does not exist", model=model,
+                               fix="check the MODEL path (a directory saved with save_pretrained, or a hub id)")
+
+
+def load_tokenizer(model: str, *, trust_remote_code: bool, fallback: Optional[str] = None):
+    from transformers import AutoTokenizer
+
+    errors = []
+    for source in [model] + ([fallback] if fallback else []):
+        try:
+            return AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+        except Exception as error:  # OSError, ValueError from missing files
+            errors.append(_first_line(error))
+    raise FisherInputError(
+        f"cannot load a tokenizer ({errors[0]})", model=model,
+        fix="save the tokenizer next to the model (tokenizer.save_pretrained(MODEL))",
+    )
+
+
+def load_model(model: str, *, task: str, dtype: str, device_map: Optional[str], trust_remote_code: bool):
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    cls = AutoModelForSequenceClassification if task == "seq-cls" else AutoModelForCausalLM
+    kwargs = {"dtype": DTYPES[dtype], "trust_remote_code": trust_remote_code}
+    if device_map:
+        kwargs["device_map"] = device_map
+    try:
+        loaded = cls.from_pretrained(model, **kwargs)
+    except Exception as error:
+        raise FisherInputError(
+            f"cannot load the model for --task {task} ({_first_line(error)})", model=model,
+            fix="check the path / hub id, --task, and --trust-remote-code for custom architectures",
+        ) from None
+    loaded.eval()  # dropout off: the Fisher of the model as it predicts
+    for param in loaded.parameters():
+        param.requires_grad_(False)
+    return loaded
+
+
+def checkpoint_names(model_dir: str) -> Optional[Set[str]]:
+    """Tensor names the saved checkpoint holds (safetensors headers only), or None if unknown."""
+    if not os.path.isdir(model_dir):
+        return None
+    from safetensors import safe_open
+
+    names: Set[str] = set()
+    for filename in sorted(os.listdir(model_dir)):
+        path = os.path.join(model_dir, filename)
+        if filename.endswith(".safetensors.index.json"):
+            with open(path, encoding="utf-8") as fp:
+                names.update(json.load(fp).get("weight_map", {}))
+        elif filename.endswith(".safetensors"):
+            with safe_open(path, framework="pt") as handle:
+                names.update(handle.keys())
+    return names or None
+
+
+def output_names(aliases: List[str], stored: Optional[Set[str]]) -> List[str]:
+    """Names to write a parameter under: every alias the checkpoint stores (tied weights keep the stored
+    one, e.g. only ``model.embed_tokens.weight``), else the first alias."""
+    if stored:
+        present = [name for name in aliases if name in stored]
+        if present:
+            return present
+    return aliases[:1]

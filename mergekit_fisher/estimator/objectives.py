@@ -1,0 +1,100 @@
+"""What gets differentiated: one or more weighted "passes" per batch.
+
+A pass is (targets, weights): the loss is ``-sum_b log p(targets_b | x_b)`` (each example's SUMMED
+log-likelihood) and example b's squared gradient is accumulated with weight ``weights[b]``.
+
+* empirical: the data's own tokens / labels, weight 1;
+* sampled:   targets drawn from the model's own predictive distribution (the true Fisher by Monte Carlo),
+             K draws, weight 1/K each; the draw for (example index, sample index) uses its own generator
+             seeded from (seed, example index, sample index) -- independent of batching and process count;
+* exact:     classifiers only, one pass per class c with weight p(c|x): sum_c p(c|x) (d log p(c|x))**2.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import List, Sequence, Tuple
+
+import torch
+
+IGNORE = -100
+FISHER_TYPES = ("empirical", "sampled", "exact")
+
+
+def loglik_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def lm_loglik(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """(B,) summed log-likelihood; `logits` (B, T, V) predict `targets` (B, T-1) = labels shifted left."""
+    logp = torch.log_softmax(logits[:, :-1].to(loglik_dtype(logits.dtype)), dim=-1)
+    mask = targets != IGNORE
+    picked = logp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return (picked * mask).sum(1)
+
+
+def cls_loglik(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    logp = torch.log_softmax(logits.to(loglik_dtype(logits.dtype)), dim=-1)
+    return logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+
+
+def draw_seed(seed: int, example_index: int, sample_index: int) -> int:
+    digest = hashlib.sha256(f"mergekit-fisher:{seed}:{example_index}:{sample_index}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def _uniforms(seed: int, example_index: int, sample_index: int, count: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(draw_seed(seed, example_index, sample_index))
+    return torch.rand(count, generator=generator, dtype=torch.float64)
+
+
+def _inverse_cdf(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """One category per row of `probs` (n, V) by inverse-CDF sampling with the given uniforms (n,)."""
+    cdf = probs.to(torch.float64).cumsum(-1)
+    u = (uniforms.to(cdf.device) * cdf[:, -1]).unsqueeze(-1)
+    return torch.searchsorted(cdf, u).squeeze(-1).clamp_(max=probs.shape[-1] - 1)
+
+
+def lm_passes(
+    fisher_type: str, logits: torch.Tensor, labels: torch.Tensor, indices: Sequence[int], *, samples: int, seed: int
+) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+    targets = labels[:, 1:]
+    batch = labels.shape[0]
+    ones = torch.ones(batch, dtype=torch.float64, device=logits.device)
+    if fisher_type == "empirical":
+        return [(targets, ones)]
+    if fisher_type != "sampled":
+        raise ValueError(f"fisher type {fisher_type!r} is not available for language models")
+    with torch.no_grad():
+        probs = torch.softmax(logits[:, :-1].detach().to(torch.float64), dim=-1)
+    mask = targets != IGNORE
+    passes = []
+    for k in range(samples):
+        drawn = torch.full_like(targets, IGNORE)
+        for b, index in enumerate(indices):
+            rows = mask[b].nonzero().squeeze(-1)
+            if rows.numel():
+                u = _uniforms(seed, index, k, rows.numel())
+                drawn[b, rows] = _inverse_cdf(probs[b, rows], u).to(drawn.dtype)
+        passes.append((drawn, ones / samples))
+    return passes
+
+
+def cls_passes(
+    fisher_type: str, logits: torch.Tensor, labels: torch.Tensor, indices: Sequence[int], *, samples: int, seed: int
+) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+    batch, classes = logits.shape
+    ones = torch.ones(batch, dtype=torch.float64, device=logits.device)
+    if fisher_type == "empirical":
+        return [(labels, ones)]
+    with torch.no_grad():
+        probs = torch.softmax(logits.detach().to(torch.float64), dim=-1)
+    if fisher_type == "exact":
+        return [
+            (torch.full_like(labels, c), probs[:, c].clone()) for c in range(classes)
+        ]
+    passes = []
+    for k in range(samples):
+        u = torch.stack([_uniforms(seed, index, k, 1)[0] for index in indices])
+        passes.append((_inverse_cdf(probs, u).to(labels.dtype), ones / samples))
+    return passes

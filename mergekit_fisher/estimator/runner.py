@@ -1,0 +1,318 @@
+"""The estimator loop: load, plan hooks, stream batches (data parallel over accelerate processes),
+reduce, write Fisher format v1 atomically; checkpoint and resume on request."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from typing import Dict, List, Optional
+
+import torch
+
+from mergekit_fisher.errors import FisherInputError
+from mergekit_fisher.estimator import lora as lora_mod
+from mergekit_fisher.estimator.accumulator import FisherAccumulator
+from mergekit_fisher.estimator.checkpoint import checkpoint_path, load_checkpoint, save_checkpoint
+from mergekit_fisher.estimator.coverage import plan_handlers
+from mergekit_fisher.estimator.data import Batch, collate, prepare
+from mergekit_fisher.estimator.fallback import fallback_pass
+from mergekit_fisher.estimator.hooks import PerExampleCapture
+from mergekit_fisher.estimator.loading import (
+    DTYPES,
+    check_model_path,
+    checkpoint_names,
+    load_model,
+    load_tokenizer,
+    output_names,
+)
+from mergekit_fisher.estimator.objectives import cls_loglik, cls_passes, lm_loglik, lm_passes
+
+
+@dataclass
+class ComputeOptions:
+    model: str
+    out_dir: str
+    data: str
+    task: str = "causal-lm"
+    fisher_type: Optional[str] = None  # default: sampled for LMs, exact for classifiers
+    samples: int = 1
+    num_examples: Optional[int] = None
+    max_length: int = 512
+    batch_size: int = 8
+    seed: int = 0
+    shuffle: bool = True
+    lora: Optional[str] = None
+    params: str = "all"  # all | adapter-targets
+    space: str = "dense"  # dense | adapter
+    accumulator_dtype: str = "float32"
+    dtype: str = "float32"  # model dtype for the computation
+    device_map: Optional[str] = None
+    checkpoint_every: Optional[int] = None  # examples
+    overwrite: bool = False
+    trust_remote_code: bool = False
+    max_shard_size: str = "5GB"
+    progress: bool = True
+
+    def resolved_fisher_type(self) -> str:
+        return self.fisher_type or ("exact" if self.task == "seq-cls" else "sampled")
+
+    def fingerprint(self, dataset_hash: str) -> str:
+        """Everything that changes the result (not the process count, progress, or checkpoint cadence)."""
+        relevant = asdict(self)
+        for key in ("overwrite", "progress", "checkpoint_every", "device_map", "max_shard_size"):
+            relevant.pop(key)
+        relevant["fisher_type"] = self.resolved_fisher_type()
+        relevant["dataset_hash"] = dataset_hash
+        return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()
+
+
+class Interrupted(RuntimeError):
+    """Raised by the test hook `interrupt_after_rounds` to simulate a killed run."""
+
+
+def _validate(opts: ComputeOptions) -> None:
+    ftype = opts.resolved_fisher_type()
+    if opts.task not in ("causal-lm", "seq-cls"):
+        raise FisherInputError(f"unknown --task {opts.task!r}", fix="use causal-lm or seq-cls")
+    if ftype == "exact" and opts.task != "seq-cls":
+        raise FisherInputError(
+            "--fisher-type exact sums over every class and is only available for --task seq-cls",
+            fix="use --fisher-type sampled (the true Fisher by Monte Carlo) or empirical for language models",
+        )
+    if opts.space == "adapter" and not opts.lora:
+        raise FisherInputError("--space adapter needs --lora ADAPTER", fix="pass --lora or use --space dense")
+    if opts.params == "adapter-targets" and not opts.lora:
+        raise FisherInputError("--params adapter-targets needs --lora ADAPTER", fix="pass --lora or --params all")
+    for name in ("samples", "batch_size", "max_length"):
+        if getattr(opts, name) < 1:
+            raise FisherInputError(f"--{name.replace('_', '-')} must be at least 1")
+    if opts.num_examples is not None and opts.num_examples < 1:
+        raise FisherInputError("--num-examples must be at least 1")
+    out = os.path.abspath(opts.out_dir)
+    if os.path.exists(out) and not opts.overwrite:
+        raise FisherInputError("output already exists", file=out, fix="choose another OUT_DIR or pass --overwrite")
+    check_model_path(opts.model)
+    if not (os.path.exists(opts.data) or not opts.data.startswith((".", "/", "~"))):
+        raise FisherInputError("data file does not exist", file=opts.data, fix="check the --data path")
+
+
+def _plan_targets(model, opts: ComputeOptions, stored):
+    """key (canonical in-memory name) -> output names, and id(param) -> key, for the wanted parameters."""
+    aliases: Dict[int, List[str]] = {}
+    params: Dict[int, torch.nn.Parameter] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        aliases.setdefault(id(param), []).append(name)
+        params[id(param)] = param
+    wrappers = lora_mod.lora_wrappers(model) if opts.lora else {}
+    target_bases = {id(base.weight) for base, _t in wrappers.values()}
+    keys: Dict[int, str] = {}
+    names: Dict[str, List[str]] = {}
+    for pid, names_in_model in aliases.items():
+        first = names_in_model[0]
+        if opts.lora and opts.space == "adapter":
+            if not lora_mod.is_adapter_param(first):
+                continue
+            out = [lora_mod.adapter_file_name(first)]
+        else:
+            if opts.lora and lora_mod.is_adapter_param(first):
+                continue
+            if opts.params == "adapter-targets" and pid not in target_bases:
+                continue
+            dense = [lora_mod.dense_name(n) for n in names_in_model] if opts.lora else names_in_model
+            out = output_names(dense, stored)
+        keys[pid] = first
+        names[first] = out
+    return keys, names, params, (wrappers if opts.space == "dense" else {})
+
+
+def _reduce(accelerator, tensor: torch.Tensor) -> torch.Tensor:
+    if accelerator is None or accelerator.num_processes == 1:
+        return tensor.clone()
+    return accelerator.reduce(tensor.clone(), reduction="sum")
+
+
+def _oom_error(error: Exception) -> FisherInputError:
+    return FisherInputError(
+        f"out of memory ({str(error).splitlines()[0][:200]})",
+        fix="lower --batch-size or --max-length, or spread the model over GPUs with --device-map auto",
+    )
+
+
+def run_compute(opts: ComputeOptions, *, accelerator=None, interrupt_after_rounds: Optional[int] = None):
+    """Compute and write the Fisher; returns the written FisherConfig on the main process (None elsewhere)."""
+    from accelerate import Accelerator
+
+    from mergekit_fisher.fisher_file import FisherConfig, write_fisher
+
+    _validate(opts)
+    if accelerator is None:
+        accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    fisher_type = opts.resolved_fisher_type()
+    acc_dtype = DTYPES[opts.accumulator_dtype]
+
+    tokenizer = load_tokenizer(opts.model, trust_remote_code=opts.trust_remote_code, fallback=opts.lora)
+    model = load_model(opts.model, task=opts.task, dtype=opts.dtype, device_map=opts.device_map,
+                       trust_remote_code=opts.trust_remote_code)
+    if opts.lora:
+        model = lora_mod.load_adapter(model, opts.lora, model_name=opts.model)
+        model.eval()
+        for param in model.parameters():
+            param.requires_grad_(False)
+    if not opts.device_map:
+        model.to(accelerator.device)
+    device = model.get_input_embeddings().weight.device
+
+    pad_id = model.config.pad_token_id
+    if pad_id is None:
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        pad_id = 0 if pad_id is None else pad_id
+        model.config.pad_token_id = pad_id  # seq-cls pooling finds the last real token through it
+    num_labels = getattr(model.config, "num_labels", None) if opts.task == "seq-cls" else None
+
+    data = prepare(opts.data, tokenizer, task=opts.task, num_examples=opts.num_examples,
+                   max_length=opts.max_length, seed=opts.seed, shuffle=opts.shuffle, num_labels=num_labels)
+
+    stored = checkpoint_names(opts.lora if opts.space == "adapter" else opts.model)
+    keys, names, params, wrappers = _plan_targets(model, opts, stored)
+    if not keys:
+        raise FisherInputError("no parameters selected", model=opts.model,
+                               fix="check --params / --space / --lora")
+    by_key = {key: params[pid] for pid, key in keys.items()}
+    accumulator = FisherAccumulator({k: p.shape for k, p in by_key.items()}, dtype=acc_dtype,
+                                    devices={k: p.device for k, p in by_key.items()})
+    handlers, fallback = plan_handlers(model, keys, wrappers=wrappers)
+    capture = PerExampleCapture(handlers, accumulator)
+
+    # resume
+    fingerprint = opts.fingerprint(data.dataset_hash)
+    ckpt = checkpoint_path(opts.out_dir)
+    done_batches, num_tokens = 0, 0
+    loaded = load_checkpoint(ckpt, fingerprint) if opts.checkpoint_every else None
+    if loaded is not None:
+        sums, state = loaded
+        done_batches = int(state["done_batches"])
+        if accelerator.is_main_process:
+            accumulator.load_state(sums)
+            num_tokens = int(state["num_tokens"])
+
+    is_cls = opts.task == "seq-cls"
+    loglik = cls_loglik if is_cls else lm_loglik
+    make_passes = cls_passes if is_cls else lm_passes
+
+    def forward(ids, mask):
+        return model(input_ids=ids, attention_mask=mask).logits
+
+    examples = data.examples
+    total_batches = math.ceil(len(examples) / opts.batch_size)
+    world, rank = accelerator.num_processes, accelerator.process_index
+    rounds = math.ceil((total_batches - done_batches) / world)
+    progress = None
+    if opts.progress and accelerator.is_main_process:
+        from tqdm.auto import tqdm
+
+        progress = tqdm(total=len(examples), initial=min(len(examples), done_batches * opts.batch_size),
+                        unit="ex", desc="fisher", dynamic_ncols=True)
+    started, since_checkpoint = time.time(), 0
+    try:
+        for round_index in range(rounds):
+            g = done_batches + round_index * world + rank
+            if g < total_batches:
+                chunk = examples[g * opts.batch_size : (g + 1) * opts.batch_size]
+                batch = collate(chunk, pad_id, opts.task).to(device)
+                num_tokens += _run_batch(model, batch, capture, fallback, accumulator, forward, loglik,
+                                         make_passes, fisher_type, opts)
+            round_end = min(total_batches, done_batches + (round_index + 1) * world)
+            finished = min(len(examples), round_end * opts.batch_size)
+            since_checkpoint += world * opts.batch_size
+            if progress is not None:
+                progress.n = finished
+                elapsed = max(1e-9, time.time() - started)
+                progress.set_postfix(tok_s=f"{num_tokens * world / elapsed:.0f}", refresh=False)
+                progress.refresh()
+            if opts.checkpoint_every and since_checkpoint >= opts.checkpoint_every and round_end < total_batches:
+                since_checkpoint = 0
+                _save_state(accelerator, accumulator, ckpt, fingerprint, round_end, num_tokens)
+            if interrupt_after_rounds is not None and round_index + 1 >= interrupt_after_rounds:
+                raise Interrupted(f"interrupted after {round_index + 1} rounds (test hook)")
+    finally:
+        capture.remove()
+        if progress is not None:
+            progress.close()
+
+    sums = {key: _reduce(accelerator, value) for key, value in accumulator.sums.items()}
+    total_tokens = int(_reduce(accelerator, torch.tensor([num_tokens], dtype=torch.float64, device=device)).item())
+    if not accelerator.is_main_process:
+        accelerator.wait_for_everyone()
+        return None
+    fisher: Dict[str, torch.Tensor] = {}
+    for key, value in sums.items():
+        mean = value / len(examples)
+        if not bool(torch.isfinite(mean).all()):
+            raise FisherInputError(
+                "non-finite (NaN/Inf) gradients", model=opts.model, tensor=names[key][0],
+                fix="check the model weights and data; try --dtype float32 if the model ran in half precision",
+            )
+        for name in names[key]:
+            fisher[name] = mean.clone()
+    config = FisherConfig(
+        model=opts.model, adapter=opts.lora, space=opts.space, fisher_type=fisher_type, task=opts.task,
+        num_examples=len(examples), num_tokens=total_tokens, dataset=opts.data, dataset_hash=data.dataset_hash,
+        samples_per_example=opts.samples if fisher_type == "sampled" else None, seed=opts.seed,
+        accumulator_dtype=opts.accumulator_dtype,
+        num_truncated=data.num_truncated, num_skipped=data.num_skipped, num_rows=data.num_rows,
+        max_length=opts.max_length, batch_size=opts.batch_size, params=opts.params, model_dtype=opts.dtype,
+        shuffle=opts.shuffle, num_processes=world,
+        fallback_tensors=sorted(names[k][0] for k in fallback),
+    )
+    written = write_fisher(fisher, opts.out_dir, config, max_shard_size=opts.max_shard_size, overwrite=opts.overwrite)
+    if os.path.exists(ckpt):
+        os.remove(ckpt)
+    accelerator.wait_for_everyone()
+    return written
+
+
+def _save_state(accelerator, accumulator, path, fingerprint, done_batches, num_tokens) -> None:
+    sums = {key: _reduce(accelerator, value) for key, value in accumulator.sums.items()}
+    device = next(iter(sums.values())).device
+    tokens = int(_reduce(accelerator, torch.tensor([num_tokens], dtype=torch.float64, device=device)).item())
+    if accelerator.is_main_process:
+        save_checkpoint(path, sums, {"fingerprint": fingerprint, "done_batches": done_batches, "num_tokens": tokens})
+    accelerator.wait_for_everyone()
+
+
+def _run_batch(model, batch: Batch, capture, fallback, accumulator, forward, loglik, make_passes, fisher_type, opts):
+    try:
+        capture.begin_forward()
+        with torch.enable_grad():
+            logits = forward(batch.input_ids, batch.attention_mask)
+        capture.end_forward()
+        passes = make_passes(fisher_type, logits, batch.labels, batch.indices, samples=opts.samples, seed=opts.seed)
+        for j, (targets, weights) in enumerate(passes):
+            values = loglik(logits, targets)
+            if not bool(torch.isfinite(values).all()):
+                raise FisherInputError(
+                    "non-finite log-likelihood (NaN/Inf logits)", model=opts.model,
+                    fix="check the model weights; try --dtype float32",
+                )
+            with torch.enable_grad():
+                capture.backward(-values.sum(), weights, retain_graph=j < len(passes) - 1)
+        capture.release()
+        del logits
+        if fallback:
+            fallback_pass(fallback, batch, passes, forward, loglik, accumulator, token_targets=opts.task != "seq-cls")
+    except torch.OutOfMemoryError as error:
+        raise _oom_error(error) from None
+    except RuntimeError as error:
+        if "out of memory" in str(error).lower():
+            raise _oom_error(error) from None
+        raise
+    finally:
+        capture.end_forward()
+        capture.release()
+    if opts.task == "seq-cls":
+        return int(batch.attention_mask.sum())
+    return int((batch.labels[:, 1:] != -100).sum())
