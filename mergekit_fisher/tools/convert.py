@@ -9,6 +9,7 @@ Every check runs before anything is written; the output is written atomically by
 from __future__ import annotations
 
 import os
+import re
 from typing import Callable, Dict, List, Optional
 
 import click
@@ -24,16 +25,26 @@ TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 SHOW = 10  # names listed per category in the report
 
 
+def _why_not_loaded(error: Exception) -> str:
+    """The useful part of torch.load's error: which global was refused (its advice to set
+    weights_only=False is exactly what we must not do), else the first line."""
+    text = str(error)
+    match = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+    if match:
+        return f"it holds a pickled object of class {match.group(1)}, which weights_only loading refuses"
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    return f"not a torch.save file ({error.__class__.__name__}: {lines[0] if lines else ''})"
+
+
 def _load_torch(path: str) -> Dict[str, torch.Tensor]:
     try:
         obj = torch.load(path, weights_only=True, map_location="cpu")
-    except Exception as error:  # UnpicklingError (disallowed globals), RuntimeError (not a torch file)
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else error.__class__.__name__
+    except Exception as error:  # UnpicklingError (disallowed globals), RuntimeError/KeyError (not a torch file)
         raise FisherInputError(
-            f"cannot load it safely with torch.load(weights_only=True): {first_line}",
+            f"cannot load it safely with torch.load(weights_only=True): {_why_not_loaded(error)}",
             file=path,
             fix="save a plain dict of tensors (`torch.save({name: tensor}, path)`) or a .safetensors file; "
-            "objects that need unpickling of arbitrary classes are refused",
+            "files that need arbitrary classes unpickled are never loaded",
         ) from None
     if not isinstance(obj, dict):
         raise FisherInputError(
