@@ -107,3 +107,28 @@ def test_fisher_type_must_agree_and_arity(tmp_path):
     assert result.exit_code == 2 and "at least two Fisher files" in result.output
     result = run("combine", tmp_path / "a.safetensors", tmp_path / "a.safetensors", tmp_path / "b.safetensors")
     assert result.exit_code == 2 and "already exists" in result.output
+
+
+@pytest.mark.slow
+def test_combine_of_real_compute_runs_equals_one_run(tmp_path, tokenizer_dir):
+    """`compute` on two data shards, then `combine`, against `compute` on all the data."""
+    model_dir = tmp_path / "model"
+    tiny.make_llama(str(model_dir), hidden=16, layers=1, tokenizer_dir=tokenizer_dir)
+    rows = [{"text": text} for text in tiny.CORPUS]
+    shards = {"all": rows, "a": rows[:3], "b": rows[3:]}
+    for key, part in shards.items():
+        data = tiny.write_jsonl(str(tmp_path / f"{key}.jsonl"), part)
+        # batch size 1 and float64 accumulators: every run computes each example's gradient identically
+        result = run("compute", model_dir, tmp_path / f"fisher_{key}", "--data", data, "--fisher-type", "empirical",
+                     "--no-shuffle", "--batch-size", "1", "--accumulator-dtype", "float64", "--no-progress")
+        assert result.exit_code == 0, result.output
+    result = run("combine", tmp_path / "fisher_a", tmp_path / "fisher_b", tmp_path / "combined")
+    assert result.exit_code == 0, result.output
+    whole, combined = open_fisher(str(tmp_path / "fisher_all")), open_fisher(str(tmp_path / "combined"))
+    assert combined.config.num_examples == whole.config.num_examples == len(rows)
+    assert combined.config.num_tokens == whole.config.num_tokens
+    hashes = [open_fisher(str(tmp_path / f"fisher_{k}")).config.dataset_hash for k in ("a", "b")]
+    assert combined.config.model_extra["dataset_hashes"] == hashes and hashes[0] != hashes[1]
+    assert sorted(combined.names()) == sorted(whole.names())
+    for name in whole.names():
+        torch.testing.assert_close(combined.get_tensor(name), whole.get_tensor(name), rtol=1e-6, atol=1e-12)
