@@ -126,3 +126,63 @@ def write_jsonl(path: str, rows: Iterable[dict]) -> str:
         for row in rows:
             fp.write(json.dumps(row) + "\n")
     return path
+
+
+def make_llama_classifier(
+    out_dir: Optional[str] = None,
+    *,
+    seed: int = 0,
+    num_labels: int = 3,
+    vocab_size: int = 300,
+    hidden: int = 32,
+    layers: int = 2,
+    tokenizer_dir: Optional[str] = None,
+    dtype: torch.dtype = torch.float32,
+):
+    """A tiny LlamaForSequenceClassification (pad_token_id set, so batches can be padded)."""
+    from transformers import AutoTokenizer, LlamaForSequenceClassification
+
+    torch.manual_seed(seed)
+    config = llama_config(vocab_size, hidden, layers, num_labels=num_labels)
+    model = LlamaForSequenceClassification(config).to(dtype)
+    model.eval()
+    if out_dir is not None:
+        model.save_pretrained(out_dir, safe_serialization=True)
+        if tokenizer_dir is not None:
+            AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(out_dir)
+    return model
+
+
+def brute_force_fisher(model, examples, *, task: str = "causal-lm", exact_classes: bool = False) -> dict:
+    """The slow, obviously right diagonal Fisher: one example at a time (no padding), autograd of the
+    example's SUMMED log-likelihood w.r.t. every parameter, squared, averaged. float64 throughout.
+
+    examples, causal-lm: (input_ids, labels) with -100 where nothing is predicted (labels predict via
+    the usual shift); seq-cls: (input_ids, label). With `exact_classes`, seq-cls sums p(c|x) * g_c**2.
+    Returns {parameter name (deduplicated, as named_parameters gives it): Fisher}.
+    """
+    model = model.double().eval()
+    named = dict(model.named_parameters())
+    for param in named.values():
+        param.requires_grad_(True)
+    sums = {name: torch.zeros_like(p, dtype=torch.float64) for name, p in named.items()}
+    for input_ids, target in examples:
+        ids = torch.tensor([input_ids])
+        logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits.double()
+        if task == "seq-cls":
+            logp = torch.log_softmax(logits[0], -1)
+            terms = [(logp[c], float(logp[c].detach().exp())) for c in range(logp.numel())] if exact_classes \
+                else [(logp[target], 1.0)]
+        else:
+            total = torch.zeros((), dtype=torch.float64)
+            logp = torch.log_softmax(logits[0], -1)
+            for t in range(len(input_ids) - 1):  # position t predicts token t+1
+                if target[t + 1] != -100:
+                    total = total + logp[t, target[t + 1]]
+            terms = [(total, 1.0)]
+        for value, weight in terms:
+            grads = torch.autograd.grad(value, list(named.values()), retain_graph=True, allow_unused=True)
+            for (name, _p), grad in zip(named.items(), grads):
+                if grad is not None:
+                    sums[name] += weight * grad.double() ** 2
+    return {name: value / len(examples) for name, value in sums.items()}

@@ -15,12 +15,9 @@ import torch
 
 from mergekit_fisher.errors import FisherInputError
 from mergekit_fisher.estimator import lora as lora_mod
-from mergekit_fisher.estimator.accumulator import FisherAccumulator
 from mergekit_fisher.estimator.checkpoint import checkpoint_path, load_checkpoint, save_checkpoint
-from mergekit_fisher.estimator.coverage import plan_handlers
-from mergekit_fisher.estimator.data import Batch, collate, prepare
-from mergekit_fisher.estimator.fallback import fallback_pass
-from mergekit_fisher.estimator.hooks import PerExampleCapture
+from mergekit_fisher.estimator.data import collate, prepare
+from mergekit_fisher.estimator.engine import FisherEngine
 from mergekit_fisher.estimator.loading import (
     DTYPES,
     check_model_path,
@@ -29,7 +26,6 @@ from mergekit_fisher.estimator.loading import (
     load_tokenizer,
     output_names,
 )
-from mergekit_fisher.estimator.objectives import cls_loglik, cls_passes, lm_loglik, lm_passes
 
 
 @dataclass
@@ -181,11 +177,9 @@ def run_compute(opts: ComputeOptions, *, accelerator=None, interrupt_after_round
     if not keys:
         raise FisherInputError("no parameters selected", model=opts.model,
                                fix="check --params / --space / --lora")
-    by_key = {key: params[pid] for pid, key in keys.items()}
-    accumulator = FisherAccumulator({k: p.shape for k, p in by_key.items()}, dtype=acc_dtype,
-                                    devices={k: p.device for k, p in by_key.items()})
-    handlers, fallback = plan_handlers(model, keys, wrappers=wrappers)
-    capture = PerExampleCapture(handlers, accumulator)
+    engine = FisherEngine(model, task=opts.task, fisher_type=fisher_type, samples=opts.samples, seed=opts.seed,
+                          accumulator_dtype=acc_dtype, keys=keys, wrappers=wrappers, model_name=opts.model)
+    accumulator = engine.accumulator
 
     # resume
     fingerprint = opts.fingerprint(data.dataset_hash)
@@ -198,13 +192,6 @@ def run_compute(opts: ComputeOptions, *, accelerator=None, interrupt_after_round
         if accelerator.is_main_process:
             accumulator.load_state(sums)
             num_tokens = int(state["num_tokens"])
-
-    is_cls = opts.task == "seq-cls"
-    loglik = cls_loglik if is_cls else lm_loglik
-    make_passes = cls_passes if is_cls else lm_passes
-
-    def forward(ids, mask):
-        return model(input_ids=ids, attention_mask=mask).logits
 
     examples = data.examples
     total_batches = math.ceil(len(examples) / opts.batch_size)
@@ -223,8 +210,14 @@ def run_compute(opts: ComputeOptions, *, accelerator=None, interrupt_after_round
             if g < total_batches:
                 chunk = examples[g * opts.batch_size : (g + 1) * opts.batch_size]
                 batch = collate(chunk, pad_id, opts.task).to(device)
-                num_tokens += _run_batch(model, batch, capture, fallback, accumulator, forward, loglik,
-                                         make_passes, fisher_type, opts)
+                try:
+                    num_tokens += engine.step(batch)
+                except torch.OutOfMemoryError as error:
+                    raise _oom_error(error) from None
+                except RuntimeError as error:
+                    if "out of memory" not in str(error).lower():
+                        raise
+                    raise _oom_error(error) from None
             round_end = min(total_batches, done_batches + (round_index + 1) * world)
             finished = min(len(examples), round_end * opts.batch_size)
             since_checkpoint += world * opts.batch_size
@@ -239,7 +232,7 @@ def run_compute(opts: ComputeOptions, *, accelerator=None, interrupt_after_round
             if interrupt_after_rounds is not None and round_index + 1 >= interrupt_after_rounds:
                 raise Interrupted(f"interrupted after {round_index + 1} rounds (test hook)")
     finally:
-        capture.remove()
+        engine.close()
         if progress is not None:
             progress.close()
 
@@ -266,7 +259,7 @@ def run_compute(opts: ComputeOptions, *, accelerator=None, interrupt_after_round
         num_truncated=data.num_truncated, num_skipped=data.num_skipped, num_rows=data.num_rows,
         max_length=opts.max_length, batch_size=opts.batch_size, params=opts.params, model_dtype=opts.dtype,
         shuffle=opts.shuffle, num_processes=world,
-        fallback_tensors=sorted(names[k][0] for k in fallback),
+        fallback_tensors=sorted(names[k][0] for k in engine.fallback),
     )
     written = write_fisher(fisher, opts.out_dir, config, max_shard_size=opts.max_shard_size, overwrite=opts.overwrite)
     if os.path.exists(ckpt):
@@ -282,37 +275,3 @@ def _save_state(accelerator, accumulator, path, fingerprint, done_batches, num_t
     if accelerator.is_main_process:
         save_checkpoint(path, sums, {"fingerprint": fingerprint, "done_batches": done_batches, "num_tokens": tokens})
     accelerator.wait_for_everyone()
-
-
-def _run_batch(model, batch: Batch, capture, fallback, accumulator, forward, loglik, make_passes, fisher_type, opts):
-    try:
-        capture.begin_forward()
-        with torch.enable_grad():
-            logits = forward(batch.input_ids, batch.attention_mask)
-        capture.end_forward()
-        passes = make_passes(fisher_type, logits, batch.labels, batch.indices, samples=opts.samples, seed=opts.seed)
-        for j, (targets, weights) in enumerate(passes):
-            values = loglik(logits, targets)
-            if not bool(torch.isfinite(values).all()):
-                raise FisherInputError(
-                    "non-finite log-likelihood (NaN/Inf logits)", model=opts.model,
-                    fix="check the model weights; try --dtype float32",
-                )
-            with torch.enable_grad():
-                capture.backward(-values.sum(), weights, retain_graph=j < len(passes) - 1)
-        capture.release()
-        del logits
-        if fallback:
-            fallback_pass(fallback, batch, passes, forward, loglik, accumulator, token_targets=opts.task != "seq-cls")
-    except torch.OutOfMemoryError as error:
-        raise _oom_error(error) from None
-    except RuntimeError as error:
-        if "out of memory" in str(error).lower():
-            raise _oom_error(error) from None
-        raise
-    finally:
-        capture.end_forward()
-        capture.release()
-    if opts.task == "seq-cls":
-        return int(batch.attention_mask.sum())
-    return int((batch.labels[:, 1:] != -100).sum())

@@ -1,0 +1,101 @@
+"""`FisherEngine`: one model, one accumulator, `step(batch)` adds the batch's weighted squared
+per-example gradients. Used by the runner (files, processes, checkpoints), tests and the bench."""
+
+from __future__ import annotations
+
+from typing import Dict, Optional
+
+import torch
+
+from mergekit_fisher.errors import FisherInputError
+from mergekit_fisher.estimator.accumulator import FisherAccumulator
+from mergekit_fisher.estimator.coverage import plan_handlers
+from mergekit_fisher.estimator.data import Batch
+from mergekit_fisher.estimator.fallback import fallback_pass
+from mergekit_fisher.estimator.hooks import PerExampleCapture
+from mergekit_fisher.estimator.objectives import IGNORE, cls_loglik, cls_passes, lm_loglik, lm_passes
+
+
+class FisherEngine:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        *,
+        task: str = "causal-lm",
+        fisher_type: str = "empirical",
+        samples: int = 1,
+        seed: int = 0,
+        accumulator_dtype: torch.dtype = torch.float32,
+        keys: Optional[Dict[int, str]] = None,
+        wrappers=None,
+        model_name: str = "model",
+    ):
+        """`keys`: id(param) -> accumulator key (default: every parameter under its first name)."""
+        self.model = model
+        self.task = task
+        self.fisher_type = fisher_type
+        self.samples = samples
+        self.seed = seed
+        self.model_name = model_name
+        if keys is None:
+            keys = {}
+            for name, param in model.named_parameters(remove_duplicate=False):
+                keys.setdefault(id(param), name)
+        params = {}
+        for param in model.parameters():
+            if id(param) in keys:
+                params[keys[id(param)]] = param
+        self.params = params
+        self.accumulator = FisherAccumulator(
+            {k: p.shape for k, p in params.items()}, dtype=accumulator_dtype,
+            devices={k: p.device for k, p in params.items()},
+        )
+        self.handlers, self.fallback = plan_handlers(model, keys, wrappers=wrappers)
+        self.capture = PerExampleCapture(self.handlers, self.accumulator)
+        is_cls = task == "seq-cls"
+        self.loglik = cls_loglik if is_cls else lm_loglik
+        self.make_passes = cls_passes if is_cls else lm_passes
+        self.num_examples = 0
+        self.num_tokens = 0
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=ids, attention_mask=mask).logits
+
+    def step(self, batch: Batch) -> int:
+        """Accumulate one batch; returns its number of predicted tokens (input tokens for seq-cls)."""
+        capture = self.capture
+        try:
+            capture.begin_forward()
+            with torch.enable_grad():
+                logits = self.forward(batch.input_ids, batch.attention_mask)
+            capture.end_forward()
+            passes = self.make_passes(self.fisher_type, logits, batch.labels, batch.indices,
+                                      samples=self.samples, seed=self.seed)
+            for j, (targets, weights) in enumerate(passes):
+                values = self.loglik(logits, targets)
+                if not bool(torch.isfinite(values).all()):
+                    raise FisherInputError(
+                        "non-finite log-likelihood (NaN/Inf logits)", model=self.model_name,
+                        fix="check the model weights; try --dtype float32",
+                    )
+                with torch.enable_grad():
+                    capture.backward(-values.sum(), weights, retain_graph=j < len(passes) - 1)
+            capture.release()
+            del logits
+            if self.fallback:
+                fallback_pass(self.fallback, batch, passes, self.forward, self.loglik, self.accumulator,
+                              token_targets=self.task != "seq-cls")
+        finally:
+            capture.end_forward()
+            capture.release()
+        tokens = int(batch.attention_mask.sum()) if self.task == "seq-cls" else int((batch.labels[:, 1:] != IGNORE).sum())
+        self.num_examples += len(batch.indices)
+        self.num_tokens += tokens
+        return tokens
+
+    def fisher(self) -> Dict[str, torch.Tensor]:
+        """This engine's own mean (single process use: tests, bench)."""
+        return {key: value / max(1, self.num_examples) for key, value in self.accumulator.sums.items()}
+
+    def close(self) -> None:
+        self.capture.remove()
