@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from mergekit_fisher.math import fisher_task_arithmetic, fisher_weighted_average, normalize_fisher, relative_fisher
+from mergekit_fisher.math import fisher_task_arithmetic, fisher_weighted_average, normalize_fisher, fisher_element_weights
 
 
 def test_weighted_average_by_hand():
@@ -47,10 +47,13 @@ def test_unknown_normalization_is_refused():
         normalize_fisher(torch.ones(2), "max")
 
 
-def test_relative_fisher_averages_to_one():
-    factors = relative_fisher([torch.tensor([1.0, 0.0]), torch.tensor([3.0, 0.0])])
-    torch.testing.assert_close(factors[0], torch.tensor([0.5, 1.0]))
-    torch.testing.assert_close(factors[1], torch.tensor([1.5, 1.0]))
+def test_element_weights_average_to_the_recipe_weights():
+    out = fisher_element_weights([torch.tensor([1.0, 0.0]), torch.tensor([3.0, 0.0])], [1.0, 2.0], (2,))
+    # factors [0.5, 1] and [1.5, 1] (an all-zero element gets factor 1), times weights 1 and 2
+    torch.testing.assert_close(out, torch.tensor([[0.5, 1.0], [3.0, 2.0]]))
+    # a scalar (uniform) Fisher broadcasts: [1, 3] vs 2 -> means [1.5, 2.5]
+    out = fisher_element_weights([torch.tensor([1.0, 3.0]), torch.tensor(2.0)], [1.0, 1.0], (2,))
+    torch.testing.assert_close(out, torch.tensor([[1 / 1.5, 3 / 2.5], [2 / 1.5, 2 / 2.5]]))
 
 
 def test_task_arithmetic_by_hand():

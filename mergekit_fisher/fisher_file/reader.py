@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import os
+import struct
+import sys
 import threading
 from dataclasses import dataclass
 from typing import Dict, Iterator, List, Optional, Tuple
@@ -30,6 +32,9 @@ from mergekit_fisher.fisher_file.config import (
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 ALLOWED_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
+# Tensors are read with positional reads (os.preadv) into fresh buffers rather than through a
+# memory map: a long merge then keeps only the tensors in use resident, not every page it touched.
+_PREAD = hasattr(os, "preadv") and sys.byteorder == "little"
 CONVERT_HINT = "convert it to a Fisher file with `mergekit-fisher convert IN OUT --model MODEL`"
 
 
@@ -54,6 +59,8 @@ class FisherFile:
         self.path = os.path.abspath(os.path.expanduser(str(path)))
         self._lock = threading.Lock()
         self._handles: Dict[str, object] = {}
+        self._fds: Dict[str, int] = {}
+        self._locations: Dict[str, Tuple[int, int]] = {}  # name -> (absolute begin, end) in its shard
         self._stats: Optional[GlobalStats] = None
         self.config: Optional[FisherConfig] = None
         self.tensor_paths: Dict[str, str] = {}  # tensor name -> shard file
@@ -185,6 +192,16 @@ class FisherFile:
                             fix="store Fisher values as float32 or bfloat16",
                         )
                     self._headers[name] = TensorHeader(tuple(info.get_shape()), dtype)
+            self._locations.update(self._data_offsets(shard, names))
+
+    @staticmethod
+    def _data_offsets(shard: str, names: List[str]) -> Dict[str, Tuple[int, int]]:
+        # safetensors layout: u64 little-endian header size N, N bytes of JSON, then the data.
+        with open(shard, "rb") as fp:
+            (header_size,) = struct.unpack("<Q", fp.read(8))
+            header = json.loads(fp.read(header_size))
+        start = 8 + header_size
+        return {name: (start + header[name]["data_offsets"][0], start + header[name]["data_offsets"][1]) for name in names}
 
     # ---------------------------------------------------------------- queries
     def __contains__(self, name: str) -> bool:
@@ -210,11 +227,41 @@ class FisherFile:
             self._handles[shard] = handle
         return handle
 
+    def _fd(self, shard: str) -> int:
+        with self._lock:
+            fd = self._fds.get(shard)
+            if fd is None:
+                fd = os.open(shard, os.O_RDONLY)
+                self._fds[shard] = fd
+            return fd
+
+    def _read(self, name: str) -> torch.Tensor:
+        header = self._headers[name]
+        dtype = ALLOWED_DTYPES[header.dtype]
+        begin, end = self._locations[name]
+        if end == begin:
+            return torch.empty(header.shape, dtype=dtype)
+        buffer = bytearray(end - begin)
+        view = memoryview(buffer)
+        fd = self._fd(self.tensor_paths[name])
+        done = 0
+        while done < len(buffer):  # positional reads: no shared file offset, safe across threads
+            count = os.preadv(fd, [view[done:]], begin + done)
+            if count <= 0:
+                raise FisherInputError(
+                    "file is shorter than its header says", file=self.tensor_paths[name], tensor=name,
+                    fix="the file is truncated: copy or recompute it",
+                )
+            done += count
+        return torch.frombuffer(buffer, dtype=dtype).reshape(header.shape)
+
     def get_tensor(self, name: str, *, check: bool = True) -> torch.Tensor:
         """Load one tensor as float32 on the CPU; with `check`, refuse NaN/Inf/negative values."""
-        shard = self.tensor_paths[name]
-        with self._lock:
-            raw = self._handle(shard).get_tensor(name)
+        if _PREAD:
+            raw = self._read(name)
+        else:
+            with self._lock:
+                raw = self._handle(self.tensor_paths[name]).get_tensor(name)
         tensor = raw.to(torch.float32) if raw.dtype != torch.float32 else raw
         if check:
             check_fisher_values(tensor, file=self.path, tensor=name)
@@ -253,6 +300,15 @@ class FisherFile:
     def close(self) -> None:
         with self._lock:
             self._handles.clear()
+            fds, self._fds = self._fds, {}
+        for fd in fds.values():
+            os.close(fd)
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
 
 
 def check_fisher_values(values: torch.Tensor, *, file: Optional[str] = None, tensor: Optional[str] = None) -> None:

@@ -5,7 +5,7 @@ from mergekit_fisher.math.fisher_merge import (
     fisher_task_arithmetic,
     fisher_weighted_average,
     normalize_fisher,
-    relative_fisher,
+    fisher_element_weights,
 )
 
 __all__ = [
@@ -13,5 +13,5 @@ __all__ = [
     "fisher_task_arithmetic",
     "fisher_weighted_average",
     "normalize_fisher",
-    "relative_fisher",
+    "fisher_element_weights",
 ]

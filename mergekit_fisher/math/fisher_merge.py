@@ -7,7 +7,7 @@ first brought to a common scale (`normalize_fisher`) and then floored, so that e
 cares about fall back to the plain weighted average instead of 0/0.
 
 The task-arithmetic family (TIES, DARE, ...) keeps every mergekit convention and only replaces each
-model's scalar weight wᵢ by the per-element weight wᵢ·F̃ᵢ/mean_j(F̃ⱼ) (`relative_fisher`): with equal
+model's scalar weight wᵢ by the per-element weight wᵢ·F̃ᵢ/mean_j(F̃ⱼ) (`fisher_element_weights`): with equal
 Fishers the weights are exactly the recipe's, and `normalize: false` keeps task arithmetic's scale.
 """
 
@@ -84,16 +84,32 @@ def fisher_weighted_average(
     return numerator.div_(denominator).to(dtype)
 
 
-def relative_fisher(fishers: Sequence[torch.Tensor], *, floor: float = 0.0) -> list:
-    """(Fᵢ+floor) / meanⱼ(Fⱼ+floor) per element: per-element weight factors that average to 1.
+def fisher_element_weights(
+    fishers: Sequence[torch.Tensor],
+    weights: Sequence[float],
+    shape: Sequence[int],
+    *,
+    floor: float = 0.0,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """wᵢ·(Fᵢ+floor)/meanⱼ(Fⱼ+floor) per element, stacked to [n, *shape].
 
-    Equal Fishers give factors of exactly 1 (up to rounding), which is what makes each
-    `fisher_X` reduce to mergekit's `X`. Elements where every Fisher is 0 (no floor) get 1.
+    The factors average to 1 over the models, so equal Fishers give exactly the recipe's weights
+    (up to rounding) -- which is what makes each `fisher_X` reduce to mergekit's `X`. Elements
+    where every Fisher is 0 (and no floor) get factor 1. Built in one buffer: n+1 tensors of memory.
     """
-    floored = [f + floor for f in fishers]
-    mean = torch.stack(torch.broadcast_tensors(*floored)).mean(dim=0)
-    safe = torch.where(mean > 0, mean, torch.ones_like(mean))
-    return [torch.where(mean > 0, f / safe, torch.ones_like(safe)) for f in floored]
+    out = torch.empty((len(fishers), *shape), dtype=dtype, device=fishers[0].device)
+    for index, fisher in enumerate(fishers):
+        out[index].copy_(fisher.expand(shape))
+    out.add_(floor)
+    mean = out.mean(dim=0)
+    empty = mean <= 0
+    if bool(empty.any()):
+        out[:, empty] = 1.0
+        mean[empty] = 1.0
+    out.div_(mean)
+    scale = torch.tensor(list(weights), dtype=dtype, device=out.device)
+    return out.mul_(scale.view(-1, *([1] * len(shape))))
 
 
 def fisher_task_arithmetic(
@@ -129,10 +145,7 @@ def fisher_task_arithmetic(
         deltas[index] = delta
         del delta
 
-    factors = relative_fisher([f.to(base.dtype) for f in fishers], floor=floor)
-    element_weights = torch.stack(
-        [factor.expand(base.shape) * weight for factor, weight in zip(factors, weights)]
-    )
+    element_weights = fisher_element_weights(fishers, weights, base.shape, floor=floor, dtype=base.dtype)
     deltas.mul_(element_weights)
 
     if consensus:
