@@ -135,10 +135,9 @@ def combine_fishers(
     norm = sum(weights)
     combined = {}
     for name in files[0].names():
-        acc = None
+        acc = torch.zeros(files[0].header(name).shape, dtype=torch.float64)
         for fisher, weight in zip(files, weights):
-            term = fisher.get_tensor(name, check=True).to(torch.float64) * (weight / norm)
-            acc = term if acc is None else acc.add_(term)
+            acc.add_(fisher.get_tensor(name, check=True), alpha=weight / norm)  # float64 accumulation
         combined[name] = acc.to(torch.float32)
     return write_fisher(combined, out_abs, _merged_config(files, weights), max_shard_size=max_shard_size,
                         overwrite=overwrite)

@@ -62,19 +62,35 @@ class Summary:
 
 
 def summarize(values: torch.Tensor) -> Summary:
-    """Statistics of one tensor (any float dtype; summed in float64)."""
+    """Statistics of one tensor (any float dtype; summed in float64).
+
+    Few passes over the data: the finite subset is copied only when NaN/Inf are present, and
+    negatives are counted only when the minimum is negative.
+    """
     values = values.detach().reshape(-1)
+    numel = int(values.numel())
+    if numel == 0:
+        return Summary(tensors=1)
     finite_mask = torch.isfinite(values)
-    finite_values = values[finite_mask].to(torch.float64)
-    nfinite = int(finite_values.numel())
+    nfinite = int(finite_mask.sum())
+    finite_values = values if nfinite == numel else values[finite_mask]
+    low = high = None
+    negative = 0
+    if nfinite:
+        low_t, high_t = torch.aminmax(finite_values)
+        low, high = float(low_t), float(high_t)
+        if low < 0:
+            negative = int((finite_values < 0).sum())
+    if nfinite != numel:
+        negative += int((values == float("-inf")).sum())
     return Summary(
         tensors=1,
-        numel=int(values.numel()),
+        numel=numel,
         finite=nfinite,
-        sum=float(finite_values.sum()) if nfinite else 0.0,
-        min=float(finite_values.min()) if nfinite else None,
-        max=float(finite_values.max()) if nfinite else None,
-        zeros=int((values == 0).sum()),
-        negative=int((finite_values < 0).sum()) + int((values == float("-inf")).sum()),
-        nonfinite=int(values.numel()) - nfinite,
+        sum=float(finite_values.sum(dtype=torch.float64)) if nfinite else 0.0,
+        min=low,
+        max=high,
+        zeros=numel - int(torch.count_nonzero(values)),
+        negative=negative,
+        nonfinite=numel - nfinite,
     )
