@@ -78,3 +78,39 @@ def test_format_table_aligns_numbers_right_and_text_left():
     assert format_table(["x", "y"], [["1", "2"]], align="ll").split("\n")[2] == "1  2"
     with pytest.raises(ValueError):
         format_table(["x", "y"], [["1"]])
+
+
+def _real_names():
+    """Parameter names of real (tiny) transformers and PEFT models, not hand-written strings."""
+    import re
+
+    import tiny
+    from peft import LoraConfig, get_peft_model
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    llama = tiny.make_llama(None, hidden=16, layers=3, vocab_size=32)
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=3, n_embd=8, n_head=2, vocab_size=32, n_positions=16))
+    peft = get_peft_model(tiny.make_llama(None, hidden=16, layers=3, vocab_size=32),
+                          LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    for model, container in ((llama, "layers"), (gpt2, "h"), (peft, "layers")):
+        for name in model.state_dict():
+            match = re.search(rf"\.{container}\.(\d+)\.", name)
+            yield name, (int(match.group(1)) if match else None)
+
+
+def test_real_model_names_group_by_their_block():
+    names = list(_real_names())
+    modules_per_layer = {}
+    for name, layer in names:
+        got_layer, module = layer_and_module(name)
+        assert got_layer == layer, name
+        # the module type names no layer, no parameter leaf and no PEFT wrapper
+        assert not any(part.isdigit() for part in module.split(".")), name
+        assert not module.endswith((".weight", ".bias")) and "base_layer" not in module and "default" not in module
+        if layer is not None:
+            modules_per_layer.setdefault(name.split(".")[0], {}).setdefault(layer, set()).add(module)
+    for root, by_layer in modules_per_layer.items():  # every block has the same module types
+        assert len({frozenset(types) for types in by_layer.values()}) == 1, root
+    lora = {m for n, _ in names for m in [layer_and_module(n)[1]] if "lora" in n}
+    assert lora == {"self_attn.q_proj.lora_A", "self_attn.q_proj.lora_B", "self_attn.v_proj.lora_A",
+                    "self_attn.v_proj.lora_B"}

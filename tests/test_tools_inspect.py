@@ -185,7 +185,23 @@ def test_bad_inputs_give_one_clear_error(tmp_path, hand_file):
     assert result.exit_code == 2 and "does not exist" in result.output
     result = run("inspect", hand_file, "--model", tmp_path / "no_model")
     assert result.exit_code == 2 and "model path does not exist" in result.output
+    result = run("inspect", hand_file, "--model", "someorg/not-cached")  # tests run with HF_HUB_OFFLINE=1
+    assert result.exit_code == 2 and "model not found" in result.output and "someorg/not-cached" in result.output
     fisher_bin = tmp_path / "fisher.pt"
     torch.save({"w": torch.ones(2)}, fisher_bin)
     result = run("inspect", fisher_bin)
     assert result.exit_code == 2 and "convert" in result.output
+
+
+def test_sharded_bf16_directory(tmp_path):
+    values = {f"model.layers.{i}.mlp.up_proj.weight": torch.full((64, 64), 0.5 * (i + 1)) for i in range(4)}
+    path = tmp_path / "sharded"
+    write_fisher(values, path, FisherConfig(num_examples=3), dtype=torch.bfloat16, max_shard_size="10KB")
+    report = json.loads(run("inspect", path, "--json").output)
+    shards = [f for f in os.listdir(path) if f.endswith(".safetensors")]
+    assert report["layout"] == {"kind": "sharded directory", "files": len(shards)} and len(shards) == 4
+    rows = {r["name"]: r for r in report["rows"]}
+    for i in range(4):  # 0.5, 1.0, 1.5, 2.0 are exact in bfloat16
+        row = rows[f"model.layers.{i}.mlp.up_proj.weight"]
+        assert row["dtype"] == "BF16" and row["sum"] == 64 * 64 * 0.5 * (i + 1) and row["max"] == 0.5 * (i + 1)
+    assert report["totals"]["sum"] == 64 * 64 * 5.0 and report["config_stats_match"] is True

@@ -144,7 +144,7 @@ def combine_fishers(
 
 
 @click.command("combine")
-@click.argument("inputs", nargs=-1, required=True, type=click.Path())
+@click.argument("inputs", nargs=-1, required=True, type=click.Path(), metavar="FISHER... OUT")
 @click.option(
     "--weights", default=None,
     help="Comma-separated weight per input (e.g. example counts 1000,250) instead of each file's num_examples.",
