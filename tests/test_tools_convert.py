@@ -163,3 +163,18 @@ def test_model_and_output_problems(model, tmp_path):
     assert result.exit_code == 2 and "--overwrite" in result.output
     assert run("convert", tmp_path / "f.pt", tmp_path / "exists", "--model", path, "--overwrite").exit_code == 0
     assert sorted(open_fisher(str(tmp_path / "exists")).names()) == sorted(shapes)
+
+
+def test_renaming_a_fisher_file_keeps_its_provenance(model, tmp_path):
+    from mergekit_fisher.fisher_file import FisherConfig, write_fisher
+
+    path, shapes = model
+    values = importance(shapes, seed=3)
+    write_fisher({"_orig_mod." + n: v for n, v in values.items()}, tmp_path / "compiled",
+                 FisherConfig(fisher_type="sampled", num_examples=17, num_tokens=300, dataset_hash="h"))
+    result = run("convert", tmp_path / "compiled", tmp_path / "out.safetensors", "--model", path, "--num-examples", "20")
+    assert result.exit_code == 0, result.output
+    config = open_fisher(str(tmp_path / "out.safetensors")).config
+    # carried from the input's fisher_config.json, except what an option overrides
+    assert (config.fisher_type, config.num_tokens, config.dataset_hash, config.num_examples) == ("sampled", 300, "h", 20)
+    assert config.model_extra["renamed"]["_orig_mod.lm_head.weight"] == "lm_head.weight"

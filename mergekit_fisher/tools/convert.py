@@ -18,11 +18,14 @@ from safetensors import safe_open
 
 from mergekit_fisher.errors import FisherInputError
 from mergekit_fisher.fisher_file import FisherConfig, write_fisher
+from mergekit_fisher.fisher_file.config import CONFIG_FILENAME, HEADER_CONFIG_KEY
 from mergekit_fisher.tools.checkpoint import checkpoint_shapes
 from mergekit_fisher.tools.names import match_names
 
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 SHOW = 10  # names listed per category in the report
+# provenance kept when IN is a Fisher file of another naming scheme (options override it)
+CARRIED = ("fisher_type", "task", "num_examples", "num_tokens", "dataset", "dataset_hash", "samples_per_example", "seed")
 
 
 def _why_not_loaded(error: Exception) -> str:
@@ -69,6 +72,7 @@ class Source:
     def __init__(self, path: str):
         self.path = os.path.abspath(path)
         self.loaders: Dict[str, Callable[[], torch.Tensor]] = {}
+        self.provenance: Dict[str, object] = {}  # carried over when IN is itself a mergekit-fisher file
         if not os.path.exists(self.path):
             raise FisherInputError("input does not exist", file=self.path, fix="check the IN path")
         files = (
@@ -83,12 +87,26 @@ class Source:
             )
         for file in files:
             self._add(file)
+        config_path = os.path.join(self.path, CONFIG_FILENAME)
+        if os.path.isdir(self.path) and os.path.exists(config_path):
+            with open(config_path, encoding="utf-8") as fp:
+                self._remember(fp.read())
+
+    def _remember(self, text: str) -> None:
+        try:
+            config = FisherConfig.model_validate_json(text)
+        except ValueError:
+            return  # provenance is a courtesy here; the tensors are what is converted
+        self.provenance = {k: getattr(config, k) for k in CARRIED if getattr(config, k) is not None}
 
     def _add(self, file: str) -> None:
         if file.endswith(".safetensors"):
             try:
                 with safe_open(file, framework="pt", device="cpu") as handle:
                     names = list(handle.keys())
+                    metadata = handle.metadata() or {}
+                if HEADER_CONFIG_KEY in metadata:
+                    self._remember(metadata[HEADER_CONFIG_KEY])
             except Exception as error:
                 raise FisherInputError(f"not a valid safetensors file ({error})", file=file,
                                        fix="re-download or re-export it") from None
@@ -183,9 +201,10 @@ def convert(
     tensors = {}
     for name, target in match.mapping.items():
         tensors[target] = _checked(source.get(name), name, target, model_shapes[target], source.path)
+    overrides = {"fisher_type": fisher_type, "num_examples": num_examples}
     config = FisherConfig(
-        model=model, space="dense", fisher_type=fisher_type, num_examples=num_examples,
-        converted_from=source.path,
+        **{**source.provenance, **{k: v for k, v in overrides.items() if v is not None}},
+        model=model, space="dense", converted_from=source.path,
         renamed=match.renamed or None,
     )
     write_fisher(tensors, out_abs, config, max_shard_size=max_shard_size, overwrite=overwrite)
