@@ -171,32 +171,44 @@ def _ids(tokenizer, text: str, *, special: bool) -> List[int]:
 
 
 def _chat_example(tokenizer, messages, where: str) -> Tuple[List[int], List[int]]:
-    """Render with the chat template; label only the tokens each assistant turn adds."""
+    """Render with the chat template; label the tokens that overlap an assistant turn's characters.
+
+    Character spans (not token prefixes) make this robust to BPE merges across the turn boundary.
+    """
+    file = where.rsplit(":", 1)[0]
     if not getattr(tokenizer, "chat_template", None):
         raise FisherInputError(
-            f"{where}: chat `messages` need a tokenizer with a chat template", file=where.rsplit(":", 1)[0],
+            f"{where}: chat `messages` need a tokenizer with a chat template", file=file,
             fix="use a tokenizer that defines chat_template, or convert the rows to prompt/completion",
         )
+    if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m for m in messages):
+        raise FisherInputError(f"{where}: `messages` must be a list of {{role, content}} objects", file=file,
+                               fix='write messages as [{"role": "user", "content": "..."}, ...]')
 
-    def render(turns, generation_prompt: bool) -> List[int]:
-        out = tokenizer.apply_chat_template(turns, tokenize=True, add_generation_prompt=generation_prompt)
-        if isinstance(out, dict) or hasattr(out, "keys"):
-            out = out["input_ids"]
-        return list(out)
+    def render(turns, generation_prompt: bool) -> str:
+        return tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=generation_prompt)
 
-    ids = render(messages, False)
-    labels = [IGNORE] * len(ids)
+    text = render(messages, False)
+    spans = []
     for i, message in enumerate(messages):
         if message.get("role") != "assistant":
             continue
         start = len(render(messages[:i], True)) if i else 0
-        stop = len(render(messages[: i + 1], False))
-        if ids[:stop] != render(messages[: i + 1], False)[:stop]:
+        upto = render(messages[: i + 1], False)
+        if not text.startswith(upto) or (i and not text.startswith(render(messages[:i], True))):
             raise FisherInputError(
-                f"{where}: the chat template does not render conversation prefixes consistently",
-                file=where.rsplit(":", 1)[0], fix="convert the rows to prompt/completion",
+                f"{where}: the chat template does not render conversation prefixes consistently", file=file,
+                fix="convert the rows to prompt/completion",
             )
-        for t in range(start, min(stop, len(ids))):
+        spans.append((start, len(upto)))
+    if not getattr(tokenizer, "is_fast", False):
+        raise FisherInputError(f"{where}: chat masking needs a fast tokenizer (character offsets)", file=file,
+                               fix="use the model's tokenizer.json (fast tokenizer), or prompt/completion rows")
+    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids = list(encoded["input_ids"])
+    labels = [IGNORE] * len(ids)
+    for t, (begin, end) in enumerate(encoded["offset_mapping"]):
+        if any(begin < stop and end > start for start, stop in spans):
             labels[t] = ids[t]
     return ids, labels
 

@@ -74,10 +74,7 @@ class FisherEngine:
             for j, (targets, weights) in enumerate(passes):
                 values = self.loglik(logits, targets)
                 if not bool(torch.isfinite(values).all()):
-                    raise FisherInputError(
-                        "non-finite log-likelihood (NaN/Inf logits)", model=self.model_name,
-                        fix="check the model weights; try --dtype float32",
-                    )
+                    raise self._non_finite_error()
                 with torch.enable_grad():
                     capture.backward(-values.sum(), weights, retain_graph=j < len(passes) - 1)
             capture.release()
@@ -92,6 +89,16 @@ class FisherEngine:
         self.num_examples += len(batch.indices)
         self.num_tokens += tokens
         return tokens
+
+    def _non_finite_error(self) -> FisherInputError:
+        bad = next((name for name, p in self.model.named_parameters() if not bool(torch.isfinite(p).all())), None)
+        if bad is not None:
+            return FisherInputError("the model has non-finite (NaN/Inf) weights, so its gradients are not finite",
+                                    model=self.model_name, tensor=bad, fix="repair or re-download the checkpoint")
+        return FisherInputError(
+            "non-finite log-likelihood (NaN/Inf logits) on finite weights", model=self.model_name,
+            fix="use --dtype float32 (half precision overflows), or check the data for extreme inputs",
+        )
 
     def fisher(self) -> Dict[str, torch.Tensor]:
         """This engine's own mean (single process use: tests, bench)."""

@@ -93,8 +93,14 @@ def cls_passes(
         return [
             (torch.full_like(labels, c), probs[:, c].clone()) for c in range(classes)
         ]
-    passes = []
+    # K draws of one example only ever hit C distinct classes, and every draw of class c gives the same
+    # squared gradient: one pass per drawn class with weight (count of c) / K equals K passes, exactly.
+    counts = torch.zeros(batch, classes, dtype=torch.float64, device=logits.device)
     for k in range(samples):
         u = torch.stack([_uniforms(seed, index, k, 1)[0] for index in indices])
-        passes.append((_inverse_cdf(probs, u).to(labels.dtype), ones / samples))
-    return passes
+        drawn = _inverse_cdf(probs, u)
+        counts[torch.arange(batch, device=logits.device), drawn] += 1
+    return [
+        (torch.full_like(labels, c), counts[:, c] / samples)
+        for c in range(classes) if bool(counts[:, c].any())
+    ]
