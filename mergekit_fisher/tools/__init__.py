@@ -8,5 +8,5 @@ Module map (small, one job each):
 * `checkpoint` -- tensor names and shapes of a model checkpoint, from safetensors headers only.
 * `stats`      -- per-tensor summary statistics and their aggregation into groups.
 * `names`      -- mapping foreign tensor names (``module.``, PEFT, ``_orig_mod.``) onto checkpoint names.
-* `inspect`, `combine`, `convert` -- the click commands.
+* `inspect`, `combine`, `convert`, `explain` -- the click commands.
 """

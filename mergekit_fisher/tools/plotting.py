@@ -7,7 +7,7 @@ without it, a FisherInputError says to ``pip install 'mergekit-fisher[plot]'``.
 from __future__ import annotations
 
 import os
-from typing import Dict, Mapping, Optional, Sequence, Tuple
+from typing import Mapping, Optional, Sequence, Tuple
 
 from mergekit_fisher.errors import FisherInputError
 
