@@ -128,8 +128,11 @@ def evaluate_models(
     in `stream` are single long texts cut into consecutive `max_length`-token windows.
     """
     from tqdm.auto import tqdm
+    from transformers.utils import logging as transformers_logging
 
     from mergekit_fisher.demo.tokenizer import collate, encode_examples, encode_stream
+
+    transformers_logging.disable_progress_bar()  # one bar per model, not one per weight file
 
     device = resolve_device(device)
     results: Results = {}
