@@ -153,3 +153,41 @@ def test_vocabulary_rows_follow_the_tokenizer_merge(tmp_path):
         assert checked == len(specials) + len(words)
         # a token only one model has keeps that model's row (mergekit copies it to every input)
         torch.testing.assert_close(merged[name][out_vocab["only_b"]], states["b"][name][ids["b"]["only_b"]])
+
+
+def test_lora_adapters_as_base_plus_adapter_references(tmp_path, tokenizer_dir):
+    """`base+adapter` models, merged by mergekit with --lora-merge-cache; Fisher under the base's names."""
+    from peft import LoraConfig, get_peft_model
+
+    base_dir = str(tmp_path / "base")
+    base = tiny.make_llama(base_dir, seed=0, tokenizer_dir=tokenizer_dir)
+    adapters, dense_states, values, fishers = [], [], [], []
+    for index in range(2):
+        torch.manual_seed(10 + index)
+        peft_model = get_peft_model(
+            tiny.make_llama(seed=0),
+            LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False),
+        )
+        adapter_dir = str(tmp_path / f"adapter{index}")
+        peft_model.save_pretrained(adapter_dir)
+        dense = {k: v.detach().clone() for k, v in peft_model.merge_and_unload().state_dict().items()}
+        dense_states.append(dense)
+        values.append(wide_fisher(tiny.state_dict_from_dir(base_dir), seed=90 + index))
+        fishers.append(str(tmp_path / f"fisher{index}"))
+        write_fisher(values[-1], fishers[-1], FisherConfig(model=base_dir, adapter=adapter_dir))
+        adapters.append(adapter_dir)
+    recipe = {
+        "merge_method": "fisher",
+        "dtype": "float32",
+        "models": [
+            {"model": f"{base_dir}+{adapter}", "parameters": {"fisher": fisher}}
+            for adapter, fisher in zip(adapters, fishers)
+        ],
+    }
+    merged = run_recipe(recipe, str(tmp_path / "out"), lora_merge_cache=str(tmp_path / "cache"))
+    norm = [normalized_reference(v, "mean") for v in values]
+    name = "model.layers.1.self_attn.q_proj.weight"
+    assert not torch.allclose(dense_states[0][name], base.state_dict()[name])  # the adapters do change it
+    for name in (name, "model.layers.0.self_attn.v_proj.weight", "model.layers.0.mlp.up_proj.weight"):
+        expected = fisher_average([s[name] for s in dense_states], [n[name] for n in norm], [1.0, 1.0], 1e-6)
+        torch.testing.assert_close(merged[name].double(), expected, rtol=2e-5, atol=1e-6, msg=name)
