@@ -7,6 +7,7 @@ the finite elements only, so one bad value does not hide the rest of the picture
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -64,16 +65,23 @@ class Summary:
 def summarize(values: torch.Tensor) -> Summary:
     """Statistics of one tensor (any float dtype; summed in float64).
 
-    Few passes over the data: the finite subset is copied only when NaN/Inf are present, and
-    negatives are counted only when the minimum is negative.
+    Three passes over the data in the common case (sum, min/max, zeros): the finite subset is
+    found and copied only when NaN/Inf are present, negatives counted only when the minimum is < 0.
     """
     values = values.detach().reshape(-1)
     numel = int(values.numel())
     if numel == 0:
         return Summary(tensors=1)
-    finite_mask = torch.isfinite(values)
-    nfinite = int(finite_mask.sum())
-    finite_values = values if nfinite == numel else values[finite_mask]
+    total = float(values.sum(dtype=torch.float64))
+    if math.isfinite(total):
+        # a float64 sum of float32/bf16 values cannot overflow, so a finite sum means every value
+        # is finite: the common case skips the isfinite pass and its mask
+        nfinite, finite_values = numel, values
+    else:
+        finite_mask = torch.isfinite(values)
+        nfinite = int(finite_mask.sum())
+        finite_values = values[finite_mask]
+        total = float(finite_values.sum(dtype=torch.float64)) if nfinite else 0.0
     low = high = None
     negative = 0
     if nfinite:
@@ -87,7 +95,7 @@ def summarize(values: torch.Tensor) -> Summary:
         tensors=1,
         numel=numel,
         finite=nfinite,
-        sum=float(finite_values.sum(dtype=torch.float64)) if nfinite else 0.0,
+        sum=total,
         min=low,
         max=high,
         zeros=numel - int(torch.count_nonzero(values)),
