@@ -144,6 +144,8 @@ def _provenance_lines(report: dict) -> List[str]:
             value = config[key]
             if not isinstance(value, str):
                 value = json.dumps(value)
+                if len(value) > 100 and isinstance(config[key], (dict, list)):  # e.g. convert's rename map
+                    value = f"{len(config[key])} entries (see --json)"
             lines.append(f"{key + ':':<13} {value}")
     totals = report["totals"]
     lines.append(
