@@ -205,3 +205,21 @@ def test_sharded_bf16_directory(tmp_path):
         row = rows[f"model.layers.{i}.mlp.up_proj.weight"]
         assert row["dtype"] == "BF16" and row["sum"] == 64 * 64 * 0.5 * (i + 1) and row["max"] == 0.5 * (i + 1)
     assert report["totals"]["sum"] == 64 * 64 * 5.0 and report["config_stats_match"] is True
+
+
+def test_adapter_space_coverage_against_the_adapter(tiny_model, tmp_path):
+    from peft import LoraConfig, get_peft_model
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    peft = get_peft_model(AutoModelForCausalLM.from_pretrained(str(tiny_model)),
+                          LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    adapter = tmp_path / "adapter"
+    peft.save_pretrained(str(adapter))
+    names = load_file(str(adapter / "adapter_model.safetensors"))
+    path = tmp_path / "fa.safetensors"
+    write_fisher({n: t.float().square() for n, t in names.items()}, path, FisherConfig(space="adapter"))
+    cov = json.loads(run("inspect", path, "--model", adapter, "--json").output)["coverage"]
+    assert cov["covered"] == cov["model_tensors"] == len(names) == 4 and "note" not in cov
+    cov = json.loads(run("inspect", path, "--model", tiny_model, "--json").output)["coverage"]
+    assert cov["covered"] == 0 and sorted(cov["extra"]) == sorted(names) and "adapter directory" in cov["note"]

@@ -122,9 +122,11 @@ def build_report(path: str, model: Optional[str], by: str) -> dict:
     if model is not None:
         fisher_shapes = {name: fisher.header(name).shape for name in fisher.names()}
         report["coverage"] = {"model": model, **coverage(fisher_shapes, checkpoint_shapes(model))}
-        if fisher.config is not None and fisher.config.space == "adapter":
-            report["coverage"]["note"] = (
-                "adapter-space Fisher (lora_A/lora_B names): compare it with the adapter, not the base checkpoint"
+        cov = report["coverage"]
+        if fisher.config is not None and fisher.config.space == "adapter" and (cov["missing"] or cov["extra"]):
+            cov["note"] = (
+                "adapter-space Fisher (lora_A/lora_B names): pass the adapter directory as --model, "
+                "not the base checkpoint"
             )
     return _clean(report)
 
@@ -215,7 +217,8 @@ def has_problems(report: dict) -> bool:
 
 @click.command("inspect")
 @click.argument("fisher", type=click.Path(exists=False))
-@click.option("--model", default=None, help="Model checkpoint (directory or .safetensors) to check coverage against.")
+@click.option("--model", default=None, help="Checkpoint (directory or .safetensors; a PEFT adapter directory for adapter-space "
+              "Fisher files) to check coverage against.")
 @click.option(
     "--by", type=click.Choice(["tensor", "layer", "module"]), default="tensor", show_default=True,
     help="One row per tensor, per layer, or per module type (summed across layers).",
