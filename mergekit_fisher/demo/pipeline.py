@@ -26,6 +26,7 @@ from typing import Callable, Dict, List, Sequence, Tuple
 
 import click
 
+from mergekit_fisher.demo.evaluate import format_table
 from mergekit_fisher.errors import FisherInputError
 
 OUTPUTS = ("data", "tokenizer", "models", "fisher", "recipes", "merges", "results.json", "results.md", "chart.png")
@@ -345,8 +346,7 @@ def fisher_verdict(results: dict) -> List[str]:
 
 def run_demo(workdir: str, settings: DemoSettings, *, overwrite: bool = False, echo=click.echo) -> dict:
     """All five stages; returns what results.json holds."""
-    from mergekit_fisher.demo.evaluate import evaluate_models, format_table
-    from mergekit_fisher.demo.recipes import MERGE_METHODS
+    import torch
 
     workdir = os.path.abspath(workdir)
     check_settings(workdir, settings, overwrite)
@@ -354,10 +354,28 @@ def run_demo(workdir: str, settings: DemoSettings, *, overwrite: bool = False, e
     if overwrite:
         clear_outputs(workdir)
     os.makedirs(workdir, exist_ok=True)
-    log = StageLog(echo=echo)
-    import torch
-
+    threads_before = torch.get_num_threads()
     torch.set_num_threads(settings.threads)
+    try:
+        report = _run_stages(workdir, settings, StageLog(echo=echo))
+    finally:
+        torch.set_num_threads(threads_before)  # a calling process (tests, notebooks) keeps its own setting
+    results = report["results"]
+    echo("")
+    echo(format_table(results))
+    echo("")
+    for line in report["fisher_vs_plain"]:
+        echo(line)
+    echo(f"\nall outputs in {workdir} ({report['timings_s']['total']:.0f}s)")
+    if not all(math.isfinite(cell["loss"]) for row in results.values() for cell in row.values()):
+        raise click.ClickException("some held-out losses are not finite; see results.json")
+    return report
+
+
+def _run_stages(workdir: str, settings: DemoSettings, log: StageLog) -> dict:
+    from mergekit_fisher.demo.evaluate import evaluate_models
+    from mergekit_fisher.demo.recipes import MERGE_METHODS
+
     started = time.perf_counter()
     with log.stage(1, 5, f"pre-train a tiny Llama on {' + '.join(settings.domains)}, fine-tune one specialist each"):
         built = build_models(workdir, settings, log)
@@ -375,30 +393,22 @@ def run_demo(workdir: str, settings: DemoSettings, *, overwrite: bool = False, e
                                   batch_size=settings.batch_size, device=settings.device)
     with log.stage(5, 5, "write results.json, results.md" + (", chart.png" if settings.plot else "")):
         verdict = fisher_verdict(results)
-        table = format_table(results, markdown=True)
-        report = {
-            "settings": asdict(settings),
-            "results": results,
-            "fisher_vs_plain": verdict,
-            "train_loss_last": {name: values[-1] for name, values in built["losses"].items()},
-            "recipes": recipes,
-            "timings_s": log.timings,
-        }
-        chart = os.path.join(workdir, "chart.png")
         if settings.plot:
-            plot_chart(results, chart, f"held-out loss per domain (seed {settings.seed})")
+            plot_chart(results, os.path.join(workdir, "chart.png"), f"held-out loss per domain (seed {settings.seed})")
         with open(os.path.join(workdir, "results.md"), "w", encoding="utf-8") as fp:
             fp.write("Held-out loss in nats/token (perplexity), lower is better.\n\n")
-            fp.write(table + "\n\n" + "\n".join(f"- {line}" for line in verdict) + "\n")
-    report["timings_s"]["total"] = round(time.perf_counter() - started, 2)
+            fp.write(format_table(results, markdown=True) + "\n\n" + "\n".join(f"- {line}" for line in verdict) + "\n")
+    report = {
+        "settings": asdict(settings),
+        "results": results,
+        "fisher_vs_plain": verdict,
+        "train_loss_last": {name: values[-1] for name, values in built["losses"].items()},
+        "models": models,
+        "fishers": fishers,
+        "recipes": recipes,
+        "merges": merges,
+        "timings_s": dict(log.timings, total=round(time.perf_counter() - started, 2)),
+    }
     with open(os.path.join(workdir, "results.json"), "w", encoding="utf-8") as fp:
         json.dump(report, fp, indent=2)
-    echo("")
-    echo(format_table(results))
-    echo("")
-    for line in verdict:
-        echo(line)
-    echo(f"\nall outputs in {workdir} ({report['timings_s']['total']:.0f}s)")
-    if not all(math.isfinite(cell["loss"]) for row in results.values() for cell in row.values()):
-        raise click.ClickException("some held-out losses are not finite; see results.json")
     return report
