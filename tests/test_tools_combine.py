@@ -84,7 +84,9 @@ def test_explicit_weights_when_num_examples_missing(tmp_path):
         ({"w": torch.ones(2), "v": torch.ones(3)}, "tensor v"),
         ({"u": torch.ones(2)}, "missing here [Fisher file"),  # w is missing from b
         ({"w": torch.ones(3)}, "shape (3,) here but (2,)"),
-        ({"w": torch.tensor([1.0, -1.0])}, "negative"),
+        ({"w": torch.tensor([1.0, -1.0])}, "1 negative Fisher value(s)"),
+        ({"w": torch.tensor([float("nan"), 1.0])}, "1 non-finite (NaN/Inf) Fisher value(s)"),
+        ({"w": torch.tensor([float("inf"), -float("inf")])}, "2 non-finite (NaN/Inf) Fisher value(s)"),
     ],
 )
 def test_incompatible_inputs_are_refused_and_nothing_is_written(tmp_path, second, message):
