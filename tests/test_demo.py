@@ -236,3 +236,38 @@ def test_demo_report_files(demo_run):
     image = matplotlib.image.imread(os.path.join(workdir, "chart.png"))
     assert image.ndim == 3 and image.shape[0] > 200 and image.shape[1] > 400
     assert image[..., :3].std() > 0.05  # bars, not a blank canvas
+
+
+def test_stage_one_is_reproducible_from_its_seed(tmp_path):
+    from mergekit_fisher.demo.pipeline import StageLog, build_models, tiny_settings
+
+    settings = tiny_settings(pretrain_steps=5, finetune_steps=5)
+    quiet = StageLog(echo=lambda line: None)
+    first = build_models(str(tmp_path / "one"), settings, quiet)
+    second = build_models(str(tmp_path / "two"), settings, quiet)
+    other = build_models(str(tmp_path / "other"), tiny_settings(pretrain_steps=5, finetune_steps=5, seed=1), quiet)
+    assert first["losses"] == second["losses"]
+    for name in ("base", "docs", "asyncio"):
+        one = tiny.state_dict_from_dir(first["paths"][name])
+        two = tiny.state_dict_from_dir(second["paths"][name])
+        assert all(torch.equal(one[key], two[key]) for key in one)
+    base, base_other = (tiny.state_dict_from_dir(run["paths"]["base"]) for run in (first, other))
+    assert any(not torch.equal(base[key], base_other[key]) for key in base)
+    # the specialists moved away from the base, each its own way
+    docs, code = (tiny.state_dict_from_dir(first["paths"][name]) for name in ("docs", "asyncio"))
+    assert any(not torch.equal(docs[key], base[key]) for key in base)
+    assert any(not torch.equal(docs[key], code[key]) for key in base)
+
+
+def test_overwrite_clears_only_demo_outputs(tmp_path):
+    from mergekit_fisher.demo.pipeline import OUTPUTS, clear_outputs
+
+    for name in OUTPUTS:
+        if "." in name:
+            (tmp_path / name).write_text("old", encoding="utf-8")
+        else:
+            (tmp_path / name / "inner").mkdir(parents=True)
+    (tmp_path / "notes.txt").write_text("mine", encoding="utf-8")
+    (tmp_path / "mine").mkdir()
+    clear_outputs(str(tmp_path))
+    assert sorted(os.listdir(tmp_path)) == ["mine", "notes.txt"]

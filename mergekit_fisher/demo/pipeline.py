@@ -40,7 +40,7 @@ class DemoSettings:
     domains: Tuple[str, ...] = ("docs", "asyncio")
     # data
     chunk_chars: int = 400
-    train_examples: int = 400
+    train_examples: int = 800
     heldout_examples: int = 64
     # model and training
     vocab_size: int = 1024
@@ -48,7 +48,7 @@ class DemoSettings:
     layers: int = 2
     max_length: int = 128
     batch_size: int = 16
-    pretrain_steps: int = 400
+    pretrain_steps: int = 500
     finetune_steps: int = 200
     pretrain_lr: float = 3e-3
     finetune_lr: float = 1e-3
@@ -168,17 +168,20 @@ def clear_outputs(workdir: str) -> None:
 # --- subprocesses: the real command lines ------------------------------------------------------
 
 
-def child_env(threads: int) -> Dict[str, str]:
+def child_env(settings: DemoSettings) -> Dict[str, str]:
     env = dict(os.environ)
     env.setdefault("HF_HUB_OFFLINE", "1")
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
-    env["OMP_NUM_THREADS"] = str(threads)  # torch's intra-op threads in each child
+    env["OMP_NUM_THREADS"] = str(settings.threads)  # torch's intra-op threads in each child
+    if settings.device == "cpu":
+        # `compute` takes a GPU whenever it sees one; --device cpu means every stage on the CPU
+        env["CUDA_VISIBLE_DEVICES"] = ""
     return env
 
 
 def run_commands(commands: Dict[str, List[str]], settings: DemoSettings, log: StageLog) -> None:
     """Run named commands, `settings.jobs` at a time; on a failure show its output's tail and stop."""
-    env = child_env(settings.threads)
+    env = child_env(settings)
     jobs = settings.jobs
 
     def run_one(item):
@@ -348,8 +351,11 @@ def run_demo(workdir: str, settings: DemoSettings, *, overwrite: bool = False, e
     """All five stages; returns what results.json holds."""
     import torch
 
+    from mergekit_fisher.demo.evaluate import resolve_device
+
     workdir = os.path.abspath(workdir)
     check_settings(workdir, settings, overwrite)
+    settings = replace(settings, device=resolve_device(settings.device))  # "auto" -> cpu | cuda
     mergekit_yaml_executable()
     if overwrite:
         clear_outputs(workdir)
