@@ -1,7 +1,11 @@
-"""Writing Fisher files (format v1), atomically.
+"""Writing Fisher files (format v1): incrementally, atomically.
 
-The output is assembled in a temporary sibling directory and renamed into place at the end, so a
-killed run never leaves something that looks like a complete Fisher file.
+`FisherWriter` takes tensors one at a time and flushes a shard whenever the next tensor would push
+it past `max_shard_size`, so at most one shard is held in memory (combining or converting a 7B
+model's Fisher does not need 28 GB of RAM). Everything is written into a temporary sibling and
+renamed into place at the end: a killed run never leaves something that looks like a complete
+Fisher file. The global sum / sum of squares for `fisher_config.json` are accumulated on the way,
+in float64, from the values as stored.
 """
 
 from __future__ import annotations
@@ -11,10 +15,10 @@ import json
 import os
 import shutil
 import tempfile
-from typing import Mapping, Optional, Union
+from typing import Dict, List, Mapping, Optional, Union
 
 import torch
-from huggingface_hub import split_torch_state_dict_into_shards
+from huggingface_hub.serialization._base import parse_size_to_int
 from safetensors.torch import save_file
 
 from mergekit_fisher import __version__
@@ -23,7 +27,7 @@ from mergekit_fisher.fisher_file.config import (
     CONFIG_FILENAME,
     HEADER_CONFIG_KEY,
     INDEX_FILENAME,
-    SHARD_PATTERN,
+    SINGLE_FILENAME,
     FisherConfig,
 )
 
@@ -41,28 +45,150 @@ def _publish_mode(path: str, mode: int) -> None:
     os.chmod(path, mode & ~_umask())
 
 
-def _finalize_config(tensors: Mapping[str, torch.Tensor], config: FisherConfig) -> FisherConfig:
-    total = 0.0
-    total_sq = 0.0
-    count = 0
-    dtypes = set()
-    for tensor in tensors.values():
-        as64 = tensor.detach().to(torch.float64)
-        total += float(as64.sum())
-        total_sq += float(as64.square().sum())
-        count += tensor.numel()
-        dtypes.add(str(tensor.dtype).replace("torch.", ""))
-    return config.model_copy(
-        update={
-            "sum": total,
-            "sum_sq": total_sq,
-            "num_elements": count,
-            "dtype": ",".join(sorted(dtypes)) or None,
-            "tool_version": config.tool_version or f"mergekit-fisher {__version__}",
-            "created": config.created
-            or datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        }
-    )
+def shard_name(index: int, count: int) -> str:
+    """HF-style shard names: fisher-00001-of-00003.safetensors."""
+    return f"fisher-{index:05d}-of-{count:05d}.safetensors"
+
+
+class FisherWriter:
+    """Add Fisher tensors one by one; `close()` publishes the file and returns its final config.
+
+    `out_path` ending in ``.safetensors`` gives one standalone file with the config in its header
+    (all tensors are held until `close`); anything else is a directory with ``fisher.safetensors``
+    or shards + ``fisher.safetensors.index.json``, and ``fisher_config.json``.
+    Use as a context manager: an exception inside the block discards everything written.
+    """
+
+    def __init__(
+        self,
+        out_path: Union[str, os.PathLike],
+        config: Optional[FisherConfig] = None,
+        *,
+        dtype: torch.dtype = torch.float32,
+        max_shard_size: Union[int, str] = DEFAULT_MAX_SHARD_SIZE,
+        overwrite: bool = False,
+    ):
+        self.out_path = os.path.abspath(os.fspath(out_path))
+        if os.path.exists(self.out_path) and not overwrite:
+            raise FisherInputError(
+                "output already exists", file=self.out_path, fix="choose another path or pass --overwrite"
+            )
+        self.config = config or FisherConfig()
+        self.dtype = dtype
+        self.max_shard_size = parse_size_to_int(max_shard_size) if isinstance(max_shard_size, str) else int(max_shard_size)
+        self.single_file = self.out_path.endswith(".safetensors")
+        parent = os.path.dirname(self.out_path) or "."
+        os.makedirs(parent, exist_ok=True)
+        self._tmp_dir = tempfile.mkdtemp(prefix=f".{os.path.basename(self.out_path)}.tmp-", dir=parent)
+        self._pending: Dict[str, torch.Tensor] = {}
+        self._pending_bytes = 0
+        self._shards: List[Dict[str, str]] = []  # per flushed shard: its temp file and tensor names
+        self._names: set = set()
+        self._sum = 0.0
+        self._sum_sq = 0.0
+        self._count = 0
+        self._total_bytes = 0
+        self._closed = False
+
+    # ------------------------------------------------------------------ adding
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        if name in self._names:
+            raise ValueError(f"tensor {name!r} added twice")
+        stored = tensor.detach().to(device="cpu", dtype=self.dtype).contiguous()
+        # float64 accumulation without a float64 copy of the tensor
+        self._sum += float(stored.sum(dtype=torch.float64))
+        self._sum_sq += float(torch.linalg.vector_norm(stored, dtype=torch.float64)) ** 2
+        self._count += stored.numel()
+        size = stored.numel() * stored.element_size()
+        self._total_bytes += size
+        if not self.single_file and self._pending and self._pending_bytes + size > self.max_shard_size:
+            self._flush()
+        self._names.add(name)
+        self._pending[name] = stored
+        self._pending_bytes += size
+
+    def _flush(self) -> None:
+        path = os.path.join(self._tmp_dir, f"part-{len(self._shards):05d}.safetensors")
+        save_file(self._pending, path, metadata={"format": "pt"})
+        self._shards.append({"path": path, "names": list(self._pending)})
+        self._pending = {}
+        self._pending_bytes = 0
+
+    # ------------------------------------------------------------------ closing
+    def final_config(self) -> FisherConfig:
+        return self.config.model_copy(
+            update={
+                "sum": self._sum,
+                "sum_sq": self._sum_sq,
+                "num_elements": self._count,
+                "dtype": str(self.dtype).replace("torch.", ""),
+                "tool_version": self.config.tool_version or f"mergekit-fisher {__version__}",
+                "created": self.config.created
+                or datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            }
+        )
+
+    def close(self) -> FisherConfig:
+        if self._closed:
+            raise RuntimeError("FisherWriter already closed")
+        self._closed = True
+        config = self.final_config()
+        config_json = config.model_dump_json(indent=2, exclude_none=True)
+        try:
+            if self.single_file:
+                staged = os.path.join(self._tmp_dir, SINGLE_FILENAME)
+                save_file(self._pending, staged, metadata={HEADER_CONFIG_KEY: config_json, "format": "pt"})
+                _publish_mode(staged, 0o666)
+                self._replace(staged)
+            else:
+                if self._pending or not self._shards:
+                    self._flush()
+                self._name_shards()
+                with open(os.path.join(self._tmp_dir, CONFIG_FILENAME), "w", encoding="utf-8") as fp:
+                    fp.write(config_json + "\n")
+                _publish_mode(self._tmp_dir, 0o777)
+                self._replace(self._tmp_dir)
+        finally:
+            self._pending = {}
+            if os.path.exists(self._tmp_dir):
+                shutil.rmtree(self._tmp_dir, ignore_errors=True)
+        return config
+
+    def _name_shards(self) -> None:
+        count = len(self._shards)
+        if count == 1:
+            os.rename(self._shards[0]["path"], os.path.join(self._tmp_dir, SINGLE_FILENAME))
+            return
+        weight_map = {}
+        for index, shard in enumerate(self._shards, start=1):
+            name = shard_name(index, count)
+            os.rename(shard["path"], os.path.join(self._tmp_dir, name))
+            weight_map.update({tensor: name for tensor in shard["names"]})
+        index = {"metadata": {"total_size": self._total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
+        with open(os.path.join(self._tmp_dir, INDEX_FILENAME), "w", encoding="utf-8") as fp:
+            json.dump(index, fp, indent=2)
+
+    def _replace(self, staged: str) -> None:
+        # overwrite=True: the old output is swapped out only once the new one is complete
+        if os.path.isdir(self.out_path):
+            shutil.rmtree(self.out_path)
+        elif os.path.exists(self.out_path):
+            os.remove(self.out_path)
+        os.rename(staged, self.out_path)
+
+    def abort(self) -> None:
+        self._closed = True
+        self._pending = {}
+        shutil.rmtree(self._tmp_dir, ignore_errors=True)
+
+    def __enter__(self) -> "FisherWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            self.abort()
+        elif not self._closed:
+            self.close()
 
 
 def write_fisher(
@@ -74,59 +200,12 @@ def write_fisher(
     max_shard_size: Union[int, str] = DEFAULT_MAX_SHARD_SIZE,
     overwrite: bool = False,
 ) -> FisherConfig:
-    """Write `tensors` (checkpoint names -> Fisher values) and return the final config.
-
-    `out_path` ending in ``.safetensors`` gives a standalone file with the config in its header;
-    anything else is a directory (``fisher.safetensors`` or shards + index, and ``fisher_config.json``).
-    The global sum / sum of squares are computed here, in float64, from the values as stored.
-    """
-    out_path = os.path.abspath(os.fspath(out_path))
-    if os.path.exists(out_path) and not overwrite:
-        raise FisherInputError(
-            "output already exists", file=out_path, fix="choose another path or pass --overwrite"
-        )
-    stored = {}
-    for name, tensor in tensors.items():
-        stored[name] = tensor.detach().to(device="cpu", dtype=dtype).contiguous()
-    config = _finalize_config(stored, config or FisherConfig())
-    config_json = config.model_dump_json(indent=2, exclude_none=True)
-
-    parent = os.path.dirname(out_path) or "."
-    os.makedirs(parent, exist_ok=True)
-    if out_path.endswith(".safetensors"):
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=parent)
-        os.close(fd)
-        try:
-            save_file(stored, tmp, metadata={HEADER_CONFIG_KEY: config_json, "format": "pt"})
-            _publish_mode(tmp, 0o666)
-            os.replace(tmp, out_path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-        return config
-
-    tmp_dir = tempfile.mkdtemp(prefix=f".{os.path.basename(out_path)}.tmp-", dir=parent)
+    """Write a whole mapping (checkpoint names -> Fisher values) at once; see `FisherWriter`."""
+    writer = FisherWriter(out_path, config, dtype=dtype, max_shard_size=max_shard_size, overwrite=overwrite)
     try:
-        split = split_torch_state_dict_into_shards(
-            stored, filename_pattern=SHARD_PATTERN, max_shard_size=max_shard_size
-        )
-        for filename, names in split.filename_to_tensors.items():
-            save_file(
-                {name: stored[name] for name in names},
-                os.path.join(tmp_dir, filename),
-                metadata={"format": "pt"},
-            )
-        if split.is_sharded:
-            index = {"metadata": {**split.metadata}, "weight_map": split.tensor_to_filename}
-            with open(os.path.join(tmp_dir, INDEX_FILENAME), "w", encoding="utf-8") as fp:
-                json.dump(index, fp, indent=2, sort_keys=True)
-        with open(os.path.join(tmp_dir, CONFIG_FILENAME), "w", encoding="utf-8") as fp:
-            fp.write(config_json + "\n")
-        if os.path.exists(out_path):  # overwrite=True: swap in only once the new one is complete
-            shutil.rmtree(out_path) if os.path.isdir(out_path) else os.remove(out_path)
-        _publish_mode(tmp_dir, 0o777)
-        os.rename(tmp_dir, out_path)
-    finally:
-        if os.path.exists(tmp_dir):
-            shutil.rmtree(tmp_dir, ignore_errors=True)
-    return config
+        for name, tensor in tensors.items():
+            writer.add(name, tensor)
+    except BaseException:
+        writer.abort()
+        raise
+    return writer.close()
