@@ -89,6 +89,7 @@ class FisherWriter:
         self._count = 0
         self._total_bytes = 0
         self._closed = False
+        self.written: Optional[FisherConfig] = None  # the final config, once closed
 
     # ------------------------------------------------------------------ adding
     def add(self, name: str, tensor: torch.Tensor) -> None:
@@ -152,6 +153,7 @@ class FisherWriter:
             self._pending = {}
             if os.path.exists(self._tmp_dir):
                 shutil.rmtree(self._tmp_dir, ignore_errors=True)
+        self.written = config
         return config
 
     def _name_shards(self) -> None:

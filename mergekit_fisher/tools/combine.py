@@ -8,7 +8,6 @@ Inputs are read one tensor at a time and accumulated in float64; the output is f
 
 from __future__ import annotations
 
-import math
 import os
 from typing import List, Optional, Sequence
 
@@ -16,7 +15,7 @@ import click
 import torch
 
 from mergekit_fisher.errors import FisherInputError
-from mergekit_fisher.fisher_file import FisherConfig, FisherFile, check_fisher_values, open_fisher, write_fisher
+from mergekit_fisher.fisher_file import FisherConfig, FisherFile, FisherWriter, open_fisher
 
 
 def _parse_weights(text: Optional[str], count: int) -> Optional[List[float]]:
@@ -118,15 +117,6 @@ def _merged_config(files: Sequence[FisherFile], weights: Sequence[float]) -> Fis
     )
 
 
-def _checked_tensor(fisher: FisherFile, name: str) -> torch.Tensor:
-    """The tensor, refused when NaN/Inf/negative -- in two passes instead of the reader's three:
-    a float64 sum of float32 values cannot overflow, so a finite sum means every value is finite."""
-    values = fisher.get_tensor(name, check=False)
-    if not math.isfinite(float(values.sum(dtype=torch.float64))) or (values.numel() and float(values.min()) < 0):
-        check_fisher_values(values, file=fisher.path, tensor=name)  # raises, with the reader's message
-    return values
-
-
 def combine_fishers(
     paths: Sequence[str], out: str, *, weights: Optional[Sequence[float]] = None, overwrite: bool = False,
     max_shard_size="5GB",
@@ -143,18 +133,21 @@ def combine_fishers(
     _check_compatible(files)
     weights = list(weights) if weights is not None else _example_weights(files)
     norm = sum(weights)
-    combined = {}
-    for name in files[0].names():
-        acc = None
-        for fisher, weight in zip(files, weights):
-            values = _checked_tensor(fisher, name)
-            if acc is None:
-                acc = values.to(torch.float64).mul_(weight / norm)
-            else:
-                acc.add_(values, alpha=weight / norm)  # float64 accumulation
-        combined[name] = acc.to(torch.float32)
-    return write_fisher(combined, out_abs, _merged_config(files, weights), max_shard_size=max_shard_size,
-                        overwrite=overwrite)
+    # Streamed: one output tensor (and one shard) in memory at a time; a bad value aborts the
+    # writer, so nothing is published.
+    with FisherWriter(out_abs, _merged_config(files, weights), max_shard_size=max_shard_size,
+                      overwrite=overwrite) as writer:
+        for name in files[0].names():
+            acc = None
+            for fisher, weight in zip(files, weights):
+                values = fisher.get_tensor(name)  # refuses NaN/Inf/negative, naming file and tensor
+                if acc is None:
+                    acc = values.to(torch.float64).mul_(weight / norm)
+                else:
+                    acc.add_(values, alpha=weight / norm)  # float64 accumulation
+            writer.add(name, acc.to(torch.float32))
+            del acc
+    return writer.written
 
 
 @click.command("combine")
