@@ -271,3 +271,19 @@ def test_overwrite_clears_only_demo_outputs(tmp_path):
     (tmp_path / "mine").mkdir()
     clear_outputs(str(tmp_path))
     assert sorted(os.listdir(tmp_path)) == ["mine", "notes.txt"]
+
+
+@pytest.mark.slow
+def test_default_demo_tells_the_papers_story(tmp_path):
+    """The default run (minutes): specialists diverge, and Fisher averaging beats the plain average."""
+    from mergekit_fisher.demo.pipeline import DemoSettings, run_demo
+
+    report = run_demo(str(tmp_path / "demo"), DemoSettings(), echo=lambda line: None)
+    results = report["results"]
+    for own, other in (("docs", "asyncio"), ("asyncio", "docs")):
+        specialist = results[f"{own} specialist"]
+        assert specialist[own]["loss"] < results["base"][own]["loss"]
+        assert specialist[other]["loss"] > results["base"][other]["loss"]
+    mean = {label: sum(cell["loss"] for cell in row.values()) / len(row) for label, row in results.items()}
+    assert mean["fisher"] < mean["linear"]
+    assert mean["fisher_ties"] < mean["ties"]

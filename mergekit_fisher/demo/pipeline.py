@@ -317,7 +317,9 @@ def plot_chart(results: dict, path: str, title: str) -> str:
     figure, axes = plt.subplots(figsize=(max(8, 1.3 * len(models)), 4.5))
     for index, column in enumerate(columns):
         positions = [m + (index - (len(columns) - 1) / 2) * width for m in range(len(models))]
-        axes.bar(positions, values[column], width, label=column)
+        bars = axes.bar(positions, values[column], width, label=column)
+        if column == "mean":
+            axes.bar_label(bars, fmt="%.3f", fontsize=7, padding=2)
     low = min(min(v) for v in values.values())
     high = max(max(v) for v in values.values())
     axes.set_ylim(max(0.0, low - 0.15 * (high - low) - 0.05), high + 0.1 * (high - low) + 0.05)
@@ -345,6 +347,27 @@ def fisher_verdict(results: dict) -> List[str]:
             word = "beats" if ours < theirs else "does not beat"
             lines.append(f"{method} {word} {twin}: mean loss {ours:.3f} vs {theirs:.3f} ({ours - theirs:+.3f})")
     return lines
+
+
+def results_markdown(workdir: str, settings: DemoSettings, results: dict, verdict: List[str]) -> str:
+    domains = list(settings.domains)
+    heldout = " ".join(f"--data {os.path.join(workdir, 'data', f'{name}.heldout.jsonl')}" for name in domains)
+    return "\n".join([
+        f"Held-out loss in nats/token (perplexity), lower is better; {settings.heldout_examples} held-out "
+        f"examples per domain, seed {settings.seed}.",
+        "",
+        format_table(results, markdown=True),
+        "",
+        *[f"- {line}" for line in verdict],
+        "",
+        "Rerun one step by hand:",
+        "",
+        "```",
+        f"mergekit-yaml {os.path.join(workdir, 'recipes', 'fisher.yml')} OUT_DIR",
+        f"mergekit-fisher eval OUT_DIR {heldout} --max-length {settings.max_length}",
+        "```",
+        "",
+    ])
 
 
 def run_demo(workdir: str, settings: DemoSettings, *, overwrite: bool = False, echo=click.echo) -> dict:
@@ -402,8 +425,7 @@ def _run_stages(workdir: str, settings: DemoSettings, log: StageLog) -> dict:
         if settings.plot:
             plot_chart(results, os.path.join(workdir, "chart.png"), f"held-out loss per domain (seed {settings.seed})")
         with open(os.path.join(workdir, "results.md"), "w", encoding="utf-8") as fp:
-            fp.write("Held-out loss in nats/token (perplexity), lower is better.\n\n")
-            fp.write(format_table(results, markdown=True) + "\n\n" + "\n".join(f"- {line}" for line in verdict) + "\n")
+            fp.write(results_markdown(workdir, settings, results, verdict))
     report = {
         "settings": asdict(settings),
         "results": results,
