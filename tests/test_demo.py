@@ -154,6 +154,16 @@ def test_demo_refuses_bad_input_before_any_work(tmp_path):
     assert not fresh.exists()
 
 
+def test_demo_without_matplotlib_says_how_to_get_the_chart(tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # what an environment without it looks like
+    result = CliRunner().invoke(main, ["demo", str(tmp_path / "w"), "--tiny"])
+    assert result.exit_code == 2
+    assert "mergekit-fisher[plot]" in result.output and "--no-plot" in result.output
+    assert not (tmp_path / "w").exists()
+
+
 # --- the whole pipeline, once -------------------------------------------------------------------
 
 

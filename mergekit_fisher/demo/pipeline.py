@@ -13,6 +13,7 @@ Stages 2 and 3 call the real command lines in subprocesses, exactly as a user wo
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -139,14 +140,11 @@ def check_settings(workdir: str, settings: DemoSettings, overwrite: bool) -> Non
     if not 0.0 < settings.density <= 1.0:
         raise FisherInputError(f"--density must be in (0, 1], got {settings.density}", fix="use e.g. --density 0.7")
     resolve_device(settings.device)
-    if settings.plot:
-        try:
-            import matplotlib  # noqa: F401
-        except ImportError:
-            raise FisherInputError(
-                "the chart needs matplotlib, which is not installed",
-                fix="pip install 'mergekit-fisher[plot]', or pass --no-plot to skip the chart",
-            ) from None
+    if settings.plot and importlib.util.find_spec("matplotlib") is None:
+        raise FisherInputError(
+            "the chart needs matplotlib, which is not installed",
+            fix="pip install 'mergekit-fisher[plot]', or pass --no-plot to skip the chart",
+        )
     existing = [name for name in OUTPUTS if os.path.exists(os.path.join(workdir, name))]
     if existing and not overwrite:
         raise FisherInputError(
