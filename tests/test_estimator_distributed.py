@@ -1,0 +1,86 @@
+"""Data parallel over 2 CPU processes gives the Fisher of 1 process; a run interrupted with 2 processes
+resumes with 1. The 2-process runs start from a fresh interpreter: `torchrun -m mergekit_fisher compute`
+and `accelerate.debug_launcher` (which forks; forking a pytest process whose OpenMP pool is already
+running can deadlock, so it is launched from a clean `python -c`)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import tiny
+from estimator_helpers import compute
+from mergekit_fisher.fisher_file import open_fisher
+
+pytestmark = pytest.mark.slow
+ROWS = [{"text": t} for t in tiny.CORPUS] + [{"prompt": "odd one", "completion": " out"}]
+TESTS = os.path.dirname(os.path.abspath(__file__))
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "ACCELERATE_USE_CPU": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+
+
+def _worker(options_dict, interrupt):
+    from accelerate import Accelerator
+
+    from mergekit_fisher.estimator.runner import ComputeOptions, run_compute
+
+    accelerator = Accelerator(cpu=True)
+    assert accelerator.num_processes == 2
+    run_compute(ComputeOptions(**options_dict), accelerator=accelerator, interrupt_after_rounds=interrupt)
+
+
+def launch_debug(options_json: str, interrupt) -> None:
+    """Entry point for the clean interpreter."""
+    from accelerate import debug_launcher
+
+    debug_launcher(_worker, args=(json.loads(options_json), interrupt), num_processes=2)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, tokenizer_dir):
+    root = tmp_path_factory.mktemp("dist")
+    model = str(root / "m")
+    tiny.make_llama(model, seed=31, tie=True, tokenizer_dir=tokenizer_dir)
+    return {"model": model, "data": tiny.write_jsonl(str(root / "d.jsonl"), ROWS)}
+
+
+COMMON = dict(fisher_type="sampled", samples=2, seed=5, batch_size=2, dtype="float64", accumulator_dtype="float64",
+              shuffle=True)
+
+
+def test_torchrun_two_processes_equal_one(world, tmp_path):
+    one = compute(world["model"], str(tmp_path / "one"), world["data"], **COMMON)
+    two_dir = str(tmp_path / "two")
+    # torchrun (what `accelerate launch` runs on GPUs; its --cpu mode wants mpirun) + accelerate's env detection
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+               "-m", "mergekit_fisher", "compute", world["model"], two_dir, "--data", world["data"],
+               "--fisher-type", "sampled", "--samples", "2", "--seed", "5", "--batch-size", "2",
+               "--dtype", "float64", "--accumulator-dtype", "float64", "--no-progress"]
+    result = subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    two = open_fisher(two_dir)
+    assert two.config.num_processes == 2 and two.config.num_examples == len(ROWS)
+    assert set(two.names()) == set(one)
+    for name in one:
+        torch.testing.assert_close(two.get_tensor(name), one[name], rtol=1e-6, atol=0)
+
+
+def test_interrupted_two_process_run_resumes_with_one(world, tmp_path):
+    from mergekit_fisher.estimator.runner import ComputeOptions, run_compute
+
+    whole = compute(world["model"], str(tmp_path / "whole"), world["data"], **COMMON)
+    out = str(tmp_path / "resumed")
+    options = dict(model=world["model"], out_dir=out, data=world["data"], checkpoint_every=4, progress=False, **COMMON)
+    code = (f"import sys; sys.path.insert(0, {TESTS!r}); import test_estimator_distributed as t; "
+            f"t.launch_debug({json.dumps(options)!r}, 2)")
+    result = subprocess.run([sys.executable, "-c", code], env=ENV, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0 and "Interrupted" in result.stderr, result.stderr[-3000:]
+    assert not os.path.exists(out) and os.path.exists(out + ".checkpoint.safetensors")
+    run_compute(ComputeOptions(**options))  # resume with ONE process
+    resumed = open_fisher(out)
+    for name in whole:
+        torch.testing.assert_close(resumed.get_tensor(name), whole[name], rtol=1e-6, atol=0)
