@@ -92,6 +92,11 @@ def _validate(opts: ComputeOptions) -> None:
     if os.path.exists(out) and not opts.overwrite:
         raise FisherInputError("output already exists", file=out, fix="choose another OUT_DIR or pass --overwrite")
     check_model_path(opts.model)
+    if opts.lora and not os.path.exists(os.path.join(opts.lora, "adapter_config.json")):
+        raise FisherInputError(
+            "adapter not found (expected a directory with adapter_config.json)", model=opts.lora,
+            fix="pass the PEFT adapter directory saved with `save_pretrained` to --lora",
+        )
     if not (os.path.exists(opts.data) or not opts.data.startswith((".", "/", "~"))):
         raise FisherInputError("data file does not exist", file=opts.data, fix="check the --data path")
 

@@ -1,0 +1,164 @@
+"""Every bad input: one clear `Error: ...` (exit 2, FisherInputError), naming what is wrong, nothing written."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+import tiny
+from mergekit_fisher.estimator.cli import compute as compute_command
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, tokenizer_dir):
+    root = tmp_path_factory.mktemp("bad")
+    lm, cls, other = str(root / "lm"), str(root / "cls"), str(root / "other")
+    tiny.make_llama(lm, seed=1, tokenizer_dir=tokenizer_dir)
+    tiny.make_llama(other, seed=1, hidden=48, tokenizer_dir=tokenizer_dir)
+    tiny.make_llama_classifier(cls, seed=2, num_labels=3, tokenizer_dir=tokenizer_dir)
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaForCausalLM
+
+    adapter = str(root / "adapter")
+    get_peft_model(LlamaForCausalLM.from_pretrained(lm), LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(adapter)
+    return {"root": root, "lm": lm, "cls": cls, "other": other, "adapter": adapter,
+            "data": tiny.write_jsonl(str(root / "d.jsonl"), [{"text": t} for t in tiny.CORPUS[:3]])}
+
+
+def run_cli(args):
+    return CliRunner().invoke(compute_command, [*map(str, args), "--no-progress"])
+
+
+def expect_error(world, tmp_path, args, *needles):
+    out = tmp_path / "out"
+    result = run_cli([args[0], out, *args[1:]])
+    assert result.exit_code == 2, (result.output, result.exception)
+    last = result.output.strip().splitlines()[-1]  # above it: transformers' own loading progress bars
+    assert last.startswith("Error: ") and "Traceback" not in result.output, result.output
+    for needle in needles:
+        assert needle in last, last
+    assert not out.exists()
+    assert not [n for n in os.listdir(tmp_path) if n.startswith(".out")]
+    return last
+
+
+def test_missing_model(world, tmp_path):
+    expect_error(world, tmp_path, [str(tmp_path / "nope"), "--data", world["data"]], "model directory does not exist",
+                 str(tmp_path / "nope"))
+
+
+def test_missing_adapter(world, tmp_path):
+    expect_error(world, tmp_path, [world["lm"], "--data", world["data"], "--lora", str(tmp_path / "noad")],
+                 "adapter not found", "noad")
+
+
+def test_missing_and_empty_data(world, tmp_path):
+    expect_error(world, tmp_path, [world["lm"], "--data", str(tmp_path / "none.jsonl")], "does not exist", "none.jsonl")
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    expect_error(world, tmp_path, [world["lm"], "--data", empty], "no examples", "empty.jsonl")
+
+
+def test_unknown_fields(world, tmp_path):
+    data = tiny.write_jsonl(str(tmp_path / "u.jsonl"), [{"text": "a b c", "labelz": 1}])
+    expect_error(world, tmp_path, [world["lm"], "--data", data], "unknown field(s) ['labelz']", "u.jsonl:1")
+    data = tiny.write_jsonl(str(tmp_path / "v.jsonl"), [{"content": "a b c"}])
+    expect_error(world, tmp_path, [world["lm"], "--data", data], "no usable fields")
+
+
+def test_no_label_tokens_everywhere_is_an_error_somewhere_is_skipped(world, tmp_path):
+    rows = [{"prompt": tiny.CORPUS[0], "completion": " x"}, {"prompt": tiny.CORPUS[1], "completion": " y"}]
+    data = tiny.write_jsonl(str(tmp_path / "p.jsonl"), rows)
+    expect_error(world, tmp_path, [world["lm"], "--data", data, "--max-length", "4"], "none of the 2 examples")
+    data = tiny.write_jsonl(str(tmp_path / "q.jsonl"), rows + [{"text": "ok then"}])
+    result = run_cli([world["lm"], tmp_path / "fine", "--data", data, "--max-length", "4"])
+    assert result.exit_code == 0, result.output
+    from mergekit_fisher.fisher_file import open_fisher
+
+    config = open_fisher(str(tmp_path / "fine")).config
+    assert (config.num_examples, config.num_skipped, config.num_truncated) == (1, 2, 2)
+
+
+def test_label_out_of_range(world, tmp_path):
+    data = tiny.write_jsonl(str(tmp_path / "c.jsonl"), [{"text": "a", "label": 0}, {"text": "b", "label": 3}])
+    expect_error(world, tmp_path, [world["cls"], "--data", data, "--task", "seq-cls"], "label 3 is out of range",
+                 "c.jsonl:2")
+
+
+def test_adapter_for_another_base(world, tmp_path):
+    expect_error(world, tmp_path, [world["other"], "--data", world["data"], "--lora", world["adapter"]],
+                 "does not fit this base model", "adapter")
+
+
+def test_exact_needs_classifier(world, tmp_path):
+    expect_error(world, tmp_path, [world["lm"], "--data", world["data"], "--fisher-type", "exact"], "seq-cls")
+
+
+def test_out_of_memory_message(world, tmp_path, monkeypatch):
+    from mergekit_fisher.estimator import engine
+
+    def boom(self, batch):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr(engine.FisherEngine, "step", boom)
+    expect_error(world, tmp_path, [world["lm"], "--data", world["data"]], "out of memory", "--batch-size",
+                 "--max-length", "--device-map")
+
+
+def test_non_finite_weights_name_the_tensor(world, tmp_path):
+    from transformers import LlamaForCausalLM
+
+    broken = str(tmp_path / "broken")
+    model = LlamaForCausalLM.from_pretrained(world["lm"])
+    with torch.no_grad():
+        model.model.layers[1].input_layernorm.weight[3] = float("inf")
+    model.save_pretrained(broken)
+    from transformers import AutoTokenizer
+
+    AutoTokenizer.from_pretrained(world["lm"]).save_pretrained(broken)
+    expect_error(world, tmp_path, [broken, "--data", world["data"]], "non-finite",
+                 "tensor model.layers.1.input_layernorm.weight")
+
+
+def test_overflowing_gradients_name_a_tensor(world, tmp_path):
+    """Finite weights and logits, but squared gradients beyond float32: refused, naming a tensor."""
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    hot = str(tmp_path / "hot")
+    model = LlamaForCausalLM.from_pretrained(world["lm"])
+    with torch.no_grad():
+        model.lm_head.weight[5] = 1e19
+    model.save_pretrained(hot)
+    AutoTokenizer.from_pretrained(world["lm"]).save_pretrained(hot)
+    output = expect_error(world, tmp_path, [hot, "--data", world["data"], "--fisher-type", "empirical"],
+                          "non-finite (NaN/Inf) gradients")
+    assert "tensor model." in output or "tensor lm_head" in output
+
+
+def test_existing_output_needs_overwrite(world, tmp_path):
+    out = tmp_path / "out"
+    assert run_cli([world["lm"], out, "--data", world["data"]]).exit_code == 0
+    before = (out / "fisher_config.json").read_text()
+    result = run_cli([world["lm"], out, "--data", world["data"], "--seed", "9"])
+    assert result.exit_code == 2 and "already exists" in result.output and "--overwrite" in result.output
+    assert (out / "fisher_config.json").read_text() == before
+    assert run_cli([world["lm"], out, "--data", world["data"], "--seed", "9", "--overwrite"]).exit_code == 0
+    assert '"seed": 9' in (out / "fisher_config.json").read_text()
+
+
+def test_cli_subprocess_as_the_demo_calls_it(world, tmp_path):
+    out = str(tmp_path / "sub")
+    command = [sys.executable, "-m", "mergekit_fisher", "compute", world["lm"], out, "--data", world["data"],
+               "--fisher-type", "empirical", "--num-examples", "2", "--batch-size", "2", "--max-length", "16"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    first = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert os.path.exists(os.path.join(out, "fisher.safetensors"))
+    second = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert second.returncode == 2
+    assert "Error: output already exists" in second.stderr and "Traceback" not in second.stderr
