@@ -1,0 +1,71 @@
+"""Data formats: .txt lines, a dataset saved to disk, chat messages (loss on assistant turns only),
+truncation, shuffling and the dataset hash."""
+
+from __future__ import annotations
+
+import torch
+
+import tiny
+from estimator_helpers import IGNORE, compute
+from mergekit_fisher.estimator.data import prepare
+
+TEMPLATE = ("{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}</s>{% endfor %}"
+            "{% if add_generation_prompt %}<s>assistant:{% endif %}")
+
+
+def _tokenizer(tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tokenizer_dir)
+
+
+def test_txt_and_saved_dataset_equal_jsonl(tokenizer_dir, tmp_path):
+    import datasets
+
+    model = str(tmp_path / "m")
+    tiny.make_llama(model, seed=2, tokenizer_dir=tokenizer_dir)
+    texts = tiny.CORPUS[:4]
+    jsonl = tiny.write_jsonl(str(tmp_path / "d.jsonl"), [{"text": t} for t in texts])
+    txt = tmp_path / "d.txt"
+    txt.write_text("\n".join(texts) + "\n\n")
+    saved = str(tmp_path / "ds")
+    datasets.Dataset.from_dict({"text": texts, "source": ["x"] * 4}).save_to_disk(saved)
+    options = dict(fisher_type="empirical", batch_size=2)
+    reference = compute(model, str(tmp_path / "a"), jsonl, **options)
+    for name, data in [("b", str(txt)), ("c", saved)]:
+        other = compute(model, str(tmp_path / name), data, **options)
+        for key in reference:
+            assert torch.equal(other[key], reference[key]), (data, key)
+
+
+def test_chat_messages_label_only_assistant_turns(tokenizer_dir, tmp_path):
+    tokenizer = _tokenizer(tokenizer_dir)
+    tokenizer.chat_template = TEMPLATE
+    rows = [{"messages": [{"role": "user", "content": "the quick brown fox"},
+                          {"role": "assistant", "content": "jumps over"},
+                          {"role": "user", "content": "and then"},
+                          {"role": "assistant", "content": "the lazy dog"}]}]
+    data = prepare(tiny.write_jsonl(str(tmp_path / "chat.jsonl"), rows), tokenizer, task="causal-lm",
+                   num_examples=None, max_length=512, seed=0, shuffle=False)
+    example = data.examples[0]
+    assert len(example.labels) == len(example.input_ids)
+    labelled = tokenizer.decode([t for t, l in zip(example.input_ids, example.labels) if l != IGNORE])
+    assert labelled == " jumps over</s> the lazy dog</s>"
+    rendered = tokenizer.decode(example.input_ids)
+    assert rendered == tokenizer.apply_chat_template(rows[0]["messages"], tokenize=False)
+
+
+def test_truncation_counted_and_shuffle_selects_by_seed(tokenizer_dir, tmp_path):
+    tokenizer = _tokenizer(tokenizer_dir)
+    path = tiny.write_jsonl(str(tmp_path / "d.jsonl"), [{"text": t} for t in tiny.CORPUS])
+    lengths = [len(tokenizer(t)["input_ids"]) for t in tiny.CORPUS]
+    data = prepare(path, tokenizer, task="causal-lm", num_examples=None, max_length=10, seed=0, shuffle=False)
+    assert data.num_truncated == sum(n > 10 for n in lengths)
+    assert [len(e.input_ids) for e in data.examples] == [min(n, 10) for n in lengths]
+    pick = lambda seed: [e.input_ids for e in prepare(path, tokenizer, task="causal-lm", num_examples=3,
+                                                       max_length=64, seed=seed, shuffle=True).examples]
+    assert pick(1) == pick(1) and pick(1) != pick(2)
+    assert len(pick(1)) == 3
+    other = tiny.write_jsonl(str(tmp_path / "e.jsonl"), [{"text": t} for t in tiny.CORPUS[:-1]])
+    assert prepare(other, tokenizer, task="causal-lm", num_examples=None, max_length=64, seed=0,
+                   shuffle=False).dataset_hash != data.dataset_hash
