@@ -119,3 +119,18 @@ def test_padding_does_not_leak(world, tmp_path):
     for name in alone:  # mean over 3 = (2 * mean over the short two + the long one) / 3
         expected = (2 * alone[name].double() + longest[name].double()) / 3
         torch.testing.assert_close(padded[name].double(), expected, rtol=1e-5, atol=1e-10)
+
+
+def test_row_blocked_per_example_gradients_equal_brute_force(world, tmp_path, monkeypatch):
+    """Big weights are formed in row blocks (memory / cache); force 1-row blocks and check nothing changes."""
+    from mergekit_fisher.estimator import hooks
+
+    monkeypatch.setattr(hooks, "MAX_BLOCK_ELEMENTS_CPU", 1)
+    monkeypatch.setattr(hooks, "MAX_BLOCK_ELEMENTS", 1)
+    got = compute(world["lm_tieFalse"], str(tmp_path / "f"), world["lm_data"], fisher_type="empirical",
+                  batch_size=4, dtype="float64", accumulator_dtype="float64")
+    reference = tiny.brute_force_fisher(
+        LlamaForCausalLM.from_pretrained(world["lm_tieFalse"], dtype=torch.float64),
+        lm_reference_examples(world["tokenizer"], LM_ROWS),
+    )
+    assert_fisher_close(got, reference)

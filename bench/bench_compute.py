@@ -1,0 +1,158 @@
+"""Benchmark `mergekit-fisher compute`'s estimator against a batch-1 autograd loop and a plain training step.
+
+Same model, same data, same batch size; examples/s, several repetitions (median), ratios within one run.
+
+    .venv/bin/python bench/bench_compute.py                      # CPU, small Llama (hidden 256, 4 layers)
+    .venv/bin/python bench/bench_compute.py --device cuda --examples 256 --batch-size 16
+
+* estimator: `FisherEngine.step` (per-example squared gradients from one backward pass per batch);
+* loop:      the obvious exact method -- per example: forward, autograd.grad of the summed log-likelihood
+             w.r.t. every parameter, square, add;
+* train:     one training step (forward + loss.backward() of the batch-summed loss), no optimizer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+
+def build(args):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.hidden * 8 // 3,
+                         num_hidden_layers=args.layers, num_attention_heads=max(1, args.hidden // 64),
+                         num_key_value_heads=max(1, args.hidden // 128), max_position_embeddings=args.seq_len,
+                         tie_word_embeddings=False, pad_token_id=0)
+    model = LlamaForCausalLM(config).to(device=args.device, dtype=getattr(torch, args.dtype)).eval()
+    generator = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, args.vocab, (args.examples, args.seq_len), generator=generator)
+    lengths = torch.randint(args.seq_len // 2, args.seq_len + 1, (args.examples,), generator=generator)
+    return model, ids, lengths
+
+
+def batches(ids, lengths, batch_size):
+    from mergekit_fisher.estimator.data import Example, collate
+
+    examples = [Example(i, ids[i, : lengths[i]].tolist(), ids[i, : lengths[i]].tolist()) for i in range(len(ids))]
+    return [collate(examples[s : s + batch_size], 0, "causal-lm") for s in range(0, len(examples), batch_size)]
+
+
+def sync(device):
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def run_estimator(model, data, args):
+    from mergekit_fisher.estimator.engine import FisherEngine
+
+    for p in model.parameters():
+        p.requires_grad_(False)
+    engine = FisherEngine(model, fisher_type=args.fisher_type, samples=1)
+    try:
+        for batch in data:
+            engine.step(batch.to(args.device))
+    finally:
+        engine.close()
+    return engine.fisher()
+
+
+def run_loop(model, data, args):
+    from mergekit_fisher.estimator.objectives import lm_loglik
+
+    params = [p for p in model.parameters()]
+    for p in params:
+        p.requires_grad_(True)
+    sums = [torch.zeros_like(p, dtype=torch.float32) for p in params]
+    count = 0
+    for batch in data:
+        batch = batch.to(args.device)
+        for b, length in enumerate(batch.attention_mask.sum(1).tolist()):
+            ids = batch.input_ids[b : b + 1, :length]
+            logits = model(input_ids=ids).logits
+            value = lm_loglik(logits, batch.labels[b : b + 1, 1:length]).sum()
+            for total, grad in zip(sums, torch.autograd.grad(value, params)):
+                total.add_(grad.float().square())
+            count += 1
+    for p in params:
+        p.requires_grad_(False)
+    return [s / count for s in sums]
+
+
+def run_train(model, data, args):
+    from mergekit_fisher.estimator.objectives import lm_loglik
+
+    for p in model.parameters():
+        p.requires_grad_(True)
+    for batch in data:
+        batch = batch.to(args.device)
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        loss = -lm_loglik(logits, batch.labels[:, 1:]).sum()
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+    for p in model.parameters():
+        p.requires_grad_(False)
+
+
+def timed(fn, model, data, args):
+    sync(args.device)
+    start = time.perf_counter()
+    fn(model, data, args)
+    sync(args.device)
+    return time.perf_counter() - start
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--vocab", type=int, default=2048)
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--examples", type=int, default=32)
+    parser.add_argument("--loop-examples", type=int, default=None, help="fewer examples for the slow loop")
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--fisher-type", default="empirical", choices=["empirical", "sampled"])
+    parser.add_argument("--check", action="store_true", help="also check estimator == loop on the data")
+    args = parser.parse_args()
+
+    model, ids, lengths = build(args)
+    data = batches(ids, lengths, args.batch_size)
+    loop_n = args.loop_examples or args.examples
+    loop_data = batches(ids[:loop_n], lengths[:loop_n], args.batch_size)
+    # warm-up (allocator, kernels, lazy imports)
+    run_estimator(model, data[:1], args)
+    run_loop(model, loop_data[:1], args)
+    run_train(model, data[:1], args)
+
+    rates = {"estimator": [], "loop": [], "train": []}
+    for _ in range(args.reps):  # interleaved, so drifts in machine load hit all three alike
+        rates["estimator"].append(args.examples / timed(run_estimator, model, data, args))
+        rates["loop"].append(loop_n / timed(run_loop, model, loop_data, args))
+        rates["train"].append(args.examples / timed(run_train, model, data, args))
+    median = {k: statistics.median(v) for k, v in rates.items()}
+    params = sum(p.numel() for p in model.parameters())
+    print(f"model: Llama hidden {args.hidden}, {args.layers} layers, vocab {args.vocab}, {params / 1e6:.2f}M params, "
+          f"{args.dtype} on {args.device}; seq <= {args.seq_len}, batch {args.batch_size}, "
+          f"{args.examples} examples ({loop_n} for the loop), {args.reps} reps, torch threads {torch.get_num_threads()}")
+    for name, values in rates.items():
+        print(f"  {name:9s} {median[name]:8.2f} ex/s   (reps: {', '.join(f'{v:.2f}' for v in values)})")
+    print(f"  estimator / loop  = {median['estimator'] / median['loop']:.2f}x   (target >= 4x CPU, >= 10x GPU)")
+    print(f"  estimator / train = {median['estimator'] / median['train']:.2f}x   (target >= 0.6x)")
+    if args.check:
+        fisher = run_estimator(model, loop_data, args)
+        reference = run_loop(model, loop_data, args)
+        worst = max(float((f - r).norm() / r.norm()) for f, r in zip(fisher.values(), reference))
+        print(f"  check: max tensor-wise relative difference estimator vs loop = {worst:.2e}")
+    print(json.dumps({"rates_ex_per_s": rates, "median": median, "args": vars(args)}))
+
+
+if __name__ == "__main__":
+    main()
