@@ -69,3 +69,19 @@ def test_truncation_counted_and_shuffle_selects_by_seed(tokenizer_dir, tmp_path)
     other = tiny.write_jsonl(str(tmp_path / "e.jsonl"), [{"text": t} for t in tiny.CORPUS[:-1]])
     assert prepare(other, tokenizer, task="causal-lm", num_examples=None, max_length=64, seed=0,
                    shuffle=False).dataset_hash != data.dataset_hash
+
+
+def test_sharded_output_holds_the_same_fisher(tokenizer_dir, tmp_path):
+    import json
+    import os
+
+    model = str(tmp_path / "m")
+    tiny.make_llama(model, seed=4, tokenizer_dir=tokenizer_dir)
+    data = tiny.write_jsonl(str(tmp_path / "d.jsonl"), [{"text": t} for t in tiny.CORPUS[:3]])
+    single = compute(model, str(tmp_path / "one"), data, fisher_type="empirical")
+    sharded = compute(model, str(tmp_path / "many"), data, fisher_type="empirical", max_shard_size="40KB")
+    with open(os.path.join(tmp_path, "many", "fisher.safetensors.index.json")) as fp:
+        assert len(set(json.load(fp)["weight_map"].values())) > 1
+    assert set(sharded) == set(single)
+    for name in single:
+        assert torch.equal(sharded[name], single[name])

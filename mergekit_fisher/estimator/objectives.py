@@ -65,19 +65,21 @@ def lm_passes(
         return [(targets, ones)]
     if fisher_type != "sampled":
         raise ValueError(f"fisher type {fisher_type!r} is not available for language models")
-    with torch.no_grad():
-        probs = torch.softmax(logits[:, :-1].detach().to(torch.float64), dim=-1)
     mask = targets != IGNORE
-    passes = []
-    for k in range(samples):
-        drawn = torch.full_like(targets, IGNORE)
+    # per example and only at predicted rows: a (B, T, V) float64 copy of a big-vocabulary model's
+    # probabilities would cost more memory than the model
+    rows_of = [mask[b].nonzero().squeeze(-1) for b in range(batch)]
+    drawn_all = [torch.full_like(targets, IGNORE) for _ in range(samples)]
+    with torch.no_grad():
         for b, index in enumerate(indices):
-            rows = mask[b].nonzero().squeeze(-1)
-            if rows.numel():
+            rows = rows_of[b]
+            if not rows.numel():
+                continue
+            probs = torch.softmax(logits[b, rows].detach().to(torch.float64), dim=-1)
+            for k in range(samples):
                 u = _uniforms(seed, index, k, rows.numel())
-                drawn[b, rows] = _inverse_cdf(probs[b, rows], u).to(drawn.dtype)
-        passes.append((drawn, ones / samples))
-    return passes
+                drawn_all[k][b, rows] = _inverse_cdf(probs, u).to(targets.dtype)
+    return [(drawn, ones / samples) for drawn in drawn_all]
 
 
 def cls_passes(
