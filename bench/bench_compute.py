@@ -141,7 +141,8 @@ def main():
     params = sum(p.numel() for p in model.parameters())
     print(f"model: Llama hidden {args.hidden}, {args.layers} layers, vocab {args.vocab}, {params / 1e6:.2f}M params, "
           f"{args.dtype} on {args.device}; seq <= {args.seq_len}, batch {args.batch_size}, "
-          f"{args.examples} examples ({loop_n} for the loop), {args.reps} reps, torch threads {torch.get_num_threads()}")
+          f"{args.examples} examples ({loop_n} for the loop), {args.fisher_type} Fisher, {args.reps} reps, "
+          f"torch threads {torch.get_num_threads()}")
     for name, values in rates.items():
         print(f"  {name:9s} {median[name]:8.2f} ex/s   (reps: {', '.join(f'{v:.2f}' for v in values)})")
     print(f"  estimator / loop  = {median['estimator'] / median['loop']:.2f}x   (target >= 4x CPU, >= 10x GPU)")

@@ -227,7 +227,7 @@ def run_compute(opts: ComputeOptions, *, accelerator=None, interrupt_after_round
             finished = min(len(examples), round_end * opts.batch_size)
             since_checkpoint += world * opts.batch_size
             if progress is not None:
-                progress.n = finished
+                progress.update(finished - progress.n)  # tqdm's rate and ETA: examples/s
                 elapsed = max(1e-9, time.time() - started)
                 progress.set_postfix(tok_s=f"{num_tokens * world / elapsed:.0f}", refresh=False)
                 progress.refresh()
@@ -243,18 +243,19 @@ def run_compute(opts: ComputeOptions, *, accelerator=None, interrupt_after_round
 
     sums = {key: _reduce(accelerator, value) for key, value in accumulator.sums.items()}
     total_tokens = int(_reduce(accelerator, torch.tensor([num_tokens], dtype=torch.float64, device=device)).item())
-    if not accelerator.is_main_process:
-        accelerator.wait_for_everyone()
-        return None
-    fisher: Dict[str, torch.Tensor] = {}
-    for key, value in sums.items():
-        mean = value / len(examples)
+    means = {key: value / len(examples) for key, value in sums.items()}
+    for key, mean in means.items():  # every process holds the reduced sums: all of them stop alike
         if not bool(torch.isfinite(mean).all()):
             raise FisherInputError(
                 "non-finite (NaN/Inf) gradients", model=opts.model, tensor=names[key][0],
                 fix="check the model weights and data; try --dtype float32 if the model ran in half precision",
             )
-        for name in names[key]:
+    if not accelerator.is_main_process:
+        accelerator.wait_for_everyone()
+        return None
+    fisher: Dict[str, torch.Tensor] = {}
+    for key, mean in means.items():
+        for name in names[key]:  # tied weights stored under several names get one copy each
             fisher[name] = mean.clone()
     config = FisherConfig(
         model=opts.model, adapter=opts.lora, space=opts.space, fisher_type=fisher_type, task=opts.task,
@@ -267,7 +268,7 @@ def run_compute(opts: ComputeOptions, *, accelerator=None, interrupt_after_round
         fallback_tensors=sorted(names[k][0] for k in engine.fallback),
     )
     written = write_fisher(fisher, opts.out_dir, config, max_shard_size=opts.max_shard_size, overwrite=opts.overwrite)
-    if os.path.exists(ckpt):
+    if opts.checkpoint_every and os.path.exists(ckpt):
         os.remove(ckpt)
     accelerator.wait_for_everyone()
     return written
