@@ -65,7 +65,7 @@ class FisherEngine:
         """Accumulate one batch; returns its number of predicted tokens (input tokens for seq-cls)."""
         capture = self.capture
         try:
-            capture.begin_forward()
+            capture.begin_forward(batch.input_ids.shape[0])
             with torch.enable_grad():
                 logits = self.forward(batch.input_ids, batch.attention_mask)
             capture.end_forward()
@@ -79,8 +79,10 @@ class FisherEngine:
                     capture.backward(-values.sum(), weights, retain_graph=j < len(passes) - 1)
             capture.release()
             del logits
-            if self.fallback:
-                fallback_pass(self.fallback, batch, passes, self.forward, self.loglik, self.accumulator,
+            fallback = dict(self.fallback)
+            fallback.update({key: self.params[key] for key in capture.broadcast})
+            if fallback:
+                fallback_pass(fallback, batch, passes, self.forward, self.loglik, self.accumulator,
                               token_targets=self.task != "seq-cls")
         finally:
             capture.end_forward()
@@ -89,6 +91,10 @@ class FisherEngine:
         self.num_examples += len(batch.indices)
         self.num_tokens += tokens
         return tokens
+
+    def fallback_keys(self):
+        """Keys computed by the exact batch-1 path: planned ones and broadcast ones found while running."""
+        return sorted(set(self.fallback) | self.capture.broadcast)
 
     def _non_finite_error(self) -> FisherInputError:
         bad = next((name for name, p in self.model.named_parameters() if not bool(torch.isfinite(p).all())), None)

@@ -164,6 +164,8 @@ class GradientSink:
 
     def dense(self, key: str, per_example: torch.Tensor, rows: Optional[slice] = None) -> None:
         state = self.capture.pass_state
+        if key in self.capture.broadcast:
+            return
         if not self.is_shared(key):
             if rows is None:
                 self.capture.accumulator.add_dense(key, per_example, state.weights)
@@ -182,6 +184,8 @@ class GradientSink:
         target.add_(total.to(device=target.device, dtype=acc.dtype))
 
     def rows(self, key, rows, row_grads, examples) -> None:
+        if key in self.capture.broadcast:
+            return
         weights = self.capture.pass_state.weights
         self.capture.accumulator.add_rows(key, rows, row_grads, weights.to(row_grads.device)[examples])
 
@@ -198,6 +202,11 @@ class PerExampleCapture:
         self.leaves: List[torch.Tensor] = []
         self.uses: Dict[str, int] = {}
         self.pass_state: Optional[_PassState] = None
+        self.batch_size = 0
+        # keys of calls whose output has no per-example batch dimension (e.g. GPT-2's position embedding,
+        # computed once and broadcast over the batch): their gradient is a batch sum, so the runner sends
+        # them to the exact fallback -- from the batch where this is first seen on, for good
+        self.broadcast: set = set()
         self._handles = []
         for handler in handlers:
             self._handles.append(
@@ -215,6 +224,16 @@ class PerExampleCapture:
             if not self.active or not isinstance(output, torch.Tensor):
                 return None
             saved = handler.saved_input(args, kwargs).detach()
+            replaced = False
+            if output.dim() and output.shape[0] == 1 != self.batch_size and saved.dim() and saved.shape[0] == 1:
+                # computed once for the whole batch and broadcast (GPT-2 position embeddings): hand the
+                # model an expanded view instead, so that its gradient arrives per example
+                output = output.expand(self.batch_size, *output.shape[1:])
+                saved = saved.expand(self.batch_size, *saved.shape[1:])
+                replaced = True
+            elif output.dim() == 0 or output.shape[0] != self.batch_size:
+                self.broadcast.update(handler.keys.values())
+                return None
             call = _Call(handler, saved)
             self.calls.append(call)
             for key in handler.keys.values():
@@ -224,11 +243,12 @@ class PerExampleCapture:
                 output.requires_grad_(True)
                 self.leaves.append(output)
             output.register_hook(lambda delta, call=call: self._on_output_grad(call, delta))
-            return None
+            return output if replaced else None
 
         return hook
 
-    def begin_forward(self) -> None:
+    def begin_forward(self, batch_size: int) -> None:
+        self.batch_size = batch_size
         self.calls.clear()
         self.leaves.clear()
         self.uses.clear()
@@ -253,7 +273,7 @@ class PerExampleCapture:
     def received_one(self, key: str) -> None:
         state = self.pass_state
         state.received[key] = state.received.get(key, 0) + 1
-        if state.received[key] == self.uses[key]:
+        if state.received[key] == self.uses[key] and key in state.buffers:
             self.accumulator.add_dense(key, state.buffers.pop(key), state.weights)
 
     def backward(self, loss: torch.Tensor, weights: torch.Tensor, *, retain_graph: bool) -> None:

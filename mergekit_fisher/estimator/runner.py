@@ -265,7 +265,7 @@ def run_compute(opts: ComputeOptions, *, accelerator=None, interrupt_after_round
         num_truncated=data.num_truncated, num_skipped=data.num_skipped, num_rows=data.num_rows,
         max_length=opts.max_length, batch_size=opts.batch_size, params=opts.params, model_dtype=opts.dtype,
         shuffle=opts.shuffle, num_processes=world,
-        fallback_tensors=sorted(names[k][0] for k in engine.fallback),
+        fallback_tensors=sorted(names[k][0] for k in engine.fallback_keys()),
     )
     written = write_fisher(fisher, opts.out_dir, config, max_shard_size=opts.max_shard_size, overwrite=opts.overwrite)
     if opts.checkpoint_every and os.path.exists(ckpt):
