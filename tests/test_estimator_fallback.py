@@ -65,3 +65,37 @@ def test_fallback_covers_custom_modules_exactly(tokenizer_dir):
     engine.close()
     reference = tiny.brute_force_fisher(model, [(e.input_ids, e.labels) for e in examples])
     assert_fisher_close(got, reference)
+
+
+class TableBias(nn.Module):
+    """A covered nn.Linear applied to a batch-less table; its result is broadcast over the batch. The
+    Linear's output gradient is a batch sum, so its weight must go to the exact fallback."""
+
+    def __init__(self, hidden: int):
+        super().__init__()
+        self.register_buffer("table", torch.randn(3, hidden, dtype=torch.float64))
+        self.proj = nn.Linear(hidden, hidden, dtype=torch.float64)
+
+    def forward(self, x):
+        return x + self.proj(self.table).mean(0)
+
+
+def test_batchless_outputs_of_covered_modules_fall_back(tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    model = tiny.make_llama(seed=10, hidden=32, layers=1).double()
+    layer = model.model.layers[0]
+    inner = layer.mlp
+    layer.mlp = nn.Sequential(TableBias(32), inner)
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    examples = [Example(i, tokenizer(t)["input_ids"], tokenizer(t)["input_ids"]) for i, t in enumerate(tiny.CORPUS[:3])]
+    engine = FisherEngine(model, fisher_type="empirical", accumulator_dtype=torch.float64)
+    assert not engine.fallback  # planned as fast ...
+    engine.step(collate(examples, 0, "causal-lm"))
+    assert engine.fallback_keys() == ["model.layers.0.mlp.0.proj.bias", "model.layers.0.mlp.0.proj.weight"]
+    got = engine.fisher()
+    engine.close()
+    assert_fisher_close(got, tiny.brute_force_fisher(model, [(e.input_ids, e.labels) for e in examples]))

@@ -12,7 +12,7 @@ from mergekit_fisher.estimator.accumulator import FisherAccumulator
 from mergekit_fisher.estimator.coverage import plan_handlers
 from mergekit_fisher.estimator.data import Batch
 from mergekit_fisher.estimator.fallback import fallback_pass
-from mergekit_fisher.estimator.hooks import PerExampleCapture
+from mergekit_fisher.estimator.hooks import PerExampleCapture, probe_batch_dependence
 from mergekit_fisher.estimator.objectives import IGNORE, cls_loglik, cls_passes, lm_loglik, lm_passes
 
 
@@ -51,6 +51,8 @@ class FisherEngine:
             devices={k: p.device for k, p in params.items()},
         )
         self.handlers, self.fallback = plan_handlers(model, keys, wrappers=wrappers)
+        vocab = getattr(getattr(model, "config", None), "vocab_size", None) or 2
+        probe_batch_dependence(model, self.handlers, model.get_input_embeddings().weight.device, vocab)
         self.capture = PerExampleCapture(self.handlers, self.accumulator)
         is_cls = task == "seq-cls"
         self.loglik = cls_loglik if is_cls else lm_loglik

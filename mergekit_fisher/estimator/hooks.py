@@ -53,6 +53,7 @@ class Handler:
         self.module = module
         self.keys = keys  # role ("weight", "bias") -> accumulator key
         self.params = params  # role -> parameter
+        self.batchless = False  # set by `probe_batch_dependence`: output not indexed by example
 
     def saved_input(self, args, kwargs) -> torch.Tensor:
         return args[0] if args else next(iter(kwargs.values()))
@@ -225,6 +226,9 @@ class PerExampleCapture:
                 return None
             saved = handler.saved_input(args, kwargs).detach()
             replaced = False
+            if handler.batchless:
+                self.broadcast.update(handler.keys.values())
+                return None
             if output.dim() and output.shape[0] == 1 != self.batch_size and saved.dim() and saved.shape[0] == 1:
                 # computed once for the whole batch and broadcast (GPT-2 position embeddings): hand the
                 # model an expanded view instead, so that its gradient arrives per example
@@ -288,3 +292,37 @@ class PerExampleCapture:
                 self.accumulator.add_dense(key, buffer, self.pass_state.weights)
         finally:
             self.pass_state = None
+
+
+@torch.no_grad()
+def probe_batch_dependence(model: torch.nn.Module, handlers: List[Handler], device, vocab_size: int) -> None:
+    """Mark handlers whose outputs are not indexed by example (computed from parameters/buffers only).
+
+    Shapes alone cannot tell a (3, H) table from a batch of 3, so run two tiny dummy batches (2 and 3
+    examples) and watch each covered module's leading output dimension: it must follow the batch size,
+    or be 1 in both (computed once and broadcast; expanded at run time); anything else falls back.
+    """
+    seen: Dict[int, List[int]] = {id(h): [] for h in handlers}
+    hooks = [h.module.register_forward_hook(
+        lambda _m, _a, out, key=id(h): seen[key].append(out.shape[0] if isinstance(out, torch.Tensor) and out.dim()
+                                                      else -1)) for h in handlers]
+    ids = torch.arange(4, device=device).remainder(max(1, vocab_size)).unsqueeze(0)
+    try:
+        for batch in (2, 3):
+            model(input_ids=ids.expand(batch, -1), attention_mask=torch.ones_like(ids).expand(batch, -1))
+            for h in handlers:
+                seen[id(h)].append(-batch)  # marker: end of this batch
+    except Exception:  # a model that cannot run the dummy batch: keep the run-time shape checks only
+        return
+    finally:
+        for handle in hooks:
+            handle.remove()
+    for h in handlers:
+        dims, batch, ok = seen[id(h)], 2, True
+        for value in dims:
+            if value < -1:  # marker
+                batch = 3
+                continue
+            if value not in (batch, 1):
+                ok = False
+        h.batchless = not ok
