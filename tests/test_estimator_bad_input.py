@@ -162,3 +162,15 @@ def test_cli_subprocess_as_the_demo_calls_it(world, tmp_path):
     second = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
     assert second.returncode == 2
     assert "Error: output already exists" in second.stderr and "Traceback" not in second.stderr
+
+
+def test_dora_adapter_refused(world, tmp_path):
+    import json
+    import shutil
+
+    dora = tmp_path / "dora"
+    shutil.copytree(world["adapter"], dora)
+    config = json.loads((dora / "adapter_config.json").read_text())
+    config["use_dora"] = True
+    (dora / "adapter_config.json").write_text(json.dumps(config))
+    expect_error(world, tmp_path, [world["lm"], "--data", world["data"], "--lora", dora], "DoRA", "merge_and_unload")

@@ -52,6 +52,10 @@ def load_adapter(model, adapter: str, *, model_name: str):
     if config.get("peft_type", "LORA") != "LORA":
         raise FisherInputError(f"unsupported adapter type {config.get('peft_type')!r}", model=adapter,
                                fix="use a LoRA adapter")
+    if config.get("use_dora"):
+        # DoRA rescales W0 + BA by a learned magnitude: delta^T x at the wrapper is not its weight gradient
+        raise FisherInputError("DoRA adapters are not supported (only plain LoRA)", model=adapter,
+                               fix="merge the adapter (merge_and_unload) and compute the Fisher of the merged model")
     try:
         peft_model = PeftModel.from_pretrained(model, adapter, is_trainable=False)
     except Exception as error:  # size mismatch, missing target modules, ...
