@@ -72,7 +72,6 @@ def test_tied_fisher_is_not_sum_of_separate_squares(world, tmp_path):
     right = tiny.brute_force_fisher(model, examples)["model.embed_tokens.weight"]
     got = compute(world["lm_tieTrue"], str(tmp_path / "f"), world["lm_data"], fisher_type="empirical",
                   batch_size=3, dtype="float64", accumulator_dtype="float64")["model.embed_tokens.weight"]
-    untied_dir = str(tmp_path / "untied")
     untied = LlamaForCausalLM.from_pretrained(world["lm_tieTrue"], dtype=torch.float64)
     untied.config.tie_word_embeddings = False
     untied.lm_head.weight = torch.nn.Parameter(untied.model.embed_tokens.weight.detach().clone())

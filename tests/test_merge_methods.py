@@ -3,7 +3,6 @@ and mergekit's own methods (linear, ties, dare_ties, ...) where the two must coi
 
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch

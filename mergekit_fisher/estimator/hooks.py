@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional
 
 import torch
-import torch.nn.functional as F
 
 from mergekit_fisher.estimator.accumulator import FisherAccumulator
 

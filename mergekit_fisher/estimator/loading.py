@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Dict, List, Optional, Set
+from typing import List, Optional, Set
 
 import torch
 

@@ -53,6 +53,18 @@ def _safetensors_error(path: str, error: Exception) -> FisherInputError:
     )
 
 
+def load_weight_map(index_path: str) -> Dict[str, str]:
+    """The `weight_map` of an HF-style `*.safetensors.index.json` (Fisher or model); ValueError if broken."""
+    try:
+        with open(index_path, encoding="utf-8") as fp:
+            weight_map = json.load(fp)["weight_map"]
+    except (ValueError, KeyError, TypeError) as error:
+        raise ValueError(repr(error)) from None
+    if not isinstance(weight_map, dict):
+        raise ValueError("weight_map is not a mapping")
+    return weight_map
+
+
 class FisherFile:
     """One Fisher file or directory. Cheap to construct: reads headers and JSON only."""
 
@@ -114,11 +126,10 @@ class FisherFile:
         single_path = os.path.join(path, SINGLE_FILENAME)
         if os.path.exists(index_path):
             try:
-                with open(index_path, encoding="utf-8") as fp:
-                    weight_map = json.load(fp)["weight_map"]
-            except (ValueError, KeyError, TypeError) as error:
+                weight_map = load_weight_map(index_path)
+            except ValueError as error:
                 raise FisherInputError(
-                    f"broken shard index ({error!r})", file=index_path,
+                    f"broken shard index ({error})", file=index_path,
                     fix="recompute the Fisher file, or restore the index from its source",
                 ) from None
             for name, shard in weight_map.items():

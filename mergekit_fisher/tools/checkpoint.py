@@ -9,13 +9,13 @@ read remotely through the Hub's header-only API).
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Dict, Tuple
 
 from safetensors import safe_open
 
 from mergekit_fisher.errors import FisherInputError
+from mergekit_fisher.fisher_file.reader import load_weight_map
 
 INDEX_NAME = "model.safetensors.index.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
@@ -40,11 +40,10 @@ def _directory_shapes(path: str, model: str) -> Dict[str, Tuple[int, ...]]:
     index_path = os.path.join(path, INDEX_NAME)
     if os.path.exists(index_path):
         try:
-            with open(index_path, encoding="utf-8") as fp:
-                weight_map = json.load(fp)["weight_map"]
-        except (ValueError, KeyError, TypeError) as error:
+            weight_map = load_weight_map(index_path)
+        except ValueError as error:
             raise FisherInputError(
-                f"broken {INDEX_NAME} ({error!r})", model=model, fix="re-download or re-save the checkpoint"
+                f"broken {INDEX_NAME} ({error})", model=model, fix="re-download or re-save the checkpoint"
             ) from None
         shards = sorted(set(weight_map.values()))
     else:
