@@ -152,3 +152,20 @@ def test_provenance_mismatch_is_a_warning_not_an_error(world, tmp_path, caplog):
     with caplog.at_level("WARNING"):
         run_recipe(world.recipe("fisher", fishers=swapped), str(tmp_path / "out"))
     assert any("was computed for model" in record.getMessage() for record in caplog.records)
+
+
+def test_missing_lm_head_is_not_replaced_by_the_embedding_fisher(world, tmp_path):
+    """mergekit lists the embedding as a tied name of lm_head even for untied models: the Fisher lookup must
+    not fall back to it, or an untied head silently gets the embedding's Fisher (same shape)."""
+    path = fisher_with(world, tmp_path, "no_head", lambda v: v.pop("lm_head.weight"))
+    result, shards = run_stock_cli(world.recipe("fisher", fishers=[world.fishers[0], path]), tmp_path)
+    assert_clean_failure(result, shards, path, "lm_head.weight", "missing_fisher: uniform")
+    recipe = world.recipe("fisher", fishers=[world.fishers[0], path], shared={"missing_fisher": "uniform"})
+    merged = run_recipe(recipe, str(tmp_path / "out"))
+    m0, m1 = world.models
+    values0 = world.fisher_values[m0]
+    mean0 = torch.cat([v.double().flatten() for v in values0.values()]).mean()
+    f0 = values0["lm_head.weight"].double() / mean0 + 1e-6
+    f1 = 1.0 + 1e-6  # uniform, not the embedding's Fisher
+    expected = (f0 * world.states[m0]["lm_head.weight"].double() + f1 * world.states[m1]["lm_head.weight"].double())
+    torch.testing.assert_close(merged["lm_head.weight"].double(), expected / (f0 + f1), rtol=2e-5, atol=1e-6)

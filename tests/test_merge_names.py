@@ -191,3 +191,28 @@ def test_lora_adapters_as_base_plus_adapter_references(tmp_path, tokenizer_dir):
     for name in (name, "model.layers.0.self_attn.v_proj.weight", "model.layers.0.mlp.up_proj.weight"):
         expected = fisher_average([s[name] for s in dense_states], [n[name] for n in norm], [1.0, 1.0], 1e-6)
         torch.testing.assert_close(merged[name].double(), expected, rtol=2e-5, atol=1e-6, msg=name)
+
+
+def test_unsafe_truncation_follows_the_smallest_vocabulary_including_the_base(tmp_path, tokenizer_dir):
+    """fisher_ties with --unsafe-truncate-embeddings when the base has the smallest vocabulary: the Fisher
+    rows are cut like mergekit cuts the weights; with identical Fishers the result equals mergekit's ties."""
+    base = str(tmp_path / "base")
+    tiny.make_llama(base, seed=0, vocab_size=290)
+    models, fishers = [], []
+    for index in range(2):
+        path = str(tmp_path / f"m{index}")
+        tiny.make_llama(path, seed=1 + index, vocab_size=300)
+        models.append(path)
+    same = str(tmp_path / "fisher")
+    write_fisher(wide_fisher(tiny.state_dict_from_dir(models[0]), seed=5), same)
+    recipe = lambda method, with_fisher: {  # noqa: E731
+        "merge_method": method, "dtype": "float32", "base_model": base,
+        "parameters": {"density": 1.0},
+        "models": [{"model": m, "parameters": {"weight": 1.0, **({"fisher": same} if with_fisher else {})}}
+                   for m in models],
+    }
+    ours = run_recipe(recipe("fisher_ties", True), str(tmp_path / "ours"), unsafe_truncate_embeddings=True)
+    theirs = run_recipe(recipe("ties", False), str(tmp_path / "theirs"), unsafe_truncate_embeddings=True)
+    assert ours["model.embed_tokens.weight"].shape[0] == 290
+    for name in theirs:
+        torch.testing.assert_close(ours[name], theirs[name], rtol=1e-5, atol=1e-6, msg=name)

@@ -121,3 +121,20 @@ def test_explain_fails_like_the_merge(world, tmp_path, case):
     merge_error = [line for line in merge_result.output.splitlines() if line.startswith("Error:")]
     explain_error = [line for line in explain_result.output.splitlines() if line.startswith("Error:")]
     assert merge_error and merge_error == explain_error
+
+
+def test_uniform_fisher_counts_every_element(world, tmp_path):
+    """A tensor missing from model1's file gets a uniform Fisher (1 after mean normalization): its mass is
+    1·numel, not 1."""
+    values = {k: torch.ones_like(v) for k, v in world.states[world.models[0]].items()}
+    full = str(tmp_path / "full")
+    write_fisher(values, full)
+    holey_values = dict(values)
+    holey_values.pop(Q0)
+    holey = str(tmp_path / "holey")
+    write_fisher(holey_values, holey)
+    recipe = world.recipe("fisher", fishers=[full, holey], shared={"missing_fisher": "uniform", "fisher_floor": 0.0})
+    report = explain_json(write_recipe(recipe, str(tmp_path / "r.yml")))
+    q0 = row(report, 0, "self_attn.q_proj")
+    assert q0["shares"]["model1"] == pytest.approx(0.5)
+    assert q0["elements"] == world.states[world.models[0]][Q0].numel()

@@ -129,25 +129,31 @@ def resolve_fisher_inputs(
     inputs: Dict[ModelReference, FisherInput] = {}
     model_rows = []
     for model in model_order:
-        if uses_base and model == base_model:
-            continue
         info = weight_info[model]
         candidates = [info.name, *(info.aliases or ()), *(getattr(info, "tied_names", None) or ())]
+        # the name mergekit's LoadTensor will actually load for this model (same order)
         present = _present_name(model, candidates)
         if present is None:
             continue  # an optional weight this model lacks: mergekit's policy decides, no Fisher needed
+        model_shape = _model_tensor_shape(model, present)
+        if vocabulary_axis is not None and model_shape is not None:
+            # mergekit truncates to the smallest vocabulary over *all* loaded inputs, the base included
+            model_rows.append(model_shape[vocabulary_axis])
+        if uses_base and model == base_model:
+            continue
+        # Look the Fisher up under names of the *same* tensor only. A tied name is used only when it is
+        # what the model itself stores (a tied checkpoint); an untied model's missing lm_head Fisher must
+        # never be replaced by its embedding's.
+        fisher_names = list(dict.fromkeys([present, info.name, *(info.aliases or ())]))
         fisher_file = open_for_model(input_parameters[model].get("fisher"), model, method_name)
         _check_provenance(fisher_file, model)
         if shared_parameters["fisher_validate"] == "full":
             scan_values(fisher_file, model)
-        model_shape = _model_tensor_shape(model, present)
-        if vocabulary_axis is not None and model_shape is not None:
-            model_rows.append(model_shape[vocabulary_axis])
-        stored = fisher_file.find(*candidates)
+        stored = fisher_file.find(*fisher_names)
         if stored is None:
             if shared_parameters["missing_fisher"] != "uniform":
                 raise FisherInputError(
-                    f"tensor missing from the Fisher file (looked for {', '.join(candidates)})",
+                    f"tensor missing from the Fisher file (looked for {', '.join(fisher_names)})",
                     model=str(model), file=fisher_file.path, tensor=info.name,
                     fix="recompute the Fisher for this model with `mergekit-fisher compute`, "
                     "or set `missing_fisher: uniform` to weight this tensor uniformly",
@@ -157,7 +163,7 @@ def resolve_fisher_inputs(
                 "%s: tensor %s is not in Fisher file %s; using a uniform Fisher (missing_fisher: uniform)",
                 model, info.name, fisher_file.path,
             )
-            inputs[model] = FisherInput(path=fisher_file.path, tensor=None)
+            inputs[model] = FisherInput(path=fisher_file.path, tensor=None, expected_shape=model_shape)
             continue
         fisher_shape = fisher_file.header(stored).shape
         if model_shape is not None and fisher_shape != model_shape:
