@@ -138,3 +138,18 @@ def test_uniform_fisher_counts_every_element(world, tmp_path):
     q0 = row(report, 0, "self_attn.q_proj")
     assert q0["shares"]["model1"] == pytest.approx(0.5)
     assert q0["elements"] == world.states[world.models[0]][Q0].numel()
+
+
+def test_models_with_the_same_directory_name_stay_apart(world, crafted, tmp_path):
+    import shutil
+
+    copies = []
+    for index, parent in enumerate(("a", "b")):
+        target = tmp_path / parent / "final"
+        shutil.copytree(world.models[index], target)
+        copies.append(str(target))
+    recipe = world.recipe("fisher", models=copies, fishers=crafted,
+                          shared={"fisher_normalize": "none", "fisher_floor": 0.0})
+    report = explain_json(write_recipe(recipe, str(tmp_path / "r.yml")))
+    assert report["models"] == ["a/final", "b/final"]
+    assert row(report, 0, "self_attn.q_proj")["shares"] == {"a/final": pytest.approx(0.75), "b/final": pytest.approx(0.25)}

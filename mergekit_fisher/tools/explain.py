@@ -39,11 +39,25 @@ class GroupMass:
         return [self.mass.get(m, 0.0) / total if total > 0 else float("nan") for m in models]
 
 
-def model_label(model) -> str:
-    label = os.path.basename(os.path.normpath(str(model.model.path)))
+def _label_parts(model) -> list:
+    parts = [os.path.normpath(str(model.model.path)).split(os.sep)]
     if model.lora is not None:
-        label += "+" + os.path.basename(os.path.normpath(str(model.lora.path)))
-    return label
+        parts.append(os.path.normpath(str(model.lora.path)).split(os.sep))
+    return parts
+
+
+def model_labels(models) -> Dict[object, str]:
+    """Short, unique display labels: the last path component, more components only where two collide."""
+    depth = 1
+    while True:
+        labels = {
+            model: "+".join("/".join(p for p in parts[-depth:] if p) for parts in _label_parts(model))
+            for model in models
+        }
+        longest = max((max(len(parts) for parts in _label_parts(m)) for m in models), default=0)
+        if len(set(labels.values())) == len(labels) or depth >= longest:
+            return labels
+        depth += 1
 
 
 def plan_recipe(recipe_path: str, lora_merge_cache: Optional[str] = None, trust_remote_code: bool = False):
@@ -102,9 +116,9 @@ def collect_masses(planned) -> tuple:
         numel = None
         below_floor = None
         for model, fisher in fishers.items():
-            label = model_label(model)
-            if label not in labels:
-                labels.append(label)
+            label = model  # masses are keyed by model; display labels are made unique at the end
+            if model not in labels:
+                labels.append(model)
             weight = float(task.input_parameters[model].get("weight", 1.0))
             shape = source.inputs[model].expected_shape
             count = fisher.numel() if fisher.ndim else (int(torch.tensor(shape).prod()) if shape else 1)
@@ -115,7 +129,10 @@ def collect_masses(planned) -> tuple:
             below_floor = below if below_floor is None else (below_floor & below)
         group.elements += numel
         group.floor_decides += int(below_floor.sum()) if below_floor.ndim else (numel if bool(below_floor) else 0)
-    return groups, labels, method
+    names = model_labels(labels)
+    for group in groups.values():
+        group.mass = {names[model]: mass for model, mass in group.mass.items()}
+    return groups, [names[model] for model in labels], method
 
 
 def build_explanation(recipe_path: str, lora_merge_cache: Optional[str] = None) -> dict:
