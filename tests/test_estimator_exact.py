@@ -159,3 +159,22 @@ def test_dropout_is_off_and_bf16_models_accumulate_in_float32(world, tmp_path, t
     assert float((values > 0).double().mean()) > 0.99
     ratio = float(values.sum() / reference[name].sum())
     assert 0.8 < ratio < 1.25, ratio
+
+
+def test_engine_ignores_requires_grad_of_the_parameters(world):
+    """FisherEngine on a model straight from from_pretrained (parameters require grad) equals the frozen one."""
+    from mergekit_fisher.estimator.data import collate, prepare
+    from mergekit_fisher.estimator.engine import FisherEngine
+
+    data = prepare(world["lm_data"], world["tokenizer"], task="causal-lm", num_examples=4, max_length=64, seed=0,
+                   shuffle=False)
+    totals = []
+    for freeze in (True, False):
+        model = LlamaForCausalLM.from_pretrained(world["lm_tieFalse"], dtype=torch.float64).eval()
+        model.requires_grad_(not freeze)
+        engine = FisherEngine(model, fisher_type="empirical", accumulator_dtype=torch.float64)
+        engine.step(collate(data.examples, 0, "causal-lm"))
+        totals.append(engine.fisher())
+    assert sum(float(v.sum()) for v in totals[0].values()) > 0
+    for name in totals[0]:
+        torch.testing.assert_close(totals[1][name], totals[0][name])

@@ -31,6 +31,10 @@ class FisherEngine:
         model_name: str = "model",
     ):
         """`keys`: id(param) -> accumulator key (default: every parameter under its first name)."""
+        # Per-example gradients are captured at module outputs; parameters must not require grad or
+        # autograd would never need the outputs' gradients (and would waste memory on .grad).
+        # The fallback path switches requires_grad on for the parameters it handles, itself.
+        model.requires_grad_(False)
         self.model = model
         self.task = task
         self.fisher_type = fisher_type
