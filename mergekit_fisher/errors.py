@@ -23,7 +23,9 @@ class FisherInputError(click.ClickException):
         model: Optional[str] = None,
         file: Optional[str] = None,
         tensor: Optional[str] = None,
+        kind: str = "Fisher file",
     ):
+        """`kind` says what `file` is: "Fisher file" (default), "data file", "output", "recipe", ..."""
         self.problem = problem
         self.fix = fix
         self.model = model
@@ -33,7 +35,7 @@ class FisherInputError(click.ClickException):
         if model:
             where.append(f"model {model}")
         if file:
-            where.append(f"Fisher file {file}")
+            where.append(f"{kind} {file}")
         if tensor:
             where.append(f"tensor {tensor}")
         message = problem

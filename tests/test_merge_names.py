@@ -198,7 +198,7 @@ def test_unsafe_truncation_follows_the_smallest_vocabulary_including_the_base(tm
     rows are cut like mergekit cuts the weights; with identical Fishers the result equals mergekit's ties."""
     base = str(tmp_path / "base")
     tiny.make_llama(base, seed=0, vocab_size=290)
-    models, fishers = [], []
+    models = []
     for index in range(2):
         path = str(tmp_path / f"m{index}")
         tiny.make_llama(path, seed=1 + index, vocab_size=300)

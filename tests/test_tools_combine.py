@@ -134,3 +134,15 @@ def test_combine_of_real_compute_runs_equals_one_run(tmp_path, tokenizer_dir):
     assert sorted(combined.names()) == sorted(whole.names())
     for name in whole.names():
         torch.testing.assert_close(combined.get_tensor(name), whole.get_tensor(name), rtol=1e-6, atol=1e-12)
+
+
+def test_bad_shard_size_fails_before_any_work(tmp_path):
+    from click.testing import CliRunner
+
+    from mergekit_fisher.cli import main as cli
+    from mergekit_fisher.fisher_file import parse_shard_size
+
+    assert parse_shard_size("5GB") == 5 * 10**9 and parse_shard_size("2GiB") == 2 * 2**30 and parse_shard_size(7) == 7
+    result = CliRunner().invoke(cli, ["combine", "a", "b", str(tmp_path / "out"), "--max-shard-size", "banana"])
+    assert result.exit_code == 2 and "invalid shard size 'banana'" in result.output
+    assert not (tmp_path / "out").exists()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Dict, Iterable, Optional
+from typing import Dict
 
 import torch
 
@@ -38,20 +38,7 @@ class FisherAccumulator:
         target = self.sums[key]
         target.add_(squared_sum.to(device=target.device, dtype=self.dtype))
 
-    def first_non_finite(self, keys: Optional[Iterable[str]] = None) -> Optional[str]:
-        for key in keys or self.sums:
-            if not bool(torch.isfinite(self.sums[key]).all()):
-                return key
-        return None
-
     # ---------------------------------------------------------------- state (checkpoints, reduce)
-    def state(self) -> Dict[str, torch.Tensor]:
-        return self.sums
-
     def load_state(self, state: Dict[str, torch.Tensor]) -> None:
         for key, value in state.items():
             self.sums[key].copy_(value.to(self.sums[key].device, self.dtype))
-
-    def zero_(self) -> None:
-        for value in self.sums.values():
-            value.zero_()

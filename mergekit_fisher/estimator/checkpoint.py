@@ -44,12 +44,12 @@ def load_checkpoint(path: str, fingerprint: str) -> Optional[Tuple[Dict[str, tor
             sums = {key: handle.get_tensor(key) for key in handle.keys()}
     except Exception as error:
         raise FisherInputError(
-            f"unreadable checkpoint ({error.__class__.__name__})", file=path,
+            f"unreadable checkpoint ({error.__class__.__name__})", file=path, kind="checkpoint",
             fix="delete the checkpoint file to start over",
         ) from None
     if state.get("fingerprint") != fingerprint:
         raise FisherInputError(
-            "the checkpoint was written by a run with different options or data", file=path,
+            "the checkpoint was written by a run with different options or data", file=path, kind="checkpoint",
             fix="rerun with exactly the same options to resume, or delete the checkpoint file to start over",
         )
     return sums, state

@@ -46,8 +46,13 @@ def compute(model, out_dir, data, task, fisher_type, samples, num_examples, max_
     F = mean over examples of (d log p(example) / d theta)^2, with log p the example's summed
     log-likelihood; per-example gradients come from one backward pass per batch.
     """
+    import os
+
     from mergekit_fisher.estimator.runner import ComputeOptions, run_compute
 
+    # `~/x` in a quoted or `--opt=~/x` argument is not expanded by the shell
+    model, out_dir, data = (os.path.expanduser(p) for p in (model, out_dir, data))
+    lora = os.path.expanduser(lora) if lora else lora
     options = ComputeOptions(
         model=model, out_dir=out_dir, data=data, task=task, fisher_type=fisher_type, samples=samples,
         num_examples=num_examples, max_length=max_length, batch_size=batch_size, seed=seed, shuffle=shuffle,

@@ -144,14 +144,14 @@ def _check_fields(where: str, row: Dict[str, Any], task: str, strict: bool) -> D
         missing = {"text", "label"} - keys
         if missing:
             raise FisherInputError(
-                f"{where}: missing field(s) {sorted(missing)} for --task seq-cls", file=where.rsplit(":", 1)[0],
+                f"{where}: missing field(s) {sorted(missing)} for --task seq-cls", file=where.rsplit(":", 1)[0], kind="data file",
                 fix='give every row "text" (and optionally "text_pair") and an integer "label"',
             )
     else:
         layouts = [layout for layout in LM_LAYOUTS if layout <= keys]
         if not layouts:
             raise FisherInputError(
-                f"{where}: no usable fields (has {sorted(keys)})", file=where.rsplit(":", 1)[0],
+                f"{where}: no usable fields (has {sorted(keys)})", file=where.rsplit(":", 1)[0], kind="data file",
                 fix='give every row "text", or "prompt" and "completion", or chat "messages"',
             )
         allowed = layouts[0]
@@ -159,7 +159,7 @@ def _check_fields(where: str, row: Dict[str, Any], task: str, strict: bool) -> D
     if unknown and strict:
         raise FisherInputError(
             f"{where}: unknown field(s) {sorted(unknown)} (expected {sorted(allowed)})",
-            file=where.rsplit(":", 1)[0],
+            file=where.rsplit(":", 1)[0], kind="data file",
             fix="remove the extra fields, or check --task (causal-lm reads text | prompt+completion | messages; "
             "seq-cls reads text[/text_pair]+label)",
         )
@@ -178,11 +178,11 @@ def _chat_example(tokenizer, messages, where: str) -> Tuple[List[int], List[int]
     file = where.rsplit(":", 1)[0]
     if not getattr(tokenizer, "chat_template", None):
         raise FisherInputError(
-            f"{where}: chat `messages` need a tokenizer with a chat template", file=file,
+            f"{where}: chat `messages` need a tokenizer with a chat template", file=file, kind="data file",
             fix="use a tokenizer that defines chat_template, or convert the rows to prompt/completion",
         )
     if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m for m in messages):
-        raise FisherInputError(f"{where}: `messages` must be a list of {{role, content}} objects", file=file,
+        raise FisherInputError(f"{where}: `messages` must be a list of {{role, content}} objects", file=file, kind="data file",
                                fix='write messages as [{"role": "user", "content": "..."}, ...]')
 
     def render(turns, generation_prompt: bool) -> str:
@@ -197,12 +197,12 @@ def _chat_example(tokenizer, messages, where: str) -> Tuple[List[int], List[int]
         upto = render(messages[: i + 1], False)
         if not text.startswith(upto) or (i and not text.startswith(render(messages[:i], True))):
             raise FisherInputError(
-                f"{where}: the chat template does not render conversation prefixes consistently", file=file,
+                f"{where}: the chat template does not render conversation prefixes consistently", file=file, kind="data file",
                 fix="convert the rows to prompt/completion",
             )
         spans.append((start, len(upto)))
     if not getattr(tokenizer, "is_fast", False):
-        raise FisherInputError(f"{where}: chat masking needs a fast tokenizer (character offsets)", file=file,
+        raise FisherInputError(f"{where}: chat masking needs a fast tokenizer (character offsets)", file=file, kind="data file",
                                fix="use the model's tokenizer.json (fast tokenizer), or prompt/completion rows")
     encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids = list(encoded["input_ids"])
@@ -220,7 +220,7 @@ def tokenize_row(tokenizer, fields: Dict[str, Any], task: str, where: str, num_l
         if isinstance(label, bool) or not isinstance(label, int) or not (0 <= label < (num_labels or 0)):
             raise FisherInputError(
                 f"{where}: label {label!r} is out of range for a classifier with {num_labels} classes",
-                file=where.rsplit(":", 1)[0],
+                file=where.rsplit(":", 1)[0], kind="data file",
                 fix=f"use integer labels 0..{(num_labels or 1) - 1}, or a model with more labels",
             )
         pair = fields.get("text_pair")

@@ -12,7 +12,7 @@ Tensor names are the model checkpoint's own names; values are float32 or bfloat1
 
 from mergekit_fisher.fisher_file.config import FORMAT_NAME, FORMAT_VERSION, FisherConfig, GlobalStats
 from mergekit_fisher.fisher_file.reader import FisherFile, check_fisher_values, open_fisher
-from mergekit_fisher.fisher_file.writer import FisherWriter, write_fisher
+from mergekit_fisher.fisher_file.writer import FisherWriter, parse_shard_size, write_fisher
 
 __all__ = [
     "FORMAT_NAME",
@@ -23,5 +23,6 @@ __all__ = [
     "GlobalStats",
     "check_fisher_values",
     "open_fisher",
+    "parse_shard_size",
     "write_fisher",
 ]

@@ -75,6 +75,7 @@ class FisherFile:
         self._fds: Dict[str, int] = {}
         self._locations: Dict[str, Tuple[int, int]] = {}  # name -> (absolute begin, end) in its shard
         self._stats: Optional[GlobalStats] = None
+        self.values_checked = False  # set once a full pass has checked every value
         self.config: Optional[FisherConfig] = None
         self.tensor_paths: Dict[str, str] = {}  # tensor name -> shard file
         self._headers: Dict[str, TensorHeader] = {}
@@ -361,4 +362,8 @@ def open_fisher(path: str) -> FisherFile:
         return cached
     opened = FisherFile(key_path)
     with _CACHE_LOCK:
+        # a rewritten file replaces its stale entry (and its open descriptors)
+        stale = [k for k in _CACHE if k.rsplit("@", 1)[0] == key_path and k != key]
+        for old_key in stale:
+            _CACHE.pop(old_key).close()
         return _CACHE.setdefault(key, opened)

@@ -1,8 +1,8 @@
 """Writing Fisher files (format v1): incrementally, atomically.
 
 `FisherWriter` takes tensors one at a time and flushes a shard whenever the next tensor would push
-it past `max_shard_size`, so at most one shard is held in memory (combining or converting a 7B
-model's Fisher does not need 28 GB of RAM). Everything is written into a temporary sibling and
+it past `max_shard_size`, so at most one shard is held in memory (combining the Fisher files of a 7B
+model does not need 28 GB of RAM). Everything is written into a temporary sibling and
 renamed into place at the end: a killed run never leaves something that looks like a complete
 Fisher file. The global sum / sum of squares for `fisher_config.json` are accumulated on the way,
 in float64, from the values as stored.
@@ -15,10 +15,10 @@ import json
 import os
 import shutil
 import tempfile
+import uuid
 from typing import Dict, List, Mapping, Optional, Union
 
 import torch
-from huggingface_hub.serialization._base import parse_size_to_int
 from safetensors.torch import save_file
 
 from mergekit_fisher import __version__
@@ -32,6 +32,28 @@ from mergekit_fisher.fisher_file.config import (
 )
 
 DEFAULT_MAX_SHARD_SIZE = "5GB"
+
+
+_SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+               "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_shard_size(value: Union[int, str]) -> int:
+    """`5GB`, `500MB`, `2GiB` or a byte count -> bytes (HF's units: KB = 1000 B, KiB = 1024 B)."""
+    if isinstance(value, int) and value > 0:
+        return value
+    text = str(value).strip().upper().replace(" ", "")
+    number = text.rstrip("KMGTIB")
+    unit = text[len(number):]
+    try:
+        size = float(number) * _SIZE_UNITS[unit]
+    except (KeyError, ValueError):
+        size = 0
+    if size < 1:
+        raise FisherInputError(
+            f"invalid shard size {value!r}", fix="use a size such as 5GB, 500MB or 2GiB (--max-shard-size)"
+        )
+    return int(size)
 
 
 def _umask() -> int:
@@ -71,11 +93,11 @@ class FisherWriter:
         self.out_path = os.path.abspath(os.fspath(out_path))
         if os.path.exists(self.out_path) and not overwrite:
             raise FisherInputError(
-                "output already exists", file=self.out_path, fix="choose another path or pass --overwrite"
+                "output already exists", file=self.out_path, kind="output", fix="choose another path or pass --overwrite"
             )
         self.config = config or FisherConfig()
         self.dtype = dtype
-        self.max_shard_size = parse_size_to_int(max_shard_size) if isinstance(max_shard_size, str) else int(max_shard_size)
+        self.max_shard_size = parse_shard_size(max_shard_size)
         self.single_file = self.out_path.endswith(".safetensors")
         parent = os.path.dirname(self.out_path) or "."
         os.makedirs(parent, exist_ok=True)
@@ -171,12 +193,21 @@ class FisherWriter:
             json.dump(index, fp, indent=2)
 
     def _replace(self, staged: str) -> None:
-        # overwrite=True: the old output is swapped out only once the new one is complete
-        if os.path.isdir(self.out_path):
-            shutil.rmtree(self.out_path)
-        elif os.path.exists(self.out_path):
-            os.remove(self.out_path)
-        os.rename(staged, self.out_path)
+        # overwrite=True: move the old output aside, move the complete new one in, then drop the old;
+        # if the second rename fails the old output is put back.
+        old = None
+        if os.path.lexists(self.out_path):
+            parent, base = os.path.split(self.out_path)
+            old = os.path.join(parent, f".{base}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+            os.rename(self.out_path, old)
+        try:
+            os.rename(staged, self.out_path)
+        except BaseException:
+            if old is not None:
+                os.rename(old, self.out_path)
+            raise
+        if old is not None:
+            shutil.rmtree(old) if os.path.isdir(old) and not os.path.islink(old) else os.remove(old)
 
     def abort(self) -> None:
         self._closed = True

@@ -25,7 +25,6 @@ from mergekit_fisher.merge.parameters import check_shared
 
 LOG = logging.getLogger(__name__)
 
-_SCANNED: set = set()
 _WARNED: set = set()
 _LOCK = threading.Lock()
 
@@ -57,9 +56,12 @@ def open_for_model(path: Optional[str], model: ModelReference, method_name: str)
 
 
 def scan_values(fisher_file: FisherFile, model: ModelReference) -> None:
-    """One streaming pass over the whole file: refuses NaN/Inf/negative values before merging."""
+    """One streaming pass over the whole file: refuses NaN/Inf/negative values before merging.
+
+    Done once per opened file (`open_fisher` opens a rewritten file anew, so it is scanned again).
+    """
     with _LOCK:
-        if fisher_file.path in _SCANNED:
+        if fisher_file.values_checked:
             return
     try:
         stats = fisher_file.compute_stats()
@@ -69,7 +71,7 @@ def scan_values(fisher_file: FisherFile, model: ModelReference) -> None:
         ) from None
     fisher_file.remember_stats(stats)
     with _LOCK:
-        _SCANNED.add(fisher_file.path)
+        fisher_file.values_checked = True
 
 
 def _model_tensor_shape(model: ModelReference, name: str) -> Optional[Tuple[int, ...]]:

@@ -15,10 +15,9 @@ from typing import Dict, Tuple
 from safetensors import safe_open
 
 from mergekit_fisher.errors import FisherInputError
-from mergekit_fisher.fisher_file.reader import load_weight_map
+from mergekit_fisher.fisher_file.reader import PICKLE_SUFFIXES, load_weight_map
 
 INDEX_NAME = "model.safetensors.index.json"
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 RESAVE_FIX = (
     "re-save the model with safetensors: "
     "`AutoModelForCausalLM.from_pretrained(path).save_pretrained(out, safe_serialization=True)`"

@@ -17,7 +17,7 @@ import torch
 from safetensors import safe_open
 
 from mergekit_fisher.errors import FisherInputError
-from mergekit_fisher.fisher_file import FisherConfig, write_fisher
+from mergekit_fisher.fisher_file import FisherConfig, parse_shard_size, write_fisher
 from mergekit_fisher.fisher_file.config import CONFIG_FILENAME, HEADER_CONFIG_KEY
 from mergekit_fisher.tools.checkpoint import checkpoint_shapes
 from mergekit_fisher.tools.names import match_names
@@ -108,7 +108,7 @@ class Source:
                 if HEADER_CONFIG_KEY in metadata:
                     self._remember(metadata[HEADER_CONFIG_KEY])
             except Exception as error:
-                raise FisherInputError(f"not a valid safetensors file ({error})", file=file,
+                raise FisherInputError(f"not a valid safetensors file ({error})", file=file, kind="input file",
                                        fix="re-download or re-export it") from None
             loaders = {name: (lambda f=file, n=name: _safetensors_tensor(f, n)) for name in names}
         else:
@@ -117,7 +117,7 @@ class Source:
         for name, loader in loaders.items():
             if name in self.loaders:
                 raise FisherInputError(
-                    "the same tensor name appears in two input files", file=file, tensor=name,
+                    "the same tensor name appears in two input files", file=file, kind="input file", tensor=name,
                     fix="convert the files separately, or remove the duplicate",
                 )
             self.loaders[name] = loader
@@ -178,8 +178,9 @@ def convert(
 ) -> List[str]:
     """Convert; returns the report lines. Raises FisherInputError (nothing written) on any problem."""
     out_abs = os.path.abspath(out)
+    parse_shard_size(max_shard_size)  # a bad --max-shard-size fails before any work
     if os.path.exists(out_abs) and not overwrite:
-        raise FisherInputError("output already exists", file=out_abs, fix="choose another path or pass --overwrite")
+        raise FisherInputError("output already exists", file=out_abs, kind="output", fix="choose another path or pass --overwrite")
     model_shapes = checkpoint_shapes(model)
     source = Source(source_path)
     match = match_names(source.names(), model_shapes)

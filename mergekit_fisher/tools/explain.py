@@ -78,7 +78,7 @@ def plan_recipe(recipe_path: str, lora_merge_cache: Optional[str] = None, trust_
             config = MergeConfiguration.model_validate(yaml.safe_load(fp))
     except (OSError, ValueError) as error:
         raise FisherInputError(
-            f"cannot read the recipe ({str(error).splitlines()[0]})", file=recipe_path,
+            f"cannot read the recipe ({str(error).splitlines()[0]})", file=recipe_path, kind="recipe",
             fix="check the path and the YAML (mergekit's recipe format)",
         ) from None
     options = MergeOptions(lora_merge_cache=lora_merge_cache, trust_remote_code=trust_remote_code, quiet=True)
