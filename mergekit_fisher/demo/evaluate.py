@@ -187,9 +187,9 @@ def _dataset_label(path: str, taken: Dict[str, object]) -> str:
 @click.argument("models", nargs=-1, required=True, type=click.Path(file_okay=False))
 @click.option("--data", "data_paths", multiple=True, required=True, type=click.Path(dir_okay=False),
               help="JSONL with a `text` field per row (one example each), or .txt (cut into windows). Repeatable.")
-@click.option("--max-length", default=256, show_default=True, help="tokens per example / window")
-@click.option("--max-examples", type=int, default=None, help="use only the first N rows of each JSONL file")
-@click.option("--batch-size", default=8, show_default=True)
+@click.option("--max-length", type=click.IntRange(min=2), default=256, show_default=True, help="tokens per example / window")
+@click.option("--max-examples", type=click.IntRange(min=1), default=None, help="use only the first N rows of each JSONL file")
+@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
 @click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda | cuda:N")
 @click.option("--tokenizer", "tokenizer_dir", default=None, type=click.Path(file_okay=False),
               help="tokenizer for models saved without one")
