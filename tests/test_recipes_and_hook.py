@@ -155,3 +155,21 @@ def test_mergekit_fisher_merge_works_without_the_pth_hook(world, tmp_path):
     expected = brute_force_fisher(world, world.models, [1.0, 1.0], "mean", 1e-6)
     for name in expected:
         assert float((merged[name].double() - expected[name]).abs().max()) < 1e-5, name
+
+
+def test_mergekit_pytorch_refuses_fisher_methods_with_a_clear_message(world, tmp_path):
+    from click.testing import CliRunner
+    from mergekit.scripts.merge_raw_pytorch import main as mergekit_pytorch
+
+    recipe = {
+        "merge_method": "fisher",
+        "models": [
+            {"model": os.path.join(m, "model.safetensors"), "parameters": {"fisher": f}}
+            for m, f in zip(world.models, world.fishers)
+        ],
+    }
+    path = write_recipe(recipe, str(tmp_path / "r.yml"))
+    result = CliRunner().invoke(mergekit_pytorch, [path, str(tmp_path / "out")])
+    assert result.exit_code == 2, result.output
+    assert "Error:" in result.output and "mergekit-yaml" in result.output
+    assert not glob.glob(str(tmp_path / "out" / "*.safetensors"))

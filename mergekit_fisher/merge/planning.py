@@ -16,7 +16,7 @@ from typing import Dict, Optional, Tuple, Union
 import torch
 from mergekit.common import ImmutableMap, ModelReference
 from mergekit.graph import Task
-from mergekit.merge_methods.task_adapter import ExecuteMergeMethodTask
+from mergekit.merge_methods.task_adapter import ExecuteMergeMethodTask, TensorDictWrapper
 from mergekit.tokenizer import BuildTokenizer, PermutedVocabulary, TokenizerInfo
 from mergekit.tokenizer.config import TokenEmbeddingConfig
 from mergekit.tokenizer.truncate import TruncatedVocabulary
@@ -170,6 +170,13 @@ def fisher_aware_merge_task(**kwargs) -> ExecuteMergeMethodTask:
     from mergekit_fisher.merge.sources import resolve_fisher_inputs
 
     gather = kwargs["gather_tensors"]
+    if isinstance(gather, TensorDictWrapper):
+        raise FisherInputError(
+            f"{kwargs['method_name']} needs each input's checkpoint tensor names to find its Fisher, which "
+            "mergekit-pytorch's raw state dicts do not carry",
+            fix="save the models as Hugging Face checkpoints and merge with `mergekit-yaml` "
+            "(or `mergekit-fisher merge`)",
+        )
     inner = gather.gather_tensors if isinstance(gather, (PermutedVocabulary, TruncatedVocabulary)) else gather
     output_weight = kwargs["output_weight"]
     inputs, truncate_rows = resolve_fisher_inputs(

@@ -47,21 +47,31 @@ def register_methods() -> None:
             registry.register(method)
 
 
-def patch_planner() -> None:
-    plan = importlib.import_module("mergekit.plan")
-    from mergekit_fisher.merge.planning import fisher_aware_merge_task
-
-    current = getattr(plan, "ExecuteMergeMethodTask", None)
-    if current is fisher_aware_merge_task:
-        return
+def _patch_module(module_name: str) -> None:
+    module = importlib.import_module(module_name)
     from mergekit.merge_methods.task_adapter import ExecuteMergeMethodTask
 
+    from mergekit_fisher.merge.planning import fisher_aware_merge_task
+
+    current = getattr(module, "ExecuteMergeMethodTask", None)
+    if current is fisher_aware_merge_task:
+        return
     if current is not ExecuteMergeMethodTask:
         raise RuntimeError(
-            "mergekit.plan no longer builds merge tasks with ExecuteMergeMethodTask; "
+            f"{module_name} no longer builds merge tasks with ExecuteMergeMethodTask; "
             "this mergekit-fisher supports mergekit>=0.1.5,<0.2"
         )
-    plan.ExecuteMergeMethodTask = fisher_aware_merge_task
+    module.ExecuteMergeMethodTask = fisher_aware_merge_task
+
+
+def patch_planner() -> None:
+    """Route mergekit's planner through `fisher_aware_merge_task`."""
+    _patch_module("mergekit.plan")
+
+
+def patch_raw_pytorch() -> None:
+    """mergekit-pytorch builds its own tasks: routed too, so Fisher methods fail there with a clear message."""
+    _patch_module("mergekit.scripts.merge_raw_pytorch")
 
 
 def ensure_registered() -> None:
