@@ -84,3 +84,44 @@ def test_interrupted_two_process_run_resumes_with_one(world, tmp_path):
     resumed = open_fisher(out)
     for name in whole:
         torch.testing.assert_close(resumed.get_tensor(name), whole[name], rtol=1e-6, atol=0)
+
+
+def _oom_on_rank_one_worker(options_dict):
+    import torch as _torch
+    from accelerate import Accelerator
+
+    from mergekit_fisher.errors import FisherInputError
+    from mergekit_fisher.estimator import engine as engine_mod
+    from mergekit_fisher.estimator.runner import ComputeOptions, run_compute
+
+    accelerator = Accelerator(cpu=True)
+    if accelerator.process_index == 1:
+        def fail(self, batch):
+            raise _torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+        engine_mod.FisherEngine.step = fail
+    try:
+        run_compute(ComputeOptions(**options_dict), accelerator=accelerator)
+    except FisherInputError as error:
+        print(f"rank {accelerator.process_index}: {error.message}", flush=True)
+        return
+    raise AssertionError("run_compute should have failed")
+
+
+def launch_oom(options_json: str) -> None:
+    from accelerate import debug_launcher
+
+    debug_launcher(_oom_on_rank_one_worker, args=(json.loads(options_json),), num_processes=2)
+
+
+def test_out_of_memory_on_one_process_stops_every_process(world, tmp_path):
+    """No process may wait forever in a collective for one that already failed."""
+    out = str(tmp_path / "oom")
+    options = dict(model=world["model"], out_dir=out, data=world["data"], progress=False, **COMMON)
+    code = (f"import sys; sys.path.insert(0, {TESTS!r}); import test_estimator_distributed as t; "
+            f"t.launch_oom({json.dumps(options)!r})")
+    result = subprocess.run([sys.executable, "-c", code], env=ENV, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "rank 1: " in result.stdout and "--batch-size" in result.stdout
+    assert "rank 0: another process ran out of memory" in result.stdout
+    assert not os.path.exists(out)

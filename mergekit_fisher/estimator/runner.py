@@ -216,17 +216,28 @@ def run_compute(opts: ComputeOptions, *, accelerator=None, interrupt_after_round
     try:
         for round_index in range(rounds):
             g = done_batches + round_index * world + rank
+            failure = None
             if g < total_batches:
                 chunk = examples[g * opts.batch_size : (g + 1) * opts.batch_size]
                 batch = collate(chunk, pad_id, opts.task).to(device)
                 try:
                     num_tokens += engine.step(batch)
                 except torch.OutOfMemoryError as error:
-                    raise _oom_error(error) from None
+                    failure = _oom_error(error)
                 except RuntimeError as error:
                     if "out of memory" not in str(error).lower():
                         raise
-                    raise _oom_error(error) from None
+                    failure = _oom_error(error)
+            if world > 1:
+                # Every process learns of a failure in this round, so none waits forever in a later reduce.
+                failed = _reduce(accelerator, torch.tensor([float(failure is not None)], device=device))
+                if failure is None and float(failed.item()) > 0:
+                    failure = FisherInputError(
+                        "another process ran out of memory", model=opts.model,
+                        fix="lower --batch-size or --max-length, or use --device-map",
+                    )
+            if failure is not None:
+                raise failure
             round_end = min(total_batches, done_batches + (round_index + 1) * world)
             finished = min(len(examples), round_end * opts.batch_size)
             since_checkpoint += world * opts.batch_size
@@ -271,10 +282,13 @@ def run_compute(opts: ComputeOptions, *, accelerator=None, interrupt_after_round
         shuffle=opts.shuffle, num_processes=world,
         fallback_tensors=sorted(names[k][0] for k in engine.fallback_keys()),
     )
-    written = write_fisher(fisher, opts.out_dir, config, max_shard_size=opts.max_shard_size, overwrite=opts.overwrite)
-    if opts.checkpoint_every and os.path.exists(ckpt):
-        os.remove(ckpt)
-    accelerator.wait_for_everyone()
+    try:
+        written = write_fisher(fisher, opts.out_dir, config, max_shard_size=opts.max_shard_size,
+                               overwrite=opts.overwrite)
+        if opts.checkpoint_every and os.path.exists(ckpt):
+            os.remove(ckpt)
+    finally:
+        accelerator.wait_for_everyone()  # the other processes wait here: release them even on failure
     return written
 
 
