@@ -23,17 +23,13 @@ from typing import Callable, Dict, List, Optional
 import torch
 
 from mergekit_fisher.estimator.accumulator import FisherAccumulator
+from mergekit_fisher.math import working_dtype
 
 # Largest per-example gradient block materialised at once (elements); bigger weights go in row blocks.
 # On a CPU a block that stays in cache between the matmul and the square-and-reduce is ~20% faster
 # (bench/bench_compute.py, seq 32: 1<<20 -> 199 ex/s, 1<<26 -> 161 ex/s); GPUs prefer big blocks.
 MAX_BLOCK_ELEMENTS = 1 << 26
 MAX_BLOCK_ELEMENTS_CPU = 1 << 20
-
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Half-precision models still get their per-example gradients formed and squared in float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _flat_tokens(tensor: torch.Tensor, trailing: int) -> torch.Tensor:
@@ -69,7 +65,7 @@ class LinearHandler(Handler):
         self.transposed = transposed
 
     def contribute(self, x, delta, sink):
-        dtype = compute_dtype(delta.dtype)
+        dtype = working_dtype(delta.dtype)
         x = _flat_tokens(x, 1).to(dtype)  # (B, T, I)
         delta = _flat_tokens(delta, 1).to(dtype)  # (B, T, O)
         if "bias" in self.keys:
@@ -97,7 +93,7 @@ class EmbeddingHandler(Handler):
     def contribute(self, ids, delta, sink):
         module = self.module
         key = self.keys["weight"]
-        dtype = compute_dtype(delta.dtype)
+        dtype = working_dtype(delta.dtype)
         batch = delta.shape[0]
         vocab, hidden = module.weight.shape
         ids = ids.reshape(batch, -1).to(delta.device)
@@ -127,7 +123,7 @@ class NormHandler(Handler):
         self.normalize = normalize
 
     def contribute(self, x, delta, sink):
-        dtype = compute_dtype(delta.dtype)
+        dtype = working_dtype(delta.dtype)
         shape = next(iter(self.params.values())).shape
         trailing = len(shape)
         delta32 = _flat_tokens(delta, trailing).to(dtype)

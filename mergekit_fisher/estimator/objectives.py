@@ -17,24 +17,22 @@ from typing import List, Sequence, Tuple
 
 import torch
 
+from mergekit_fisher.math import working_dtype
+
 IGNORE = -100
 FISHER_TYPES = ("empirical", "sampled", "exact")
 
 
-def loglik_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def lm_loglik(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """(B,) summed log-likelihood; `logits` (B, T, V) predict `targets` (B, T-1) = labels shifted left."""
-    logp = torch.log_softmax(logits[:, :-1].to(loglik_dtype(logits.dtype)), dim=-1)
+    logp = torch.log_softmax(logits[:, :-1].to(working_dtype(logits.dtype)), dim=-1)
     mask = targets != IGNORE
     picked = logp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
     return (picked * mask).sum(1)
 
 
 def cls_loglik(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    logp = torch.log_softmax(logits.to(loglik_dtype(logits.dtype)), dim=-1)
+    logp = torch.log_softmax(logits.to(working_dtype(logits.dtype)), dim=-1)
     return logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
 
 

@@ -2,16 +2,18 @@
 
 from mergekit_fisher.math.fisher_merge import (
     NORMALIZATIONS,
+    fisher_element_weights,
     fisher_task_arithmetic,
     fisher_weighted_average,
     normalize_fisher,
-    fisher_element_weights,
+    working_dtype,
 )
 
 __all__ = [
     "NORMALIZATIONS",
+    "fisher_element_weights",
     "fisher_task_arithmetic",
     "fisher_weighted_average",
     "normalize_fisher",
-    "fisher_element_weights",
+    "working_dtype",
 ]

@@ -20,6 +20,11 @@ import torch
 NORMALIZATIONS = ("mean", "l2", "tensor", "none")
 
 
+def working_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 stays float64; everything else (bf16/fp16/fp32) is computed in float32, as mergekit's linear."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def normalize_fisher(
     fisher: torch.Tensor,
     mode: str,

@@ -27,17 +27,12 @@ from mergekit.merge_methods.base import (
 from mergekit.merge_methods.generalized_task_arithmetic import GeneralizedTaskArithmeticMerge
 from mergekit.sparsify import RescaleNorm, sparsify
 
-from mergekit_fisher.math import fisher_task_arithmetic, fisher_weighted_average
+from mergekit_fisher.math import fisher_task_arithmetic, fisher_weighted_average, working_dtype
 from mergekit_fisher.merge.context import fishers_for
 from mergekit_fisher.merge.parameters import fisher_parameter_specs
 
 PAPER_URL = "https://arxiv.org/abs/2111.09832"
 DEFAULT_WEIGHT = 1.0
-
-
-def _math_dtype(tensor: torch.Tensor) -> torch.dtype:
-    # as mergekit's linear: float64 stays float64, everything else is computed in float32
-    return torch.float64 if tensor.dtype == torch.float64 else torch.float32
 
 
 class FisherMerge(GroupMergeMethod):
@@ -60,7 +55,7 @@ class FisherMerge(GroupMergeMethod):
         entries = group.entries
         fishers = fishers_for(self.spec.name, group.metadata.name, entries)
         first = entries[0].tensor
-        dtype = _math_dtype(first)
+        dtype = working_dtype(first.dtype)
         merged = fisher_weighted_average(
             [entry.tensor.to(dtype) for entry in entries],
             [fishers[entry.id] for entry in entries],
