@@ -11,6 +11,7 @@ which also yields the global statistics when the file's metadata lacks them).
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import threading
@@ -82,8 +83,14 @@ def _model_tensor_shape(model: ModelReference, name: str) -> Optional[Tuple[int,
     if not index.is_safetensors or name not in index.tensor_paths:
         return None
     shard = os.path.join(index.base_path, index.tensor_paths[name])
+    return _shard_shapes(shard, os.stat(shard).st_mtime_ns).get(name)
+
+
+@functools.lru_cache(maxsize=256)
+def _shard_shapes(shard: str, _mtime_ns: int) -> Dict[str, Tuple[int, ...]]:
+    """Every tensor shape of one model shard: its header is parsed once, not once per output tensor."""
     with safe_open(shard, framework="pt", device="cpu") as handle:
-        return tuple(handle.get_slice(name).get_shape())
+        return {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
 
 
 def _present_name(model: ModelReference, candidates: Sequence[str]) -> Optional[str]:
