@@ -79,10 +79,17 @@ def make_llama(
     **overrides,
 ):
     """A randomly initialised tiny Llama; saved (safetensors) with the tokenizer when `out_dir` is given."""
-    from transformers import AutoTokenizer, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     torch.manual_seed(seed)
     model = LlamaForCausalLM(llama_config(vocab_size, hidden, layers, tie, **overrides)).to(dtype)
+    return _finish(model, out_dir, tokenizer_dir)
+
+
+def _finish(model, out_dir: Optional[str], tokenizer_dir: Optional[str]):
+    """eval mode; saved (safetensors) with the tokenizer when `out_dir` is given."""
+    from transformers import AutoTokenizer
+
     model.eval()
     if out_dir is not None:
         model.save_pretrained(out_dir, safe_serialization=True)
@@ -140,17 +147,11 @@ def make_llama_classifier(
     dtype: torch.dtype = torch.float32,
 ):
     """A tiny LlamaForSequenceClassification (pad_token_id set, so batches can be padded)."""
-    from transformers import AutoTokenizer, LlamaForSequenceClassification
+    from transformers import LlamaForSequenceClassification
 
     torch.manual_seed(seed)
     config = llama_config(vocab_size, hidden, layers, num_labels=num_labels)
-    model = LlamaForSequenceClassification(config).to(dtype)
-    model.eval()
-    if out_dir is not None:
-        model.save_pretrained(out_dir, safe_serialization=True)
-        if tokenizer_dir is not None:
-            AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(out_dir)
-    return model
+    return _finish(LlamaForSequenceClassification(config).to(dtype), out_dir, tokenizer_dir)
 
 
 def brute_force_fisher(model, examples, *, task: str = "causal-lm", exact_classes: bool = False) -> dict:
