@@ -25,13 +25,6 @@ import torch
 from mergekit_fisher.estimator.accumulator import FisherAccumulator
 from mergekit_fisher.math import working_dtype
 
-# Largest per-example gradient block materialised at once (elements); bigger weights go in row blocks.
-# On a CPU a block that stays in cache between the matmul and the square-and-reduce is ~20% faster
-# (bench/bench_compute.py, seq 32: 1<<20 -> 199 ex/s, 1<<26 -> 161 ex/s); GPUs prefer big blocks.
-MAX_BLOCK_ELEMENTS = 1 << 26
-MAX_BLOCK_ELEMENTS_CPU = 1 << 20
-
-
 def _flat_tokens(tensor: torch.Tensor, trailing: int) -> torch.Tensor:
     """(B, ..., *trailing dims) -> (B, T, prod(trailing))."""
     batch = tensor.shape[0]
@@ -75,16 +68,10 @@ class LinearHandler(Handler):
         key = self.keys["weight"]
         # rows of the stored weight: O for Linear, I for Conv1D
         left, right = (x, delta) if self.transposed else (delta, x)
-        batch, rows, cols = left.shape[0], left.shape[2], right.shape[2]
-        left_t = left.transpose(1, 2)  # (B, rows, T)
         if sink.is_shared(key):
-            sink.dense(key, torch.bmm(left_t, right))
-            return
-        budget = MAX_BLOCK_ELEMENTS_CPU if delta.device.type == "cpu" else MAX_BLOCK_ELEMENTS
-        block = max(1, budget // max(1, batch * cols))
-        for start in range(0, rows, block):
-            stop = min(rows, start + block)
-            sink.dense(key, torch.bmm(left_t[:, start:stop], right), rows=slice(start, stop))
+            sink.dense(key, torch.bmm(left.transpose(1, 2), right))
+        else:
+            sink.outer(key, left, right)
 
 
 class EmbeddingHandler(Handler):
@@ -158,26 +145,22 @@ class GradientSink:
     def is_shared(self, key: str) -> bool:
         return self.capture.uses.get(key, 0) > 1
 
-    def dense(self, key: str, per_example: torch.Tensor, rows: Optional[slice] = None) -> None:
+    def dense(self, key: str, per_example: torch.Tensor) -> None:
         state = self.capture.pass_state
         if key in self.capture.broadcast:
             return
         if not self.is_shared(key):
-            if rows is None:
-                self.capture.accumulator.add_dense(key, per_example, state.weights)
-            else:
-                self._add_block(key, per_example, rows, state.weights)
+            self.capture.accumulator.add_dense(key, per_example, state.weights)
             return
         buffer = state.buffers.get(key)
         state.buffers[key] = per_example if buffer is None else buffer.add_(per_example)
         self.capture.received_one(key)
 
-    def _add_block(self, key, per_example, rows, weights):
-        acc = self.capture.accumulator
-        target = acc.sums[key][rows]
-        squared = per_example.square_().reshape(per_example.shape[0], -1)
-        total = weights.to(squared.dtype).unsqueeze(0).matmul(squared).reshape(target.shape)
-        target.add_(total.to(device=target.device, dtype=acc.dtype))
+    def outer(self, key: str, left: torch.Tensor, right: torch.Tensor) -> None:
+        """Unshared linear weight: per-example gradients left_b^T right_b, squared straight into the sums."""
+        if key in self.capture.broadcast:
+            return
+        self.capture.accumulator.add_outer(key, left, right, self.capture.pass_state.weights)
 
     def rows(self, key, rows, row_grads, examples) -> None:
         if key in self.capture.broadcast:
