@@ -1,6 +1,7 @@
 """Data parallel over 2 CPU processes gives the Fisher of 1 process; a run interrupted with 2 processes
-resumes with 1. The 2-process runs start from a fresh interpreter: `torchrun -m mergekit_fisher compute`
-and `accelerate.debug_launcher` (which forks; forking a pytest process whose OpenMP pool is already
+resumes with 1. The 2-process runs start from a fresh interpreter: `accelerate launch --multi_gpu` (which
+runs torchrun; on a machine without GPUs each process falls back to CPU + gloo), plain `torchrun`, and
+`accelerate.debug_launcher` (which forks; forking a pytest process whose OpenMP pool is already
 running can deadlock, so it is launched from a clean `python -c`)."""
 
 from __future__ import annotations
@@ -52,11 +53,20 @@ COMMON = dict(fisher_type="sampled", samples=2, seed=5, batch_size=2, dtype="flo
               shuffle=True)
 
 
-def test_torchrun_two_processes_equal_one(world, tmp_path):
+LAUNCHERS = {
+    # `accelerate launch --cpu` goes through mpirun; --multi_gpu goes through torchrun and works on CPUs too
+    "accelerate launch": ["-m", "accelerate.commands.accelerate_cli", "launch", "--multi_gpu", "--num_processes", "2",
+                          "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                          "--main_process_port", "29518"],
+    "torchrun": ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517"],
+}
+
+
+@pytest.mark.parametrize("launcher", sorted(LAUNCHERS))
+def test_two_launched_processes_equal_one(world, tmp_path, launcher):
     one = compute(world["model"], str(tmp_path / "one"), world["data"], **COMMON)
     two_dir = str(tmp_path / "two")
-    # torchrun (what `accelerate launch` runs on GPUs; its --cpu mode wants mpirun) + accelerate's env detection
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+    command = [sys.executable, *LAUNCHERS[launcher],
                "-m", "mergekit_fisher", "compute", world["model"], two_dir, "--data", world["data"],
                "--fisher-type", "sampled", "--samples", "2", "--seed", "5", "--batch-size", "2",
                "--dtype", "float64", "--accumulator-dtype", "float64", "--no-progress"]
