@@ -4,6 +4,7 @@ Same model, same data, same batch size; examples/s, several repetitions (median)
 
     .venv/bin/python bench/bench_compute.py                      # CPU, small Llama (hidden 256, 4 layers)
     .venv/bin/python bench/bench_compute.py --device cuda --examples 256 --batch-size 16
+    .venv/bin/python bench/bench_compute.py --memory --tie --vocab 32000   # peak memory, each in a fresh process
 
 * estimator: `FisherEngine.step` (per-example squared gradients from one backward pass per batch);
 * loop:      the obvious exact method -- per example: forward, autograd.grad of the summed log-likelihood
@@ -15,7 +16,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import resource
 import statistics
+import subprocess
+import sys
 import time
 
 import torch
@@ -28,7 +32,7 @@ def build(args):
     config = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.hidden * 8 // 3,
                          num_hidden_layers=args.layers, num_attention_heads=max(1, args.hidden // 64),
                          num_key_value_heads=max(1, args.hidden // 128), max_position_embeddings=args.seq_len,
-                         tie_word_embeddings=False, pad_token_id=0)
+                         tie_word_embeddings=args.tie, pad_token_id=0)
     model = LlamaForCausalLM(config).to(device=args.device, dtype=getattr(torch, args.dtype)).eval()
     generator = torch.Generator().manual_seed(1)
     ids = torch.randint(3, args.vocab, (args.examples, args.seq_len), generator=generator)
@@ -107,6 +111,44 @@ def timed(fn, model, data, args):
     return time.perf_counter() - start
 
 
+def peak_bytes(device):
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated()
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+
+
+def print_peak(args, model, ids, lengths):
+    """One method, one process: its peak (CPU: max RSS; GPU: max allocated) above the model and data."""
+    data = batches(ids, lengths, args.batch_size)
+    fn = {"estimator": run_estimator, "loop": run_loop, "train": run_train}[args.only]
+    if args.device.startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    before = peak_bytes(args.device) if args.device.startswith("cuda") else \
+        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    fn(model, data, args)
+    sync(args.device)
+    print(json.dumps({"method": args.only, "peak_above_model": peak_bytes(args.device) - before}))
+
+
+def memory_report(args):
+    argv = [a for a in sys.argv[1:] if a != "--memory"]
+    params = None
+    peaks = {}
+    for method in ("estimator", "loop", "train"):
+        out = subprocess.run([sys.executable, __file__, *argv, "--only", method, "--examples",
+                              str(args.batch_size * 2)], capture_output=True, text=True, check=True).stdout
+        peaks[method] = json.loads(out.strip().splitlines()[-1])["peak_above_model"]
+    mib = {k: v / 2**20 for k, v in peaks.items()}
+    print(f"peak memory above the model (MiB; {'max allocated' if args.device.startswith('cuda') else 'max RSS'}), "
+          f"vocab {args.vocab}{' tied' if args.tie else ''}, hidden {args.hidden}, seq {args.seq_len}, "
+          f"batch {args.batch_size}:")
+    for name, value in mib.items():
+        print(f"  {name:9s} {value:8.1f}")
+    print(f"  estimator / train = {peaks['estimator'] / max(1, peaks['train']):.2f}x")
+    print(json.dumps({"peak_above_model_bytes": peaks, "args": vars(args)}))
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--hidden", type=int, default=256)
@@ -119,11 +161,19 @@ def main():
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--tie", action="store_true", help="tie lm_head to the input embedding (Gemma, Llama-3.2)")
     parser.add_argument("--fisher-type", default="empirical", choices=["empirical", "sampled"])
     parser.add_argument("--check", action="store_true", help="also check estimator == loop on the data")
+    parser.add_argument("--memory", action="store_true",
+                        help="peak memory of each method above the built model, each in a fresh process")
+    parser.add_argument("--only", choices=["estimator", "loop", "train"], help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.memory:
+        return memory_report(args)
 
     model, ids, lengths = build(args)
+    if args.only:
+        return print_peak(args, model, ids, lengths)
     data = batches(ids, lengths, args.batch_size)
     loop_n = args.loop_examples or args.examples
     loop_data = batches(ids[:loop_n], lengths[:loop_n], args.batch_size)
@@ -139,7 +189,8 @@ def main():
         rates["train"].append(args.examples / timed(run_train, model, data, args))
     median = {k: statistics.median(v) for k, v in rates.items()}
     params = sum(p.numel() for p in model.parameters())
-    print(f"model: Llama hidden {args.hidden}, {args.layers} layers, vocab {args.vocab}, {params / 1e6:.2f}M params, "
+    print(f"model: Llama hidden {args.hidden}, {args.layers} layers, vocab {args.vocab}{' tied' if args.tie else ''}, "
+          f"{params / 1e6:.2f}M params, "
           f"{args.dtype} on {args.device}; seq <= {args.seq_len}, batch {args.batch_size}, "
           f"{args.examples} examples ({loop_n} for the loop), {args.fisher_type} Fisher, {args.reps} reps, "
           f"torch threads {torch.get_num_threads()}")

@@ -120,20 +120,23 @@ def test_padding_does_not_leak(world, tmp_path):
         torch.testing.assert_close(padded[name].double(), expected, rtol=1e-5, atol=1e-10)
 
 
+@pytest.mark.parametrize("tie", [False, True])
 @pytest.mark.parametrize("strategy", ["per-example loop", "batched matmul"])
-def test_row_blocked_per_example_gradients_equal_brute_force(world, tmp_path, monkeypatch, strategy):
+def test_row_blocked_per_example_gradients_equal_brute_force(world, tmp_path, monkeypatch, strategy, tie):
     """Big weights are formed in row blocks (memory / cache); force 1-row blocks and check nothing changes,
-    for both ways of forming per-example gradients (the CPU's per-example loop, the GPU's batched bmm)."""
+    for both ways of forming per-example gradients (the CPU's per-example loop, the GPU's batched bmm), and
+    for a tied embedding / lm_head (its two terms are summed block by block before squaring)."""
     from mergekit_fisher.estimator import accumulator
 
     monkeypatch.setattr(accumulator, "BLOCK_ELEMENTS_CPU", 1)
     monkeypatch.setattr(accumulator, "BLOCK_ELEMENTS_GPU", 1)
     if strategy == "batched matmul":
         monkeypatch.setattr(accumulator, "PER_EXAMPLE_LOOP_DEVICES", ())
-    got = compute(world["lm_tieFalse"], str(tmp_path / "f"), world["lm_data"], fisher_type="empirical",
+    model = world[f"lm_tie{tie}"]
+    got = compute(model, str(tmp_path / "f"), world["lm_data"], fisher_type="empirical",
                   batch_size=4, dtype="float64", accumulator_dtype="float64")
     reference = tiny.brute_force_fisher(
-        LlamaForCausalLM.from_pretrained(world["lm_tieFalse"], dtype=torch.float64),
+        LlamaForCausalLM.from_pretrained(model, dtype=torch.float64),
         lm_reference_examples(world["tokenizer"], LM_ROWS),
     )
     assert_fisher_close(got, reference)

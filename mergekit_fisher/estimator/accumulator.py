@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Dict, Optional
+from typing import Dict, Sequence
 
 import torch
 
+from mergekit_fisher.estimator.gradient_terms import OuterGrads, RowGrads, grad_dtype, on_device
 from mergekit_fisher.math import working_dtype
 
 # Per-example gradient blocks (elements). On a CPU one example's block is formed by a matmul and squared
@@ -29,6 +30,38 @@ class FisherAccumulator:
         self.sums: Dict[str, torch.Tensor] = {
             key: torch.zeros(shape, dtype=dtype, device=devices[key]) for key, shape in shapes.items()
         }
+
+    def add_terms(self, key: str, terms: Sequence, weights: torch.Tensor) -> None:
+        """``sums[key] += sum_b w_b * (sum of the terms' G_b)**2`` (see gradient_terms): summed, THEN squared."""
+        if len(terms) == 1:
+            (term,) = terms
+            if isinstance(term, OuterGrads):
+                return self.add_outer(key, term.left, term.right, weights)
+            if isinstance(term, RowGrads):
+                return self.add_rows(key, term.rows, term.values, weights.to(term.values.device)[term.examples])
+            return self.add_dense(key, term.per_example, weights)
+        target = self.sums[key]
+        rows = target.shape[0] if target.dim() else 1
+        cols = target.numel() // rows
+        batch, device = weights.numel(), target.device
+        dtype = working_dtype(grad_dtype(terms[0]))
+        terms = [on_device(term, device) for term in terms]
+        # row blocks of all B examples at once, bounded in size: never the whole B x rows x cols
+        budget = BLOCK_ELEMENTS_CPU * 4 if device.type in PER_EXAMPLE_LOOP_DEVICES else BLOCK_ELEMENTS_GPU
+        block = max(1, min(rows, budget // max(1, batch * cols)))
+        edges = list(range(0, rows, block)) + [rows]
+        row_parts = {id(t): t.split(edges) for t in terms if isinstance(t, RowGrads)}
+        w = weights.to(device=device, dtype=dtype).unsqueeze(0)
+        target_2d = target.view(rows, cols)
+        for i, (start, stop) in enumerate(zip(edges, edges[1:])):
+            out = torch.zeros(batch, stop - start, cols, dtype=dtype, device=device)
+            for term in terms:
+                if isinstance(term, RowGrads):
+                    RowGrads.add_block(out, row_parts[id(term)][i])
+                else:
+                    term.add_block(out, start, stop)
+            total = w.matmul(out.square_().reshape(batch, -1)).reshape(stop - start, cols)
+            target_2d[start:stop].add_(total.to(self.dtype))
 
     def add_dense(self, key: str, per_example: torch.Tensor, weights: torch.Tensor) -> None:
         """`per_example`: (B, *shape) gradients; squared here (in place: callers hand over ownership)."""

@@ -7,8 +7,8 @@ delta[b] is example b's own output gradient, so the per-example weight gradient 
 (norms). We square G_b -- never a batch-summed gradient -- and add ``w_b * G_b**2`` to the accumulator.
 
 A parameter used by several calls (tied embeddings / lm_head, a module called twice) gets its per-example
-contributions SUMMED in a buffer until the backward pass has delivered all of them, and only then squared:
-(a+b)**2 != a**2 + b**2.
+contributions held (in factored form, see gradient_terms) until the backward pass has delivered all of them,
+then SUMMED, and only then squared: (a+b)**2 != a**2 + b**2.
 
 Parameters keep ``requires_grad=False``; the first covered module whose output does not yet require grad
 turns its output into a leaf, and ``torch.autograd.grad`` w.r.t. those leaves drives the backward pass,
@@ -23,6 +23,7 @@ from typing import Callable, Dict, List, Optional
 import torch
 
 from mergekit_fisher.estimator.accumulator import FisherAccumulator
+from mergekit_fisher.estimator.gradient_terms import DenseGrads, OuterGrads, RowGrads
 from mergekit_fisher.math import working_dtype
 
 def _flat_tokens(tensor: torch.Tensor, trailing: int) -> torch.Tensor:
@@ -62,16 +63,13 @@ class LinearHandler(Handler):
         x = _flat_tokens(x, 1).to(dtype)  # (B, T, I)
         delta = _flat_tokens(delta, 1).to(dtype)  # (B, T, O)
         if "bias" in self.keys:
-            sink.dense(self.keys["bias"], delta.sum(1))
+            sink.add(self.keys["bias"], DenseGrads(delta.sum(1)))
         if "weight" not in self.keys:
             return
         key = self.keys["weight"]
         # rows of the stored weight: O for Linear, I for Conv1D
         left, right = (x, delta) if self.transposed else (delta, x)
-        if sink.is_shared(key):
-            sink.dense(key, torch.bmm(left.transpose(1, 2), right))
-        else:
-            sink.outer(key, left, right)
+        sink.add(key, OuterGrads(left, right))
 
 
 class EmbeddingHandler(Handler):
@@ -91,15 +89,10 @@ class EmbeddingHandler(Handler):
         if module.padding_idx is not None:  # nn.Embedding never updates its padding row
             keep = ids.reshape(-1) != module.padding_idx
             flat_keys, flat_delta = flat_keys[keep], flat_delta[keep]
-        if sink.is_shared(key):
-            buffer = torch.zeros(batch * vocab, hidden, dtype=dtype, device=delta.device)
-            buffer.index_add_(0, flat_keys, flat_delta)
-            sink.dense(key, buffer.view(batch, vocab, hidden))
-            return
         unique, inverse = torch.unique(flat_keys, return_inverse=True)
         rows = torch.zeros(unique.numel(), hidden, dtype=dtype, device=delta.device)
         rows.index_add_(0, inverse, flat_delta)
-        sink.rows(key, unique % vocab, rows, unique // vocab)
+        sink.add(key, RowGrads(examples=unique // vocab, rows=unique % vocab, values=rows))
 
 
 class NormHandler(Handler):
@@ -118,9 +111,9 @@ class NormHandler(Handler):
         if "weight" in self.keys:
             with torch.no_grad():
                 x_hat = _flat_tokens(self.normalize(x), trailing).to(dtype)
-            sink.dense(self.keys["weight"], (delta32 * x_hat).sum(1).reshape(batch, *shape))
+            sink.add(self.keys["weight"], DenseGrads((delta32 * x_hat).sum(1).reshape(batch, *shape)))
         if "bias" in self.keys:
-            sink.dense(self.keys["bias"], delta32.sum(1).reshape(batch, *shape))
+            sink.add(self.keys["bias"], DenseGrads(delta32.sum(1).reshape(batch, *shape)))
 
 
 @dataclass
@@ -133,40 +126,28 @@ class _Call:
 class _PassState:
     weights: torch.Tensor
     received: Dict[str, int] = field(default_factory=dict)
-    buffers: Dict[str, torch.Tensor] = field(default_factory=dict)
+    terms: Dict[str, list] = field(default_factory=dict)
 
 
 class GradientSink:
-    """Routes per-example contributions: straight into the accumulator, or into a buffer for shared params."""
+    """Routes per-example gradient terms: straight into the accumulator, or -- for a parameter used by
+    several calls -- held until the last call has delivered its term, then summed and squared."""
 
     def __init__(self, capture: "PerExampleCapture"):
         self.capture = capture
 
-    def is_shared(self, key: str) -> bool:
-        return self.capture.uses.get(key, 0) > 1
-
-    def dense(self, key: str, per_example: torch.Tensor) -> None:
-        state = self.capture.pass_state
-        if key in self.capture.broadcast:
+    def add(self, key: str, term) -> None:
+        capture = self.capture
+        if key in capture.broadcast:
             return
-        if not self.is_shared(key):
-            self.capture.accumulator.add_dense(key, per_example, state.weights)
+        state = capture.pass_state
+        if capture.uses.get(key, 0) <= 1:
+            capture.accumulator.add_terms(key, [term], state.weights)
             return
-        buffer = state.buffers.get(key)
-        state.buffers[key] = per_example if buffer is None else buffer.add_(per_example)
-        self.capture.received_one(key)
-
-    def outer(self, key: str, left: torch.Tensor, right: torch.Tensor) -> None:
-        """Unshared linear weight: per-example gradients left_b^T right_b, squared straight into the sums."""
-        if key in self.capture.broadcast:
-            return
-        self.capture.accumulator.add_outer(key, left, right, self.capture.pass_state.weights)
-
-    def rows(self, key, rows, row_grads, examples) -> None:
-        if key in self.capture.broadcast:
-            return
-        weights = self.capture.pass_state.weights
-        self.capture.accumulator.add_rows(key, rows, row_grads, weights.to(row_grads.device)[examples])
+        state.terms.setdefault(key, []).append(term)
+        state.received[key] = state.received.get(key, 0) + 1
+        if state.received[key] == capture.uses[key]:
+            capture.accumulator.add_terms(key, state.terms.pop(key), state.weights)
 
 
 class PerExampleCapture:
@@ -252,12 +233,6 @@ class PerExampleCapture:
         call.handler.contribute(call.saved, delta.detach(), self.sink)
         return None
 
-    def received_one(self, key: str) -> None:
-        state = self.pass_state
-        state.received[key] = state.received.get(key, 0) + 1
-        if state.received[key] == self.uses[key] and key in state.buffers:
-            self.accumulator.add_dense(key, state.buffers.pop(key), state.weights)
-
     def backward(self, loss: torch.Tensor, weights: torch.Tensor, *, retain_graph: bool) -> None:
         """One weighted pass: every per-example gradient of `loss` squared, times weights[b], accumulated."""
         if not self.leaves:
@@ -266,8 +241,8 @@ class PerExampleCapture:
         try:
             torch.autograd.grad(loss, self.leaves, retain_graph=retain_graph, allow_unused=True)
             # shared parameters whose other uses got no gradient (unused outputs): complete now
-            for key, buffer in list(self.pass_state.buffers.items()):
-                self.accumulator.add_dense(key, buffer, self.pass_state.weights)
+            for key, terms in list(self.pass_state.terms.items()):
+                self.accumulator.add_terms(key, terms, self.pass_state.weights)
         finally:
             self.pass_state = None
 
