@@ -57,11 +57,19 @@ def test_missing_adapter(world, tmp_path):
                  "adapter not found", "noad")
 
 
-def test_missing_and_empty_data(world, tmp_path):
-    expect_error(world, tmp_path, [world["lm"], "--data", str(tmp_path / "none.jsonl")], "does not exist", "none.jsonl")
+def test_missing_empty_and_unreadable_data(world, tmp_path):
+    expect_error(world, tmp_path, [world["lm"], "--data", str(tmp_path / "none.jsonl")], "does not exist",
+                 f"data file {tmp_path / 'none.jsonl'}")
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
-    expect_error(world, tmp_path, [world["lm"], "--data", empty], "no examples", "empty.jsonl")
+    expect_error(world, tmp_path, [world["lm"], "--data", empty], "no examples", f"data file {empty}")
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"text": "fine"}\n{"text": oops}\n')
+    expect_error(world, tmp_path, [world["lm"], "--data", broken], "line 2 is not valid JSON", f"data file {broken}")
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    (folder / "notes.bin").write_bytes(b"\0\1")
+    expect_error(world, tmp_path, [world["lm"], "--data", folder], "cannot load the data", f"data file {folder}")
 
 
 def test_unknown_fields(world, tmp_path):
@@ -174,3 +182,49 @@ def test_dora_adapter_refused(world, tmp_path):
     config["use_dora"] = True
     (dora / "adapter_config.json").write_text(json.dumps(config))
     expect_error(world, tmp_path, [world["lm"], "--data", world["data"], "--lora", dora], "DoRA", "merge_and_unload")
+
+
+CUSTOM_CONFIG = '''from transformers import LlamaConfig
+
+
+class TinyCustomConfig(LlamaConfig):
+    model_type = "tiny-custom"
+'''
+CUSTOM_MODELING = '''from transformers import LlamaForCausalLM
+
+from .configuration_tinycustom import TinyCustomConfig
+
+
+class TinyCustomForCausalLM(LlamaForCausalLM):
+    config_class = TinyCustomConfig
+'''
+
+
+def test_remote_code_needs_trust_remote_code(world, tmp_path, monkeypatch):
+    """A checkpoint whose architecture lives in its own Python files (auto_map): refused without
+    --trust-remote-code (nothing written), and with it the Fisher equals that of the same weights as a Llama."""
+    import json
+    import shutil
+
+    monkeypatch.setenv("HF_MODULES_CACHE", str(tmp_path / "modules"))
+    custom = tmp_path / "custom"
+    shutil.copytree(world["lm"], custom)
+    (custom / "configuration_tinycustom.py").write_text(CUSTOM_CONFIG)
+    (custom / "modeling_tinycustom.py").write_text(CUSTOM_MODELING)
+    config = json.loads((custom / "config.json").read_text())
+    config.update(model_type="tiny-custom", architectures=["TinyCustomForCausalLM"],
+                  auto_map={"AutoConfig": "configuration_tinycustom.TinyCustomConfig",
+                            "AutoModelForCausalLM": "modeling_tinycustom.TinyCustomForCausalLM"})
+    (custom / "config.json").write_text(json.dumps(config))
+
+    expect_error(world, tmp_path, [str(custom), "--data", world["data"]], "defined by Python files shipped with it",
+                 "pass --trust-remote-code", str(custom))
+
+    from estimator_helpers import compute
+
+    options = dict(fisher_type="empirical", batch_size=2)
+    trusted = compute(str(custom), str(tmp_path / "trusted"), world["data"], trust_remote_code=True, **options)
+    plain = compute(world["lm"], str(tmp_path / "plain"), world["data"], **options)
+    assert set(trusted) == set(plain)
+    for name in plain:
+        assert torch.equal(trusted[name], plain[name]), name

@@ -19,7 +19,7 @@ def _tokenizer(tokenizer_dir):
     return AutoTokenizer.from_pretrained(tokenizer_dir)
 
 
-def test_txt_and_saved_dataset_equal_jsonl(tokenizer_dir, tmp_path):
+def test_txt_saved_dataset_and_dataset_repo_equal_jsonl(tokenizer_dir, tmp_path):
     import datasets
 
     model = str(tmp_path / "m")
@@ -30,9 +30,13 @@ def test_txt_and_saved_dataset_equal_jsonl(tokenizer_dir, tmp_path):
     txt.write_text("\n".join(texts) + "\n\n")
     saved = str(tmp_path / "ds")
     datasets.Dataset.from_dict({"text": texts, "source": ["x"] * 4}).save_to_disk(saved)
+    # laid out like a hub dataset repository (what `load_dataset("user/name")` downloads): parquet under data/
+    repo = tmp_path / "repo"
+    (repo / "data").mkdir(parents=True)
+    datasets.Dataset.from_dict({"text": texts}).to_parquet(str(repo / "data" / "train-00000-of-00001.parquet"))
     options = dict(fisher_type="empirical", batch_size=2)
     reference = compute(model, str(tmp_path / "a"), jsonl, **options)
-    for name, data in [("b", str(txt)), ("c", saved)]:
+    for name, data in [("b", str(txt)), ("c", saved), ("d", str(repo))]:
         other = compute(model, str(tmp_path / name), data, **options)
         for key in reference:
             assert torch.equal(other[key], reference[key]), (data, key)

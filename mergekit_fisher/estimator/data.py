@@ -78,11 +78,11 @@ def _read_jsonl(path: str) -> List[Tuple[str, Dict[str, Any]]]:
                 row = json.loads(line)
             except ValueError as error:
                 raise FisherInputError(
-                    f"line {number} is not valid JSON ({error})", file=path,
+                    f"line {number} is not valid JSON ({error})", file=path, kind="data file",
                     fix="write one JSON object per line (JSONL)",
                 ) from None
             if not isinstance(row, dict):
-                raise FisherInputError(f"line {number} is not a JSON object", file=path,
+                raise FisherInputError(f"line {number} is not a JSON object", file=path, kind="data file",
                                        fix="write one JSON object per line (JSONL)")
             rows.append((f"{path}:{number}", row))
     return rows
@@ -96,14 +96,14 @@ def _read_dataset(path: str, *, on_disk: bool) -> Tuple[List[Tuple[str, Dict[str
     except Exception as error:  # FileNotFoundError, ConnectionError, DatasetNotFoundError, ...
         raise FisherInputError(
             f"cannot load the data ({error.__class__.__name__}: {str(error).splitlines()[0] if str(error) else ''})",
-            file=path,
+            file=path, kind="data file",
             fix="pass a .jsonl/.txt file, a dataset saved with `save_to_disk`, or a reachable hub dataset name",
         ) from None
     if isinstance(loaded, datasets.DatasetDict):
         split = "train" if "train" in loaded else (next(iter(loaded)) if len(loaded) == 1 else None)
         if split is None:
             raise FisherInputError(
-                f"the dataset has splits {sorted(loaded)} and none is called 'train'", file=path,
+                f"the dataset has splits {sorted(loaded)} and none is called 'train'", file=path, kind="data file",
                 fix="save the split you want on its own, or name it 'train'",
             )
         loaded = loaded[split]
@@ -126,11 +126,14 @@ def read_rows(path: str) -> Tuple[List[Tuple[str, Dict[str, Any]]], str, bool]:
             for name in sorted(files):
                 digest.update(name.encode())
                 _hash_file(digest, os.path.join(root, name))
-        rows, _fingerprint = _read_dataset(path, on_disk=True)
+        # `save_to_disk` writes state.json (Dataset) or dataset_dict.json; anything else is a dataset
+        # repository checked out locally (parquet/json/csv files), read the way `load_dataset` reads the hub
+        saved = any(os.path.exists(os.path.join(path, n)) for n in ("state.json", "dataset_dict.json"))
+        rows, _fingerprint = _read_dataset(path, on_disk=saved)
         return rows, digest.hexdigest(), False
     looks_local = path.startswith((".", "/", "~")) or path.endswith((".jsonl", ".json", ".txt")) or path.count("/") > 1
     if looks_local:
-        raise FisherInputError("data file does not exist", file=path, fix="check the --data path")
+        raise FisherInputError("data file does not exist", file=path, kind="data file", fix="check the --data path")
     rows, fingerprint = _read_dataset(path, on_disk=False)
     digest.update(f"{path}:{fingerprint}".encode())
     return rows, digest.hexdigest(), False
@@ -252,7 +255,7 @@ def prepare(
 ) -> PreparedData:
     rows, dataset_hash, strict = read_rows(path)
     if not rows:
-        raise FisherInputError("the data has no examples", file=path, fix="point --data at a non-empty file")
+        raise FisherInputError("the data has no examples", file=path, kind="data file", fix="point --data at a non-empty file")
     order = list(range(len(rows)))
     if shuffle:
         random.Random(seed).shuffle(order)
@@ -276,7 +279,7 @@ def prepare(
         raise FisherInputError(
             f"none of the {data.num_skipped} examples read has a token to predict "
             "(empty text, or the prompt fills --max-length)",
-            file=path, fix="raise --max-length, or check that rows have completion/assistant text",
+            file=path, kind="data file", fix="raise --max-length, or check that rows have completion/assistant text",
         )
     return data
 

@@ -50,6 +50,12 @@ def load_model(model: str, *, task: str, dtype: str, device_map: Optional[str], 
     try:
         loaded = cls.from_pretrained(model, **kwargs)
     except Exception as error:
+        if not trust_remote_code and ("custom code" in str(error) or "trust_remote_code" in str(error)):
+            raise FisherInputError(
+                "the model's architecture is defined by Python files shipped with it (auto_map in config.json), "
+                "which are not run by default", model=model,
+                fix="read those files, then pass --trust-remote-code if you trust them",
+            ) from None
         raise FisherInputError(
             f"cannot load the model for --task {task} ({_first_line(error)})", model=model,
             fix="check the path / hub id, --task, and --trust-remote-code for custom architectures",
