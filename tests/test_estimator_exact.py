@@ -126,10 +126,10 @@ def test_row_blocked_per_example_gradients_equal_brute_force(world, tmp_path, mo
     """Big weights are formed in row blocks (memory / cache); force 1-row blocks and check nothing changes,
     for both ways of forming per-example gradients (the CPU's per-example loop, the GPU's batched bmm), and
     for a tied embedding / lm_head (its two terms are summed block by block before squaring)."""
-    from mergekit_fisher.estimator import accumulator
+    from mergekit_fisher.estimator import accumulator, outer_squares
 
-    monkeypatch.setattr(accumulator, "BLOCK_ELEMENTS_CPU", 1)
-    monkeypatch.setattr(accumulator, "BLOCK_ELEMENTS_GPU", 1)
+    monkeypatch.setattr(outer_squares, "BLOCK_ELEMENTS_CPU", 1)
+    monkeypatch.setattr(outer_squares, "BLOCK_ELEMENTS_GPU", 1)
     if strategy == "batched matmul":
         monkeypatch.setattr(accumulator, "PER_EXAMPLE_LOOP_DEVICES", ())
     model = world[f"lm_tie{tie}"]

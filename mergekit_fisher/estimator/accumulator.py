@@ -6,20 +6,12 @@ from typing import Dict, Sequence
 
 import torch
 
+from mergekit_fisher.estimator import outer_squares
 from mergekit_fisher.estimator.gradient_terms import OuterGrads, RowGrads, grad_dtype, on_device
 from mergekit_fisher.math import working_dtype
 
-# Per-example gradient blocks (elements). On a CPU one example's block is formed by a matmul and squared
-# into the accumulator while still in L2 cache; bench/bench_compute.py: this per-example loop is 1.2-1.7x
-# faster than one batched matmul + square + reduce. GPUs prefer a few big batched matmuls.
-BLOCK_ELEMENTS_CPU = 1 << 18
-BLOCK_ELEMENTS_GPU = 1 << 26
+# devices where per-example gradients are formed example by example (see outer_squares)
 PER_EXAMPLE_LOOP_DEVICES = ("cpu",)
-
-
-def _nonzero_rows(tensor: torch.Tensor) -> torch.Tensor:
-    """(B, T, D) -> (B, T) bool, row has a non-zero (or NaN) entry; amax/amin are ~10x faster than ne().any()."""
-    return tensor.amax(-1).ne(0) | tensor.amin(-1).ne(0)
 
 
 class FisherAccumulator:
@@ -47,7 +39,8 @@ class FisherAccumulator:
         dtype = working_dtype(grad_dtype(terms[0]))
         terms = [on_device(term, device) for term in terms]
         # row blocks of all B examples at once, bounded in size: never the whole B x rows x cols
-        budget = BLOCK_ELEMENTS_CPU * 4 if device.type in PER_EXAMPLE_LOOP_DEVICES else BLOCK_ELEMENTS_GPU
+        budget = (outer_squares.BLOCK_ELEMENTS_CPU * 4 if device.type in PER_EXAMPLE_LOOP_DEVICES
+                  else outer_squares.BLOCK_ELEMENTS_GPU)
         block = max(1, min(rows, budget // max(1, batch * cols)))
         edges = list(range(0, rows, block)) + [rows]
         row_parts = {id(t): t.split(edges) for t in terms if isinstance(t, RowGrads)}
@@ -77,45 +70,11 @@ class FisherAccumulator:
         gradient of a linear map summed over its T tokens, never the batch-summed one."""
         target = self.sums[key]
         dtype = working_dtype(left.dtype)
+        left, right = left.to(dtype), right.to(dtype)
         if left.device.type in PER_EXAMPLE_LOOP_DEVICES and target.device == left.device:
-            self._add_outer_per_example(target, left.to(dtype), right.to(dtype), weights)
-            return
-        batch, rows, cols = left.shape[0], left.shape[2], right.shape[2]
-        left_t = left.to(dtype).transpose(1, 2)  # (B, R, T)
-        right = right.to(dtype)
-        block = max(1, BLOCK_ELEMENTS_GPU // max(1, batch * cols))
-        w = weights.to(device=left.device, dtype=dtype).unsqueeze(0)
-        for start in range(0, rows, block):
-            stop = min(rows, start + block)
-            squared = torch.bmm(left_t[:, start:stop], right).square_().reshape(batch, -1)
-            total = w.matmul(squared).reshape(stop - start, cols)
-            target[start:stop].add_(total.to(device=target.device, dtype=self.dtype))
-
-    @staticmethod
-    def _add_outer_per_example(target, left, right, weights) -> None:
-        rows, cols = left.shape[2], right.shape[2]
-        # tokens whose output gradient is exactly zero (padding, positions after the last label) add nothing
-        # to left_b^T right_b: each example uses only its span of non-zero rows
-        live = _nonzero_rows(left) & _nonzero_rows(right)  # (B, T)
-        positions = torch.arange(live.shape[1]).expand_as(live)
-        first = torch.where(live, positions, live.shape[1]).amin(1).tolist()
-        last = torch.where(live, positions, -1).amax(1).tolist()
-        block = max(1, min(rows, BLOCK_ELEMENTS_CPU // max(1, cols)))
-        buffer = torch.empty(block, cols, dtype=left.dtype)
-        left_t = left.transpose(1, 2)  # (B, R, T)
-        blocks = [(start, min(rows, start + block)) for start in range(0, rows, block)]
-        for b, weight in enumerate(weights.tolist()):
-            if weight == 0 or last[b] < 0:
-                continue
-            span = slice(first[b], last[b] + 1)
-            left_b, right_b = left_t[b, :, span], right[b, span]  # (R, t), (t, C)
-            if len(blocks) == 1:  # the common case, kept free of per-block slicing (Python overhead)
-                grad = torch.mm(left_b, right_b, out=buffer)
-                target.addcmul_(grad, grad, value=weight)
-                continue
-            for start, stop in blocks:
-                grad = torch.mm(left_b[start:stop], right_b, out=buffer[: stop - start])
-                target[start:stop].addcmul_(grad, grad, value=weight)
+            outer_squares.add_per_example(target, left, right, weights)
+        else:
+            outer_squares.add_batched(target, left, right, weights)
 
     def add_rows(self, key: str, rows: torch.Tensor, row_grads: torch.Tensor, row_weights: torch.Tensor) -> None:
         """Sparse form (embeddings): row `rows[k]` receives `row_weights[k] * row_grads[k]**2`.
