@@ -164,10 +164,16 @@ def main():
     parser.add_argument("--tie", action="store_true", help="tie lm_head to the input embedding (Gemma, Llama-3.2)")
     parser.add_argument("--fisher-type", default="empirical", choices=["empirical", "sampled"])
     parser.add_argument("--check", action="store_true", help="also check estimator == loop on the data")
+    parser.add_argument("--strategy", choices=["auto", "per-example", "batched"], default="auto",
+                        help="how the estimator forms per-example gradients (auto: per-example on CPU, batched on GPU)")
     parser.add_argument("--memory", action="store_true",
                         help="peak memory of each method above the built model, each in a fresh process")
     parser.add_argument("--only", choices=["estimator", "loop", "train"], help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.strategy != "auto":
+        from mergekit_fisher.estimator import accumulator
+
+        accumulator.PER_EXAMPLE_LOOP_DEVICES = (args.device.split(":")[0],) if args.strategy == "per-example" else ()
     if args.memory:
         return memory_report(args)
 
@@ -192,7 +198,8 @@ def main():
     print(f"model: Llama hidden {args.hidden}, {args.layers} layers, vocab {args.vocab}{' tied' if args.tie else ''}, "
           f"{params / 1e6:.2f}M params, "
           f"{args.dtype} on {args.device}; seq <= {args.seq_len}, batch {args.batch_size}, "
-          f"{args.examples} examples ({loop_n} for the loop), {args.fisher_type} Fisher, {args.reps} reps, "
+          f"{args.examples} examples ({loop_n} for the loop), {args.fisher_type} Fisher, {args.strategy} strategy, "
+          f"{args.reps} reps, "
           f"torch threads {torch.get_num_threads()}")
     for name, values in rates.items():
         print(f"  {name:9s} {median[name]:8.2f} ex/s   (reps: {', '.join(f'{v:.2f}' for v in values)})")
