@@ -173,6 +173,40 @@ def test_coverage_missing_extra_and_shape_mismatch(tiny_model, tmp_path):
     assert f"{len(state)} of {len(state)} model tensors covered" in result.output
 
 
+def test_coverage_of_a_tied_model_knows_the_tied_lm_head(tmp_path):
+    """A tied checkpoint stores only the embedding; mergekit reads lm_head.weight from it. A Fisher file that
+    also has an lm_head.weight entry (converted from another tool) is complete, its lm_head entry is listed
+    as tied, not extra; with ONLY the lm_head entry the embedding is missing (the merge looks the embedding's
+    Fisher up under its own name). An untied checkpoint has no tied names."""
+    tied_dir, untied_dir = tmp_path / "tied", tmp_path / "untied"
+    tiny.make_llama(str(tied_dir), hidden=16, layers=1, vocab_size=64, tie=True)
+    tiny.make_llama(str(untied_dir), hidden=16, layers=1, vocab_size=64, tie=False)
+    state = tiny.state_dict_from_dir(str(tied_dir))
+    assert "lm_head.weight" not in state
+    embedding = state["model.embed_tokens.weight"].float().square()
+    both = tmp_path / "both.safetensors"
+    write_fisher({**{n: t.float().square() for n, t in state.items()}, "lm_head.weight": embedding}, both)
+    cov = json.loads(run("inspect", both, "--model", tied_dir, "--json").output)["coverage"]
+    assert cov["extra"] == [] and cov["missing"] == []
+    assert cov["tied"] == {"lm_head.weight": "model.embed_tokens.weight"}
+    result = run("inspect", both, "--model", tied_dir, "--check")
+    assert result.exit_code == 0, result.output
+    assert "tied:     lm_head.weight (the checkpoint stores it as model.embed_tokens.weight)" in result.output
+
+    only_head = tmp_path / "only_head.safetensors"
+    write_fisher({**{n: t.float().square() for n, t in state.items() if "embed" not in n},
+                  "lm_head.weight": embedding}, only_head)
+    cov = json.loads(run("inspect", only_head, "--model", tied_dir, "--json").output)["coverage"]
+    assert cov["missing"] == ["model.embed_tokens.weight"] and cov["extra"] == []
+    assert cov["tied"] == {"lm_head.weight": "model.embed_tokens.weight"}
+
+    untied_state = tiny.state_dict_from_dir(str(untied_dir))
+    no_head = tmp_path / "no_head.safetensors"
+    write_fisher({n: t.float().square() for n, t in untied_state.items() if n != "lm_head.weight"}, no_head)
+    cov = json.loads(run("inspect", no_head, "--model", untied_dir, "--json").output)["coverage"]
+    assert cov["missing"] == ["lm_head.weight"] and cov["tied"] == {}
+
+
 def test_bad_inputs_give_one_clear_error(tmp_path, hand_file):
     pickled = tmp_path / "pickled"
     pickled.mkdir()

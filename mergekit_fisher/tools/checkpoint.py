@@ -10,7 +10,7 @@ read remotely through the Hub's header-only API).
 from __future__ import annotations
 
 import os
-from typing import Dict, Tuple
+from typing import Dict, Iterable, Tuple
 
 from safetensors import safe_open
 
@@ -92,6 +92,34 @@ def _hub_shapes(repo_id: str) -> Dict[str, Tuple[int, ...]]:
         for name, info in file_metadata.tensors.items():
             shapes[name] = tuple(info.shape)
     return shapes
+
+
+def tied_aliases(model: str, stored: Iterable[str]) -> Dict[str, str]:
+    """Names the checkpoint does not store but that mergekit reads from a stored tensor -> that tensor.
+
+    A tied model stores ``model.embed_tokens.weight`` only; mergekit's architecture lists ``lm_head.weight``
+    with it as a tied name. Local checkpoint directories only (config.json); {} when unknown.
+    """
+    path = os.path.abspath(os.path.expanduser(str(model)))
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        return {}
+    try:
+        from mergekit.architecture import arch_info_for_config
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(path)
+        arch = arch_info_for_config(config)
+        weights = arch.all_weights(config) if arch is not None else []
+    except Exception:  # an architecture mergekit does not know: nothing to say about ties
+        return {}
+    stored = set(stored)
+    aliases: Dict[str, str] = {}
+    for weight in weights:
+        names = [weight.name, *(weight.aliases or ()), *(getattr(weight, "tied_names", None) or ())]
+        present = next((name for name in names if name in stored), None)
+        if present is not None:
+            aliases.update({name: present for name in names if name not in stored})
+    return aliases
 
 
 def checkpoint_shapes(model: str) -> Dict[str, Tuple[int, ...]]:

@@ -16,7 +16,7 @@ from typing import Dict, List, Optional, Tuple
 import click
 
 from mergekit_fisher.fisher_file import FisherFile, open_fisher
-from mergekit_fisher.tools.checkpoint import checkpoint_shapes
+from mergekit_fisher.tools.checkpoint import checkpoint_shapes, tied_aliases
 from mergekit_fisher.tools.grouping import group_label, group_sort_key
 from mergekit_fisher.tools.report import format_table, human_count, human_float, percent
 from mergekit_fisher.tools.stats import Summary, summarize
@@ -38,10 +38,18 @@ def layout_of(fisher: FisherFile) -> Dict[str, object]:
     return {"kind": kind, "files": len(shards)}
 
 
-def coverage(fisher_shapes: Dict[str, Tuple[int, ...]], model_shapes: Dict[str, Tuple[int, ...]]) -> dict:
-    """Which model tensors the Fisher file covers: missing, extra, and shape mismatches."""
+def coverage(fisher_shapes: Dict[str, Tuple[int, ...]], model_shapes: Dict[str, Tuple[int, ...]],
+             aliases: Optional[Dict[str, str]] = None) -> dict:
+    """Which model tensors the Fisher file covers: missing, extra, and shape mismatches.
+
+    `aliases`: names the checkpoint does not store but mergekit reads from a stored tensor (a tied lm_head).
+    A Fisher entry under such a name is not "extra": it is listed apart as tied. It does not cover the stored
+    tensor, whose own output the merge looks up under the stored name only (merge/sources.py).
+    """
+    aliases = aliases or {}
+    tied = {name: aliases[name] for name in fisher_shapes if name not in model_shapes and name in aliases}
     missing = [name for name in model_shapes if name not in fisher_shapes]
-    extra = [name for name in fisher_shapes if name not in model_shapes]
+    extra = [name for name in fisher_shapes if name not in model_shapes and name not in tied]
     mismatches = [
         {"name": name, "fisher_shape": list(shape), "model_shape": list(model_shapes[name])}
         for name, shape in fisher_shapes.items()
@@ -53,6 +61,7 @@ def coverage(fisher_shapes: Dict[str, Tuple[int, ...]], model_shapes: Dict[str, 
         "covered": covered,
         "missing": sorted(missing),
         "extra": sorted(extra),
+        "tied": dict(sorted(tied.items())),
         "shape_mismatches": sorted(mismatches, key=lambda m: m["name"]),
     }
 
@@ -121,7 +130,9 @@ def build_report(path: str, model: Optional[str], by: str) -> dict:
         report["rows"].append({**row, **summary.to_dict(), "share": share})
     if model is not None:
         fisher_shapes = {name: fisher.header(name).shape for name in fisher.names()}
-        report["coverage"] = {"model": model, **coverage(fisher_shapes, checkpoint_shapes(model))}
+        model_shapes = checkpoint_shapes(model)
+        aliases = tied_aliases(model, model_shapes)
+        report["coverage"] = {"model": model, **coverage(fisher_shapes, model_shapes, aliases)}
         cov = report["coverage"]
         if fisher.config is not None and fisher.config.space == "adapter" and (cov["missing"] or cov["extra"]):
             cov["note"] = (
@@ -192,6 +203,7 @@ def _coverage_lines(cov: dict) -> List[str]:
         lines.append(f"  note: {cov['note']}")
     lines += [f"  missing:  {name}" for name in cov["missing"]]
     lines += [f"  extra:    {name}" for name in cov["extra"]]
+    lines += [f"  tied:     {name} (the checkpoint stores it as {stored})" for name, stored in cov.get("tied", {}).items()]
     lines += [
         f"  shape:    {m['name']}: Fisher {tuple(m['fisher_shape'])} vs model {tuple(m['model_shape'])}"
         for m in cov["shape_mismatches"]
