@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from mergekit_fisher.estimator import outer_squares
+from mergekit_fisher.estimator.gradient_terms import OuterGrads, add_squared_sum
 
 
 def brute_force(left, right, weights):
@@ -34,11 +35,14 @@ def make(batch, tokens, rows, cols, seed):
 @pytest.mark.parametrize("target_dtype", [torch.float32, torch.float64])
 def test_per_example_and_batched_equal_brute_force(rows, cols, budget, target_dtype, monkeypatch):
     monkeypatch.setattr(outer_squares, "BLOCK_ELEMENTS_CPU", budget)
-    monkeypatch.setattr(outer_squares, "BLOCK_ELEMENTS_GPU", budget)
     left, right, weights = make(6, 4, rows, cols, seed=rows * 100 + cols)
     expected = brute_force(left, right, weights)
     assert float(expected.abs().max()) > 0
-    for add in (outer_squares.add_per_example, outer_squares.add_batched):
+
+    def batched(target, left, right, weights):  # the GPU's way, one batched matmul per row block
+        add_squared_sum(target, [OuterGrads(left, right)], weights, budget)
+
+    for add in (outer_squares.add_per_example, batched):
         target = torch.full((rows, cols), 0.5, dtype=target_dtype)  # adds to what is there
         add(target, left, right, weights)
         torch.testing.assert_close(target.double(), expected + 0.5, rtol=1e-5, atol=1e-5, msg=add.__name__)

@@ -7,8 +7,7 @@ from typing import Dict, Sequence
 import torch
 
 from mergekit_fisher.estimator import outer_squares
-from mergekit_fisher.estimator.gradient_terms import OuterGrads, RowGrads, grad_dtype, on_device
-from mergekit_fisher.math import working_dtype
+from mergekit_fisher.estimator.gradient_terms import DenseGrads, RowGrads, add_squared_sum
 
 # devices where per-example gradients are formed example by example (see outer_squares)
 PER_EXAMPLE_LOOP_DEVICES = ("cpu",)
@@ -25,36 +24,19 @@ class FisherAccumulator:
 
     def add_terms(self, key: str, terms: Sequence, weights: torch.Tensor) -> None:
         """``sums[key] += sum_b w_b * (sum of the terms' G_b)**2`` (see gradient_terms): summed, THEN squared."""
+        target = self.sums[key]
+        per_example_device = target.device.type in PER_EXAMPLE_LOOP_DEVICES
         if len(terms) == 1:
             (term,) = terms
-            if isinstance(term, OuterGrads):
-                return self.add_outer(key, term.left, term.right, weights)
             if isinstance(term, RowGrads):
                 return self.add_rows(key, term.rows, term.values, weights.to(term.values.device)[term.examples])
-            return self.add_dense(key, term.per_example, weights)
-        target = self.sums[key]
-        rows = target.shape[0] if target.dim() else 1
-        cols = target.numel() // rows
-        batch, device = weights.numel(), target.device
-        dtype = working_dtype(grad_dtype(terms[0]))
-        terms = [on_device(term, device) for term in terms]
-        # row blocks of all B examples at once, bounded in size: never the whole B x rows x cols
-        budget = (outer_squares.BLOCK_ELEMENTS_CPU * 4 if device.type in PER_EXAMPLE_LOOP_DEVICES
-                  else outer_squares.BLOCK_ELEMENTS_GPU)
-        block = max(1, min(rows, budget // max(1, batch * cols)))
-        edges = list(range(0, rows, block)) + [rows]
-        row_parts = {id(t): t.split(edges) for t in terms if isinstance(t, RowGrads)}
-        w = weights.to(device=device, dtype=dtype).unsqueeze(0)
-        target_2d = target.view(rows, cols)
-        for i, (start, stop) in enumerate(zip(edges, edges[1:])):
-            out = torch.zeros(batch, stop - start, cols, dtype=dtype, device=device)
-            for term in terms:
-                if isinstance(term, RowGrads):
-                    RowGrads.add_block(out, row_parts[id(term)][i])
-                else:
-                    term.add_block(out, start, stop)
-            total = w.matmul(out.square_().reshape(batch, -1)).reshape(stop - start, cols)
-            target_2d[start:stop].add_(total.to(self.dtype))
+            if isinstance(term, DenseGrads):
+                return self.add_dense(key, term.per_example, weights)
+            if per_example_device and term.left.device == target.device:
+                return outer_squares.add_per_example(target, term.left, term.right, weights)
+        # row blocks of all B examples at once (a CPU's blocks a few L2-sized per-example blocks big)
+        budget = outer_squares.BLOCK_ELEMENTS_CPU * 4 if per_example_device else outer_squares.BLOCK_ELEMENTS_GPU
+        add_squared_sum(target, terms, weights, budget)
 
     def add_dense(self, key: str, per_example: torch.Tensor, weights: torch.Tensor) -> None:
         """`per_example`: (B, *shape) gradients; squared here (in place: callers hand over ownership)."""
@@ -64,17 +46,6 @@ class FisherAccumulator:
         # w @ G**2 : the weighted sum over examples as one matrix-vector product
         total = weights.to(flat.dtype).unsqueeze(0).matmul(flat).reshape(target.shape)
         target.add_(total.to(device=target.device, dtype=self.dtype))
-
-    def add_outer(self, key: str, left: torch.Tensor, right: torch.Tensor, weights: torch.Tensor) -> None:
-        """``sums[key] += sum_b w_b * (left_b^T right_b)**2`` for left (B, T, R), right (B, T, C): the per-example
-        gradient of a linear map summed over its T tokens, never the batch-summed one."""
-        target = self.sums[key]
-        dtype = working_dtype(left.dtype)
-        left, right = left.to(dtype), right.to(dtype)
-        if left.device.type in PER_EXAMPLE_LOOP_DEVICES and target.device == left.device:
-            outer_squares.add_per_example(target, left, right, weights)
-        else:
-            outer_squares.add_batched(target, left, right, weights)
 
     def add_rows(self, key: str, rows: torch.Tensor, row_grads: torch.Tensor, row_weights: torch.Tensor) -> None:
         """Sparse form (embeddings): row `rows[k]` receives `row_weights[k] * row_grads[k]**2`.

@@ -26,6 +26,7 @@ from mergekit_fisher.estimator.accumulator import FisherAccumulator
 from mergekit_fisher.estimator.gradient_terms import DenseGrads, OuterGrads, RowGrads
 from mergekit_fisher.math import working_dtype
 
+
 def _flat_tokens(tensor: torch.Tensor, trailing: int) -> torch.Tensor:
     """(B, ..., *trailing dims) -> (B, T, prod(trailing))."""
     batch = tensor.shape[0]

@@ -1,12 +1,10 @@
-"""``target += sum_b w_b * (left_b^T right_b)**2``: squared per-example gradients of a linear map, two ways.
+"""``target += sum_b w_b * (left_b^T right_b)**2``: squared per-example gradients of a linear map, on a CPU.
 
 left (B, T, R), right (B, T, C); example b's gradient G_b = left_b^T right_b (R x C) sums over its T tokens.
-Nothing here ever forms the batch-summed gradient; what differs is how much of B x R x C exists at once.
-
-* `add_batched` (GPUs): row blocks of all B examples in one batched matmul, squared, reduced by a matmul.
-* `add_per_example` (CPUs): blocks that stay in L2 cache while every example's block is formed and squared
-  into them (``addcmul_``); small layers take a few examples per batched matmul. bench/bench_compute.py has
-  the figures: 1.2-1.7x the batched way on 2 cores at sequences of 8-32 tokens, equal at 128.
+Never the batch-summed gradient. GPUs form row blocks of all B examples in one batched matmul
+(`gradient_terms.add_squared_sum`); on a CPU `add_per_example` keeps blocks in L2 cache while every
+example's block is formed and squared into them (``addcmul_``), small layers taking a few examples per
+batched matmul. bench/bench_compute.py --strategy compares the two: 1.6x the batched way at hidden 1024.
 """
 
 from __future__ import annotations
@@ -36,18 +34,6 @@ def live_spans(left: torch.Tensor, right: torch.Tensor) -> Tuple[List[int], List
     first = torch.where(live, positions, live.shape[1]).amin(1).tolist()
     last = torch.where(live, positions, -1).amax(1).tolist()
     return first, last
-
-
-def add_batched(target: torch.Tensor, left: torch.Tensor, right: torch.Tensor, weights: torch.Tensor) -> None:
-    batch, rows, cols = left.shape[0], left.shape[2], right.shape[2]
-    left_t = left.transpose(1, 2)  # (B, R, T)
-    block = max(1, BLOCK_ELEMENTS_GPU // max(1, batch * cols))
-    w = weights.to(device=left.device, dtype=left.dtype).unsqueeze(0)
-    for start in range(0, rows, block):
-        stop = min(rows, start + block)
-        squared = torch.bmm(left_t[:, start:stop], right).square_().reshape(batch, -1)
-        total = w.matmul(squared).reshape(stop - start, cols)
-        target[start:stop].add_(total.to(device=target.device, dtype=target.dtype))
 
 
 def add_per_example(target: torch.Tensor, left: torch.Tensor, right: torch.Tensor, weights: torch.Tensor) -> None:
