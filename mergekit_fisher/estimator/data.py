@@ -8,6 +8,7 @@ JSONL, a `datasets` dataset saved with ``save_to_disk``, or a hub dataset name (
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -19,6 +20,9 @@ import torch
 
 from mergekit_fisher.errors import FisherInputError
 from mergekit_fisher.estimator.objectives import IGNORE
+
+# every error raised here is about the --data input
+DataError = functools.partial(FisherInputError, kind="data file")
 
 TASKS = ("causal-lm", "seq-cls")
 LM_LAYOUTS = ({"text"}, {"prompt", "completion"}, {"messages"})
@@ -77,12 +81,12 @@ def _read_jsonl(path: str) -> List[Tuple[str, Dict[str, Any]]]:
             try:
                 row = json.loads(line)
             except ValueError as error:
-                raise FisherInputError(
-                    f"line {number} is not valid JSON ({error})", file=path, kind="data file",
+                raise DataError(
+                    f"line {number} is not valid JSON ({error})", file=path,
                     fix="write one JSON object per line (JSONL)",
                 ) from None
             if not isinstance(row, dict):
-                raise FisherInputError(f"line {number} is not a JSON object", file=path, kind="data file",
+                raise DataError(f"line {number} is not a JSON object", file=path,
                                        fix="write one JSON object per line (JSONL)")
             rows.append((f"{path}:{number}", row))
     return rows
@@ -94,21 +98,28 @@ def _read_dataset(path: str, *, on_disk: bool) -> Tuple[List[Tuple[str, Dict[str
     try:
         loaded = datasets.load_from_disk(path) if on_disk else datasets.load_dataset(path, split="train")
     except Exception as error:  # FileNotFoundError, ConnectionError, DatasetNotFoundError, ...
-        raise FisherInputError(
+        raise DataError(
             f"cannot load the data ({error.__class__.__name__}: {str(error).splitlines()[0] if str(error) else ''})",
-            file=path, kind="data file",
+            file=path,
             fix="pass a .jsonl/.txt file, a dataset saved with `save_to_disk`, or a reachable hub dataset name",
         ) from None
     if isinstance(loaded, datasets.DatasetDict):
         split = "train" if "train" in loaded else (next(iter(loaded)) if len(loaded) == 1 else None)
         if split is None:
-            raise FisherInputError(
-                f"the dataset has splits {sorted(loaded)} and none is called 'train'", file=path, kind="data file",
+            raise DataError(
+                f"the dataset has splits {sorted(loaded)} and none is called 'train'", file=path,
                 fix="save the split you want on its own, or name it 'train'",
             )
         loaded = loaded[split]
     rows = [(f"{path}[{i}]", dict(row)) for i, row in enumerate(loaded)]
     return rows, getattr(loaded, "_fingerprint", "") or ""
+
+
+def check_data_path(path: str) -> None:
+    """A --data path that looks local (not a hub dataset name) must exist; checked before the model loads."""
+    looks_local = path.startswith((".", "/", "~")) or path.endswith((".jsonl", ".json", ".txt")) or path.count("/") > 1
+    if looks_local and not os.path.exists(path):
+        raise DataError("data file does not exist", file=path, fix="check the --data path")
 
 
 def read_rows(path: str) -> Tuple[List[Tuple[str, Dict[str, Any]]], str, bool]:
@@ -131,9 +142,7 @@ def read_rows(path: str) -> Tuple[List[Tuple[str, Dict[str, Any]]], str, bool]:
         saved = any(os.path.exists(os.path.join(path, n)) for n in ("state.json", "dataset_dict.json"))
         rows, _fingerprint = _read_dataset(path, on_disk=saved)
         return rows, digest.hexdigest(), False
-    looks_local = path.startswith((".", "/", "~")) or path.endswith((".jsonl", ".json", ".txt")) or path.count("/") > 1
-    if looks_local:
-        raise FisherInputError("data file does not exist", file=path, kind="data file", fix="check the --data path")
+    check_data_path(path)
     rows, fingerprint = _read_dataset(path, on_disk=False)
     digest.update(f"{path}:{fingerprint}".encode())
     return rows, digest.hexdigest(), False
@@ -146,23 +155,23 @@ def _check_fields(where: str, row: Dict[str, Any], task: str, strict: bool) -> D
         allowed = CLS_FIELDS
         missing = {"text", "label"} - keys
         if missing:
-            raise FisherInputError(
-                f"{where}: missing field(s) {sorted(missing)} for --task seq-cls", file=where.rsplit(":", 1)[0], kind="data file",
+            raise DataError(
+                f"{where}: missing field(s) {sorted(missing)} for --task seq-cls", file=where.rsplit(":", 1)[0],
                 fix='give every row "text" (and optionally "text_pair") and an integer "label"',
             )
     else:
         layouts = [layout for layout in LM_LAYOUTS if layout <= keys]
         if not layouts:
-            raise FisherInputError(
-                f"{where}: no usable fields (has {sorted(keys)})", file=where.rsplit(":", 1)[0], kind="data file",
+            raise DataError(
+                f"{where}: no usable fields (has {sorted(keys)})", file=where.rsplit(":", 1)[0],
                 fix='give every row "text", or "prompt" and "completion", or chat "messages"',
             )
         allowed = layouts[0]
     unknown = keys - allowed
     if unknown and strict:
-        raise FisherInputError(
+        raise DataError(
             f"{where}: unknown field(s) {sorted(unknown)} (expected {sorted(allowed)})",
-            file=where.rsplit(":", 1)[0], kind="data file",
+            file=where.rsplit(":", 1)[0],
             fix="remove the extra fields, or check --task (causal-lm reads text | prompt+completion | messages; "
             "seq-cls reads text[/text_pair]+label)",
         )
@@ -180,12 +189,12 @@ def _chat_example(tokenizer, messages, where: str) -> Tuple[List[int], List[int]
     """
     file = where.rsplit(":", 1)[0]
     if not getattr(tokenizer, "chat_template", None):
-        raise FisherInputError(
-            f"{where}: chat `messages` need a tokenizer with a chat template", file=file, kind="data file",
+        raise DataError(
+            f"{where}: chat `messages` need a tokenizer with a chat template", file=file,
             fix="use a tokenizer that defines chat_template, or convert the rows to prompt/completion",
         )
     if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m for m in messages):
-        raise FisherInputError(f"{where}: `messages` must be a list of {{role, content}} objects", file=file, kind="data file",
+        raise DataError(f"{where}: `messages` must be a list of {{role, content}} objects", file=file,
                                fix='write messages as [{"role": "user", "content": "..."}, ...]')
 
     def render(turns, generation_prompt: bool) -> str:
@@ -199,13 +208,13 @@ def _chat_example(tokenizer, messages, where: str) -> Tuple[List[int], List[int]
         start = len(render(messages[:i], True)) if i else 0
         upto = render(messages[: i + 1], False)
         if not text.startswith(upto) or (i and not text.startswith(render(messages[:i], True))):
-            raise FisherInputError(
-                f"{where}: the chat template does not render conversation prefixes consistently", file=file, kind="data file",
+            raise DataError(
+                f"{where}: the chat template does not render conversation prefixes consistently", file=file,
                 fix="convert the rows to prompt/completion",
             )
         spans.append((start, len(upto)))
     if not getattr(tokenizer, "is_fast", False):
-        raise FisherInputError(f"{where}: chat masking needs a fast tokenizer (character offsets)", file=file, kind="data file",
+        raise DataError(f"{where}: chat masking needs a fast tokenizer (character offsets)", file=file,
                                fix="use the model's tokenizer.json (fast tokenizer), or prompt/completion rows")
     encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids = list(encoded["input_ids"])
@@ -221,9 +230,9 @@ def tokenize_row(tokenizer, fields: Dict[str, Any], task: str, where: str, num_l
     if task == "seq-cls":
         label = fields["label"]
         if isinstance(label, bool) or not isinstance(label, int) or not (0 <= label < (num_labels or 0)):
-            raise FisherInputError(
+            raise DataError(
                 f"{where}: label {label!r} is out of range for a classifier with {num_labels} classes",
-                file=where.rsplit(":", 1)[0], kind="data file",
+                file=where.rsplit(":", 1)[0],
                 fix=f"use integer labels 0..{(num_labels or 1) - 1}, or a model with more labels",
             )
         pair = fields.get("text_pair")
@@ -255,7 +264,7 @@ def prepare(
 ) -> PreparedData:
     rows, dataset_hash, strict = read_rows(path)
     if not rows:
-        raise FisherInputError("the data has no examples", file=path, kind="data file", fix="point --data at a non-empty file")
+        raise DataError("the data has no examples", file=path, fix="point --data at a non-empty file")
     order = list(range(len(rows)))
     if shuffle:
         random.Random(seed).shuffle(order)
@@ -276,10 +285,10 @@ def prepare(
             continue
         data.examples.append(example)
     if not data.examples:
-        raise FisherInputError(
+        raise DataError(
             f"none of the {data.num_skipped} examples read has a token to predict "
             "(empty text, or the prompt fills --max-length)",
-            file=path, kind="data file", fix="raise --max-length, or check that rows have completion/assistant text",
+            file=path, fix="raise --max-length, or check that rows have completion/assistant text",
         )
     return data
 

@@ -17,7 +17,7 @@ from mergekit_fisher.errors import FisherInputError
 from mergekit_fisher.fisher_file import parse_shard_size
 from mergekit_fisher.estimator import lora as lora_mod
 from mergekit_fisher.estimator.checkpoint import checkpoint_path, load_checkpoint, save_checkpoint
-from mergekit_fisher.estimator.data import collate, prepare
+from mergekit_fisher.estimator.data import check_data_path, collate, prepare
 from mergekit_fisher.estimator.engine import FisherEngine
 from mergekit_fisher.estimator.loading import (
     DTYPES,
@@ -101,8 +101,7 @@ def _validate(opts: ComputeOptions) -> None:
             "adapter not found (expected a directory with adapter_config.json)", model=opts.lora,
             fix="pass the PEFT adapter directory saved with `save_pretrained` to --lora",
         )
-    if not (os.path.exists(opts.data) or not opts.data.startswith((".", "/", "~"))):
-        raise FisherInputError("data file does not exist", file=opts.data, kind="data file", fix="check the --data path")
+    check_data_path(opts.data)
 
 
 def _plan_targets(model, opts: ComputeOptions, stored):
