@@ -15,7 +15,7 @@ import functools
 import logging
 import os
 import threading
-from typing import Dict, Mapping, Optional, Sequence, Tuple
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 from mergekit.common import ModelReference
 from safetensors import safe_open
@@ -93,6 +93,11 @@ def _shard_shapes(shard: str, _mtime_ns: int) -> Dict[str, Tuple[int, ...]]:
         return {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
 
 
+def load_candidates(info) -> List[str]:
+    """The names mergekit's LoadTensor tries for a WeightInfo, in its order: own name, aliases, tied names."""
+    return [info.name, *(info.aliases or ()), *(getattr(info, "tied_names", None) or ())]
+
+
 def _present_name(model: ModelReference, candidates: Sequence[str]) -> Optional[str]:
     from mergekit.io.tasks import LoaderCache
 
@@ -139,9 +144,8 @@ def resolve_fisher_inputs(
     model_rows = []
     for model in model_order:
         info = weight_info[model]
-        candidates = [info.name, *(info.aliases or ()), *(getattr(info, "tied_names", None) or ())]
-        # the name mergekit's LoadTensor will actually load for this model (same order)
-        present = _present_name(model, candidates)
+        # the name mergekit's LoadTensor will actually load for this model
+        present = _present_name(model, load_candidates(info))
         if present is None:
             continue  # an optional weight this model lacks: mergekit's policy decides, no Fisher needed
         model_shape = _model_tensor_shape(model, present)

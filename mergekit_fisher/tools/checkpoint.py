@@ -107,6 +107,8 @@ def tied_aliases(model: str, stored: Iterable[str]) -> Dict[str, str]:
         from mergekit.architecture import arch_info_for_config
         from transformers import AutoConfig
 
+        from mergekit_fisher.merge.sources import load_candidates
+
         config = AutoConfig.from_pretrained(path)
         arch = arch_info_for_config(config)
         weights = arch.all_weights(config) if arch is not None else []
@@ -115,7 +117,7 @@ def tied_aliases(model: str, stored: Iterable[str]) -> Dict[str, str]:
     stored = set(stored)
     aliases: Dict[str, str] = {}
     for weight in weights:
-        names = [weight.name, *(weight.aliases or ()), *(getattr(weight, "tied_names", None) or ())]
+        names = load_candidates(weight)
         present = next((name for name in names if name in stored), None)
         if present is not None:
             aliases.update({name: present for name in names if name not in stored})
