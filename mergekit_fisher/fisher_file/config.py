@@ -26,6 +26,19 @@ class GlobalStats(BaseModel):
     sum_sq: float
     num_elements: int
 
+    @classmethod
+    def of_tensor(cls, tensor) -> "GlobalStats":
+        """In float64, without a float64 copy of the tensor (the reader's and the writer's one rule)."""
+        import torch
+
+        return cls(sum=float(tensor.sum(dtype=torch.float64)),
+                   sum_sq=float(torch.linalg.vector_norm(tensor, dtype=torch.float64)) ** 2,
+                   num_elements=tensor.numel())
+
+    def __add__(self, other: "GlobalStats") -> "GlobalStats":
+        return GlobalStats(sum=self.sum + other.sum, sum_sq=self.sum_sq + other.sum_sq,
+                           num_elements=self.num_elements + other.num_elements)
+
     @property
     def mean(self) -> float:
         return self.sum / self.num_elements if self.num_elements else 0.0

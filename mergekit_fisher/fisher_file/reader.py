@@ -300,14 +300,10 @@ class FisherFile:
             self._stats = stats or computed
 
     def compute_stats(self) -> GlobalStats:
-        total = 0.0
-        total_sq = 0.0
-        count = 0
+        stats = GlobalStats(sum=0.0, sum_sq=0.0, num_elements=0)
         for _name, tensor in self.iter_tensors(check=True):
-            total += float(tensor.sum(dtype=torch.float64))
-            total_sq += float(torch.linalg.vector_norm(tensor, dtype=torch.float64)) ** 2
-            count += tensor.numel()
-        return GlobalStats(sum=total, sum_sq=total_sq, num_elements=count)
+            stats = stats + GlobalStats.of_tensor(tensor)
+        return stats
 
     def close(self) -> None:
         with self._lock:

@@ -29,6 +29,7 @@ from mergekit_fisher.fisher_file.config import (
     INDEX_FILENAME,
     SINGLE_FILENAME,
     FisherConfig,
+    GlobalStats,
 )
 
 DEFAULT_MAX_SHARD_SIZE = "5GB"
@@ -106,9 +107,7 @@ class FisherWriter:
         self._pending_bytes = 0
         self._shards: List[Dict[str, str]] = []  # per flushed shard: its temp file and tensor names
         self._names: set = set()
-        self._sum = 0.0
-        self._sum_sq = 0.0
-        self._count = 0
+        self._stats = GlobalStats(sum=0.0, sum_sq=0.0, num_elements=0)  # of the values as stored
         self._total_bytes = 0
         self._closed = False
         self.written: Optional[FisherConfig] = None  # the final config, once closed
@@ -118,10 +117,7 @@ class FisherWriter:
         if name in self._names:
             raise ValueError(f"tensor {name!r} added twice")
         stored = tensor.detach().to(device="cpu", dtype=self.dtype).contiguous()
-        # float64 accumulation without a float64 copy of the tensor
-        self._sum += float(stored.sum(dtype=torch.float64))
-        self._sum_sq += float(torch.linalg.vector_norm(stored, dtype=torch.float64)) ** 2
-        self._count += stored.numel()
+        self._stats = self._stats + GlobalStats.of_tensor(stored)
         size = stored.numel() * stored.element_size()
         self._total_bytes += size
         if not self.single_file and self._pending and self._pending_bytes + size > self.max_shard_size:
@@ -141,9 +137,9 @@ class FisherWriter:
     def final_config(self) -> FisherConfig:
         return self.config.model_copy(
             update={
-                "sum": self._sum,
-                "sum_sq": self._sum_sq,
-                "num_elements": self._count,
+                "sum": self._stats.sum,
+                "sum_sq": self._stats.sum_sq,
+                "num_elements": self._stats.num_elements,
                 "dtype": str(self.dtype).replace("torch.", ""),
                 "tool_version": self.config.tool_version or f"mergekit-fisher {__version__}",
                 "created": self.config.created
