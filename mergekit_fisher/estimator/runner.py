@@ -14,7 +14,7 @@ from typing import Dict, List, Optional
 import torch
 
 from mergekit_fisher.errors import FisherInputError
-from mergekit_fisher.fisher_file import parse_shard_size
+from mergekit_fisher.fisher_file import check_output_free, parse_shard_size
 from mergekit_fisher.estimator import lora as lora_mod
 from mergekit_fisher.estimator.checkpoint import checkpoint_path, load_checkpoint, save_checkpoint
 from mergekit_fisher.estimator.data import check_data_path, collate, prepare
@@ -92,9 +92,7 @@ def _validate(opts: ComputeOptions) -> None:
     if opts.checkpoint_every is not None and opts.checkpoint_every < 1:
         raise FisherInputError("--checkpoint-every must be at least 1", fix="give a number of examples, e.g. 10000")
     parse_shard_size(opts.max_shard_size)  # fail now, not after hours of computation
-    out = os.path.abspath(opts.out_dir)
-    if os.path.exists(out) and not opts.overwrite:
-        raise FisherInputError("output already exists", file=out, kind="output", fix="choose another OUT_DIR or pass --overwrite")
+    check_output_free(os.path.abspath(opts.out_dir), opts.overwrite, fix="choose another OUT_DIR or pass --overwrite")
     check_model_path(opts.model)
     if opts.lora and not os.path.exists(os.path.join(opts.lora, "adapter_config.json")):
         raise FisherInputError(

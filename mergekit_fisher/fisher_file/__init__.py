@@ -12,7 +12,7 @@ Tensor names are the model checkpoint's own names; values are float32 or bfloat1
 
 from mergekit_fisher.fisher_file.config import FORMAT_NAME, FORMAT_VERSION, FisherConfig, GlobalStats
 from mergekit_fisher.fisher_file.reader import FisherFile, check_fisher_values, open_fisher
-from mergekit_fisher.fisher_file.writer import FisherWriter, parse_shard_size, write_fisher
+from mergekit_fisher.fisher_file.writer import FisherWriter, check_output_free, parse_shard_size, write_fisher
 
 __all__ = [
     "FORMAT_NAME",
@@ -22,6 +22,7 @@ __all__ = [
     "FisherWriter",
     "GlobalStats",
     "check_fisher_values",
+    "check_output_free",
     "open_fisher",
     "parse_shard_size",
     "write_fisher",

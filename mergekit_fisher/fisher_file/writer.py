@@ -57,6 +57,12 @@ def parse_shard_size(value: Union[int, str]) -> int:
     return int(size)
 
 
+def check_output_free(path: str, overwrite: bool, *, fix: str = "choose another path or pass --overwrite") -> None:
+    """Refuse an existing output unless --overwrite; callers check early, before any expensive work."""
+    if os.path.exists(path) and not overwrite:
+        raise FisherInputError("output already exists", file=path, kind="output", fix=fix)
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
@@ -92,10 +98,7 @@ class FisherWriter:
         overwrite: bool = False,
     ):
         self.out_path = os.path.abspath(os.fspath(out_path))
-        if os.path.exists(self.out_path) and not overwrite:
-            raise FisherInputError(
-                "output already exists", file=self.out_path, kind="output", fix="choose another path or pass --overwrite"
-            )
+        check_output_free(self.out_path, overwrite)
         self.config = config or FisherConfig()
         self.dtype = dtype
         self.max_shard_size = parse_shard_size(max_shard_size)

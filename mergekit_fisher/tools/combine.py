@@ -15,7 +15,14 @@ import click
 import torch
 
 from mergekit_fisher.errors import FisherInputError
-from mergekit_fisher.fisher_file import FisherConfig, FisherFile, FisherWriter, open_fisher, parse_shard_size
+from mergekit_fisher.fisher_file import (
+    FisherConfig,
+    FisherFile,
+    FisherWriter,
+    check_output_free,
+    open_fisher,
+    parse_shard_size,
+)
 
 
 def _parse_weights(text: Optional[str], count: int) -> Optional[List[float]]:
@@ -126,8 +133,7 @@ def combine_fishers(
         raise FisherInputError("combine needs at least two Fisher files", fix="mergekit-fisher combine A B ... OUT")
     out_abs = os.path.abspath(out)
     parse_shard_size(max_shard_size)  # a bad --max-shard-size fails before any work
-    if os.path.exists(out_abs) and not overwrite:
-        raise FisherInputError("output already exists", file=out_abs, kind="output", fix="choose another path or pass --overwrite")
+    check_output_free(out_abs, overwrite)
     files = [open_fisher(p) for p in paths]
     if out_abs in {f.path for f in files}:
         raise FisherInputError("the output would overwrite one of the inputs", file=out_abs, kind="output", fix="choose another OUT")

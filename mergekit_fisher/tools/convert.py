@@ -17,7 +17,7 @@ import torch
 from safetensors import safe_open
 
 from mergekit_fisher.errors import FisherInputError
-from mergekit_fisher.fisher_file import FisherConfig, parse_shard_size, write_fisher
+from mergekit_fisher.fisher_file import FisherConfig, check_output_free, parse_shard_size, write_fisher
 from mergekit_fisher.fisher_file.config import CONFIG_FILENAME, HEADER_CONFIG_KEY
 from mergekit_fisher.tools.checkpoint import checkpoint_shapes
 from mergekit_fisher.tools.names import match_names
@@ -179,8 +179,7 @@ def convert(
     """Convert; returns the report lines. Raises FisherInputError (nothing written) on any problem."""
     out_abs = os.path.abspath(out)
     parse_shard_size(max_shard_size)  # a bad --max-shard-size fails before any work
-    if os.path.exists(out_abs) and not overwrite:
-        raise FisherInputError("output already exists", file=out_abs, kind="output", fix="choose another path or pass --overwrite")
+    check_output_free(out_abs, overwrite)
     model_shapes = checkpoint_shapes(model)
     source = Source(source_path)
     match = match_names(source.names(), model_shapes)
