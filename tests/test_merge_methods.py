@@ -33,14 +33,23 @@ def normalized_reference(values: dict, mode: str) -> dict:
     return out
 
 
+def floored_reference(values: dict, mode: str, floor: float) -> dict:
+    """normalize(F) + floor, the floor relative to the model's mean Fisher in normalized units
+    (the tensor's own mean under `tensor` normalization, where it is 1 after normalizing)."""
+    normalized = normalized_reference(values, mode)
+    flat = torch.cat([v.double().flatten() for v in values.values()])
+    level = {"mean": 1.0, "l2": flat.mean() / flat.square().sum().sqrt(), "tensor": 1.0, "none": flat.mean()}
+    return {name: value + floor * level[mode] for name, value in normalized.items()}
+
+
 def brute_force_fisher(world: World, models, weights, mode: str, floor: float) -> dict:
-    normalized = {m: normalized_reference(world.fisher_values[m], mode) for m in models}
+    floored = {m: floored_reference(world.fisher_values[m], mode, floor) for m in models}
     result = {}
     for name in world.states[models[0]]:
         numerator = 0
         denominator = 0
         for model, weight in zip(models, weights):
-            coefficient = weight * (normalized[model][name] + floor)
+            coefficient = weight * floored[model][name]
             numerator = numerator + coefficient * world.states[model][name].double()
             denominator = denominator + coefficient
         result[name] = numerator / denominator
@@ -56,7 +65,7 @@ def assert_state_close(actual: dict, expected: dict, rtol=2e-5, atol=1e-6):
 @pytest.mark.parametrize("mode", ["mean", "l2", "tensor", "none"])
 def test_fisher_matches_brute_force_formula(world, tmp_path, mode):
     weights = [0.5, 1.0, 2.0]
-    floor = 1e-3 if mode != "l2" else 1e-7  # l2-normalized values are tiny: a floor on their scale
+    floor = 1e-3  # relative to each model's mean Fisher: the same meaning under every normalization
     recipe = world.recipe("fisher", weights=weights, shared={"fisher_normalize": mode, "fisher_floor": floor})
     merged = run_recipe(recipe, str(tmp_path / "out"))
     expected = brute_force_fisher(world, world.models, weights, mode, floor)

@@ -107,17 +107,37 @@ def test_planner_internals_we_rely_on_are_still_there():
     assert callable(plan.MergePlanner._plan)
 
 
-def test_kernel_without_attached_fisher_fails_loudly():
+def test_kernel_without_a_fisher_tensor_fails_loudly():
     import torch
     from mergekit import merge_methods
     from mergekit.merge_methods.base import TensorGroup
 
-    from mergekit_fisher.merge.registry import ensure_registered
+    from mergekit_fisher.errors import FisherInputError
+    from mergekit_fisher.merge.registry import register
 
-    ensure_registered()
+    register()
     group = TensorGroup.from_tensors([torch.ones(2), torch.zeros(2)], name="x")
-    with pytest.raises(RuntimeError, match="no Fisher tensors are attached"):
+    with pytest.raises(FisherInputError, match="got no Fisher tensor for input 0 of x"):
         merge_methods.get("fisher")((group,))
+    with pytest.raises(FisherInputError, match="got no Fisher tensor"):
+        merge_methods.get("fisher")((group,), parameters={"fisher": "/some/path"})
+
+
+def test_fisher_tensors_reach_the_kernel_as_its_fisher_parameter():
+    """The kernel's only Fisher input is its declared per-input `fisher` parameter."""
+    import torch
+    from mergekit import merge_methods
+    from mergekit.merge_methods.base import TensorGroup
+
+    from mergekit_fisher.merge.registry import register
+
+    register()
+    a, b = torch.tensor([0.0, 10.0]), torch.tensor([4.0, 20.0])
+    group = TensorGroup.from_tensors([a, b], name="x")
+    parameters = {"fisher": [torch.tensor([3.0, 1.0]), torch.tensor([1.0, 1.0])], "weight": [1.0, 2.0]}
+    (merged,) = merge_methods.get("fisher")((group,), parameters=parameters)
+    # (1·3·0 + 2·1·4) / (3 + 2) = 1.6 ; (1·10 + 2·20) / 3
+    torch.testing.assert_close(merged, torch.tensor([1.6, 50.0 / 3.0]))
 
 
 @pytest.fixture(scope="module")

@@ -5,10 +5,13 @@ Rules, because this runs in *every* Python process of the environment:
 
 * standard library only, and nothing heavy: torch and mergekit are not imported here;
 * it never raises (the ``.pth`` line swallows errors too);
-* ``MERGEKIT_FISHER_NO_HOOK=1`` turns it off.
+* ``MERGEKIT_FISHER_NO_HOOK=1`` turns it off (checked by the ``.pth`` line itself, before this
+  module is imported, so a disabled hook costs nothing).
 
-It installs a meta-path finder that waits for mergekit's method registry (and its planner) to be
+It installs a meta-path finder that waits for mergekit's method package (and its planner) to be
 imported, then registers our methods / patches the planner right after that module has executed.
+Waiting for the whole ``mergekit.merge_methods`` package (not its ``registry`` submodule) matters:
+our methods module imports from that package, so registering any earlier could find it half-built.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ DISABLE_ENV = "MERGEKIT_FISHER_NO_HOOK"
 
 # module name -> dotted path of the callback run once that module has executed
 _WATCHED = {
-    "mergekit.merge_methods.registry": "mergekit_fisher.merge.registry:register_methods",
+    "mergekit.merge_methods": "mergekit_fisher.merge.registry:register_methods",
     "mergekit.plan": "mergekit_fisher.merge.registry:patch_planner",
     "mergekit.scripts.merge_raw_pytorch": "mergekit_fisher.merge.registry:patch_raw_pytorch",
 }

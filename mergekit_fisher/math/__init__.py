@@ -2,6 +2,7 @@
 
 from mergekit_fisher.math.fisher_merge import (
     NORMALIZATIONS,
+    Normalization,
     fisher_element_weights,
     fisher_task_arithmetic,
     fisher_weighted_average,
@@ -11,6 +12,7 @@ from mergekit_fisher.math.fisher_merge import (
 
 __all__ = [
     "NORMALIZATIONS",
+    "Normalization",
     "fisher_element_weights",
     "fisher_task_arithmetic",
     "fisher_weighted_average",

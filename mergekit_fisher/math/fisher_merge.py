@@ -1,10 +1,14 @@
 """Fisher-weighted merging, element-wise (Matena & Raffel 2021, arXiv 2111.09832).
 
-    θ* = Σᵢ λᵢ F̃ᵢ θᵢ / Σᵢ λᵢ F̃ᵢ,    F̃ᵢ = normalize(Fᵢ) + floor
+    θ* = Σᵢ λᵢ F̃ᵢ θᵢ / Σᵢ λᵢ F̃ᵢ,    F̃ᵢ = (Fᵢ + floor · m̄ᵢ) / sᵢ
 
 Fisher scales differ between models (data, sequence lengths, confidence), so each model's Fisher is
-first brought to a common scale (`normalize_fisher`) and then floored, so that elements no model
-cares about fall back to the plain weighted average instead of 0/0.
+brought to a common scale (divided by sᵢ, `normalize_fisher`) and floored, so that elements no model
+cares about fall back to the plain weighted average instead of 0/0. The floor is *relative*: m̄ᵢ is
+model i's mean Fisher (the tensor's own mean under `tensor` normalization), so `floor = 1e-6` means
+"one millionth of that model's average importance" under every normalization. (An absolute floor
+would not: l2-normalized values scale like 1/√N, and at 7B parameters nearly every element would sit
+below a 1e-6 floor, turning an `l2` merge into a plain average.)
 
 The task-arithmetic family (TIES, DARE, ...) keeps every mergekit convention and only replaces each
 model's scalar weight wᵢ by the per-element weight wᵢ·F̃ᵢ/mean_j(F̃ⱼ) (`fisher_element_weights`): with equal
@@ -13,11 +17,23 @@ Fishers the weights are exactly the recipe's, and `normalize: false` keeps task 
 
 from __future__ import annotations
 
+from enum import Enum
 from typing import Callable, Optional, Sequence
 
 import torch
 
-NORMALIZATIONS = ("mean", "l2", "tensor", "none")
+
+
+class Normalization(str, Enum):
+    """How each model's Fisher is brought to a common scale before merging."""
+
+    MEAN = "mean"  # divide by the mean over all elements of the model's Fisher file
+    L2 = "l2"  # divide by the file's global L2 norm (the paper's code)
+    TENSOR = "tensor"  # divide each tensor by its own mean
+    NONE = "none"  # raw values
+
+
+NORMALIZATIONS = tuple(mode.value for mode in Normalization)
 
 
 def working_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -31,44 +47,48 @@ def normalize_fisher(
     *,
     global_mean: Optional[float] = None,
     global_l2: Optional[float] = None,
+    floor: float = 0.0,
 ) -> torch.Tensor:
-    """Bring one model's Fisher tensor to a comparable scale.
+    """One model's Fisher tensor on a comparable scale, with its relative floor: (F + floor·m̄) / s.
 
-    - ``mean``:   divide by the mean over *all* elements of that model's Fisher file (`global_mean`),
-                  so model size and data scale do not move the floor;
-    - ``l2``:     divide by the global L2 norm of the file (`global_l2`; what the paper's code does);
-    - ``tensor``: divide by this tensor's own mean (each tensor is weighted on its own);
-    - ``none``:   raw values.
-    A zero scale (an all-zero Fisher) leaves the zeros as they are: the floor then decides.
+    - ``mean``:   s = m̄ = the mean over *all* elements of that model's Fisher file (`global_mean`),
+                  so model size and data scale do not move the result;
+    - ``l2``:     s = the file's global L2 norm (`global_l2`; what the paper's code does), m̄ = `global_mean`;
+    - ``tensor``: s = m̄ = this tensor's own mean (each tensor is weighted on its own);
+    - ``none``:   s = 1, m̄ = `global_mean`.
+    A zero scale (an all-zero Fisher) leaves the values unscaled: the floor (0 then) and the other
+    models decide.
     """
-    if mode == "none":
-        return fisher
-    if mode == "mean":
-        scale = global_mean
-    elif mode == "l2":
-        scale = global_l2
-    elif mode == "tensor":
-        scale = float(fisher.mean()) if fisher.numel() else 0.0
+    try:
+        mode = Normalization(mode)
+    except ValueError:
+        raise ValueError(
+            f"unknown Fisher normalization {mode!r}; expected one of {NORMALIZATIONS}"
+        ) from None
+    if mode is Normalization.TENSOR:
+        scale = reference = float(fisher.double().mean()) if fisher.numel() else 0.0
     else:
-        raise ValueError(f"unknown Fisher normalization {mode!r}; expected one of {NORMALIZATIONS}")
-    if scale is None:
-        raise ValueError(f"normalization {mode!r} needs the file's global statistics")
+        reference = global_mean
+        scales = {Normalization.MEAN: global_mean, Normalization.L2: global_l2}
+        scale = scales.get(mode, 1.0)
+        if scale is None or (floor and reference is None):
+            raise ValueError(f"normalization {mode.value!r} needs the file's global statistics")
+    floored = fisher + floor * reference if floor else fisher
     if scale <= 0:
-        return fisher
-    return fisher / scale
+        return floored
+    return floored / scale
 
 
 def fisher_weighted_average(
     tensors: Sequence[torch.Tensor],
     fishers: Sequence[torch.Tensor],
     weights: Sequence[float],
-    *,
-    floor: float = 0.0,
 ) -> torch.Tensor:
-    """Σᵢ wᵢ(Fᵢ+floor)θᵢ / Σᵢ wᵢ(Fᵢ+floor), in the dtype of the tensors (float32 or float64).
+    """Σᵢ wᵢF̃ᵢθᵢ / Σᵢ wᵢF̃ᵢ, in the dtype of the tensors (float32 or float64).
 
-    `fishers` are already normalized; each may be a full tensor or a scalar (a uniform Fisher).
-    Where the denominator is exactly 0 (every Fisher 0 and no floor) the plain weighted average is used.
+    `fishers` are already normalized and floored (`normalize_fisher`); each may be a full tensor or
+    a scalar (a uniform Fisher). Where the denominator is exactly 0 (every Fisher 0) the plain
+    weighted average is used.
     """
     if not (len(tensors) == len(fishers) == len(weights)) or not tensors:
         raise ValueError("need one Fisher and one weight per tensor")
@@ -76,8 +96,7 @@ def fisher_weighted_average(
     numerator = torch.zeros_like(tensors[0])
     denominator = torch.zeros_like(tensors[0])
     for tensor, fisher, weight in zip(tensors, fishers, weights):
-        coefficient = fisher.to(dtype=dtype) + floor
-        coefficient = coefficient * weight
+        coefficient = fisher.to(dtype=dtype) * weight
         numerator.addcmul_(coefficient.expand_as(tensor), tensor)
         denominator.add_(coefficient.expand_as(tensor))
     empty = denominator == 0
@@ -94,19 +113,17 @@ def fisher_element_weights(
     weights: Sequence[float],
     shape: Sequence[int],
     *,
-    floor: float = 0.0,
     dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    """wᵢ·(Fᵢ+floor)/meanⱼ(Fⱼ+floor) per element, stacked to [n, *shape].
+    """wᵢ·F̃ᵢ/meanⱼ(F̃ⱼ) per element, stacked to [n, *shape] (F̃: normalized and floored).
 
     The factors average to 1 over the models, so equal Fishers give exactly the recipe's weights
     (up to rounding) -- which is what makes each `fisher_X` reduce to mergekit's `X`. Elements
-    where every Fisher is 0 (and no floor) get factor 1. Built in one buffer: n+1 tensors of memory.
+    where every Fisher is 0 get factor 1. Built in one buffer: n+1 tensors of memory.
     """
     out = torch.empty((len(fishers), *shape), dtype=dtype, device=fishers[0].device)
     for index, fisher in enumerate(fishers):
         out[index].copy_(fisher.expand(shape))
-    out.add_(floor)
     mean = out.mean(dim=0)
     empty = mean <= 0
     if bool(empty.any()):
@@ -123,7 +140,6 @@ def fisher_task_arithmetic(
     fishers: Sequence[torch.Tensor],
     weights: Sequence[float],
     *,
-    floor: float = 0.0,
     sparsify_delta: Optional[Callable[[int, torch.Tensor], torch.Tensor]] = None,
     consensus: Optional[str] = None,
     normalize: bool = False,
@@ -150,7 +166,7 @@ def fisher_task_arithmetic(
         deltas[index] = delta
         del delta
 
-    element_weights = fisher_element_weights(fishers, weights, base.shape, floor=floor, dtype=base.dtype)
+    element_weights = fisher_element_weights(fishers, weights, base.shape, dtype=base.dtype)
     deltas.mul_(element_weights)
 
     if consensus:

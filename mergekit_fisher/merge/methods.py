@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 from functools import cached_property
-from typing import Any
+from typing import Any, List, Mapping, Sequence
 
 import torch
 from mergekit.merge_methods.base import (
@@ -22,17 +22,51 @@ from mergekit.merge_methods.base import (
     MergeMethodSpec,
     ParameterScope,
     ParameterSpec,
+    TensorEntry,
     TensorGroup,
 )
 from mergekit.merge_methods.generalized_task_arithmetic import GeneralizedTaskArithmeticMerge
 from mergekit.sparsify import RescaleNorm, sparsify
 
+from mergekit_fisher.errors import FisherInputError
 from mergekit_fisher.math import fisher_task_arithmetic, fisher_weighted_average, working_dtype
-from mergekit_fisher.merge.context import fishers_for
-from mergekit_fisher.merge.parameters import fisher_parameter_specs
+from mergekit_fisher.merge.parameters import FISHER, fisher_parameter_specs
 
 PAPER_URL = "https://arxiv.org/abs/2111.09832"
 DEFAULT_WEIGHT = 1.0
+
+
+def bound_fishers(
+    method_name: str, group: TensorGroup, entries: Sequence[TensorEntry], fishers: Mapping
+) -> List[torch.Tensor]:
+    """Each entry's Fisher weights, as the merge graph bound them to the `fisher` parameter.
+
+    The graph (`tasks.FisherMergeTask`) binds a normalized, floored tensor per input; a path here
+    means the planner hook did not run (e.g. the method was called through mergekit's state-dict
+    API, which has no Fisher files to read).
+    """
+    result = []
+    for entry in entries:
+        fisher = fishers[entry.id]
+        if not isinstance(fisher, torch.Tensor):
+            raise FisherInputError(
+                f"{method_name} got no Fisher tensor for input {entry.id} of "
+                f"{group.metadata.name} (its `fisher` is {fisher!r})",
+                fix="run Fisher merges from a recipe (mergekit-yaml, mergekit-fisher merge or "
+                "mergekit's run_merge), which loads each input's Fisher file; or pass each "
+                "input's normalized Fisher tensor as its `fisher` parameter",
+            )
+        # A shape mismatch must never be papered over by broadcasting.
+        if fisher.ndim and tuple(fisher.shape) != tuple(entry.tensor.shape):
+            raise FisherInputError(
+                f"Fisher shape {tuple(fisher.shape)} does not match the tensor being merged "
+                f"{tuple(entry.tensor.shape)}",
+                model=str(entry.id),
+                tensor=group.metadata.name,
+                fix="recompute the Fisher for this exact model (and tokenizer)",
+            )
+        result.append(fisher.to(entry.tensor.device))
+    return result
 
 
 class FisherMerge(GroupMergeMethod):
@@ -53,14 +87,13 @@ class FisherMerge(GroupMergeMethod):
 
     def merge_group(self, group: TensorGroup, /, **parameters: Any) -> torch.Tensor:
         entries = group.entries
-        fishers = fishers_for(self.spec.name, group.metadata.name, entries)
+        fishers = bound_fishers(self.spec.name, group, entries, parameters[FISHER])
         first = entries[0].tensor
         dtype = working_dtype(first.dtype)
         merged = fisher_weighted_average(
             [entry.tensor.to(dtype) for entry in entries],
-            [fishers[entry.id] for entry in entries],
+            fishers,
             [parameters["weight"][entry.id] for entry in entries],
-            floor=parameters["fisher_floor"],
         )
         return merged.to(first.dtype)
 
@@ -96,7 +129,7 @@ class FisherTaskArithmeticMerge(GroupMergeMethod):
         entries = group.non_base
         if not entries:
             return base
-        fishers = fishers_for(self.spec.name, group.metadata.name, entries)
+        fishers = bound_fishers(self.spec.name, group, entries, parameters[FISHER])
         method = self.namesake.sparsification_method
         extra_keys = [key for key in ("gamma", "epsilon") if key in parameters]
 
@@ -114,9 +147,8 @@ class FisherTaskArithmeticMerge(GroupMergeMethod):
         return fisher_task_arithmetic(
             base,
             [entry.tensor for entry in entries],
-            [fishers[entry.id] for entry in entries],
+            fishers,
             [parameters["weight"][entry.id] for entry in entries],
-            floor=parameters["fisher_floor"],
             sparsify_delta=sparsify_delta if method else None,
             consensus=consensus.value if consensus else None,
             normalize=parameters["normalize"],

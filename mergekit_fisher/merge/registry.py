@@ -1,20 +1,31 @@
 """Registration: the one visible place where mergekit-fisher plugs into mergekit.
 
-Two hooks, both idempotent:
+Two hooks, both idempotent, both run by the `.pth` start-up hook right after mergekit imports the
+module they need (so the stock `mergekit-yaml` knows the methods), and by `register()` for our
+own entry points and for Python users:
 
 * `register_methods()` adds `fisher` and `fisher_<X>` for each member X of mergekit's generalized
-  task arithmetic family to mergekit's method registry;
-* `patch_planner()` makes mergekit's planner build `FisherMergeTask`s for those methods (see
-  `planning.fisher_aware_merge_task`): the only way to learn each *input's* tensor name.
+  task arithmetic family to mergekit's method registry. It runs once `mergekit.merge_methods` has
+  finished importing, and imports only `methods` (whose own imports are the already-loaded
+  `mergekit.merge_methods` and `mergekit.sparsify`), so it is safe in the middle of any import.
+* `patch_planner()` makes `mergekit.plan` build `FisherMergeTask`s for those methods: the only
+  place that knows each *input's* tensor name. It runs once `mergekit.plan` has finished importing
+  and imports `tasks`, whose mergekit dependencies `mergekit.plan` has loaded by then.
 
-The `.pth` start-up hook calls them as soon as mergekit imports its registry / planner, so the stock
-`mergekit-yaml` knows the methods; `ensure_registered()` does both for our own entry points.
+mergekit 0.1.5 has no plugin API for extra per-input graph dependencies of a merge method; a
+`MergeMethod` hook such as `extra_arguments(weight_infos, parameters) -> Dict[str, Task]`, called by
+the planner beside `GatherTensors`, would make `patch_planner` unnecessary.
 """
 
 from __future__ import annotations
 
 import importlib
 from typing import List
+
+from mergekit.merge_methods import registry as mergekit_registry
+from mergekit.merge_methods.base import MergeMethod
+
+from mergekit_fisher.merge.methods import FisherMerge, FisherTaskArithmeticMerge
 
 # mergekit's generalized task arithmetic methods that get a Fisher-weighted twin `fisher_<name>`
 TASK_ARITHMETIC_NAMESAKES = (
@@ -28,31 +39,29 @@ TASK_ARITHMETIC_NAMESAKES = (
     "della_linear",
 )
 
-
-def fisher_methods() -> List[object]:
-    from mergekit_fisher.merge.methods import FisherMerge, FisherTaskArithmeticMerge
-
-    registry = importlib.import_module("mergekit.merge_methods.registry")
-    methods = [FisherMerge()]
+def fisher_methods() -> List[MergeMethod]:
+    methods: List[MergeMethod] = [FisherMerge()]
     for name in TASK_ARITHMETIC_NAMESAKES:
-        methods.append(FisherTaskArithmeticMerge.of(registry.get(name)))
+        methods.append(FisherTaskArithmeticMerge.of(mergekit_registry.get(name)))
     return methods
 
 
 def register_methods() -> None:
-    registry = importlib.import_module("mergekit.merge_methods.registry")
-    known = {method.spec.name for method in registry.registered_methods()}
+    known = {method.spec.name for method in mergekit_registry.registered_methods()}
     for method in fisher_methods():
         if method.spec.name not in known:
-            registry.register(method)
+            mergekit_registry.register(method)
 
 
-def _patch_module(module_name: str) -> None:
-    module = importlib.import_module(module_name)
+def patch_planner(module_name: str = "mergekit.plan") -> None:
+    """Route one of mergekit's planners through `tasks.fisher_aware_merge_task`."""
+    # Deferred: `tasks` imports mergekit's graph and tokenizer modules, which only a module that
+    # plans merges has loaded; registering methods must not pull them in mid-import.
     from mergekit.merge_methods.task_adapter import ExecuteMergeMethodTask
 
-    from mergekit_fisher.merge.planning import fisher_aware_merge_task
+    from mergekit_fisher.merge.tasks import fisher_aware_merge_task
 
+    module = importlib.import_module(module_name)
     current = getattr(module, "ExecuteMergeMethodTask", None)
     if current is fisher_aware_merge_task:
         return
@@ -64,16 +73,19 @@ def _patch_module(module_name: str) -> None:
     module.ExecuteMergeMethodTask = fisher_aware_merge_task
 
 
-def patch_planner() -> None:
-    """Route mergekit's planner through `fisher_aware_merge_task`."""
-    _patch_module("mergekit.plan")
+def register() -> None:
+    """Make the Fisher methods known to mergekit in this process (idempotent).
+
+    Call it before mergekit's `run_merge` where the `.pth` start-up hook is off
+    (`MERGEKIT_FISHER_NO_HOOK=1`, `python -S`, embedded interpreters).
+    """
+    register_methods()
+    patch_planner("mergekit.plan")
+
+
+ensure_registered = register  # the name our entry points and older scripts use
 
 
 def patch_raw_pytorch() -> None:
-    """mergekit-pytorch builds its own tasks: routed too, so Fisher methods fail there with a clear message."""
-    _patch_module("mergekit.scripts.merge_raw_pytorch")
-
-
-def ensure_registered() -> None:
-    register_methods()
-    patch_planner()
+    """mergekit-pytorch builds its own tasks: routed too, so Fisher methods fail there clearly."""
+    patch_planner("mergekit.scripts.merge_raw_pytorch")

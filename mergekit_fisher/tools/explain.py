@@ -3,7 +3,7 @@
 It plans the merge with mergekit's own planner -- so it validates the recipe and every Fisher file
 through exactly the code path (and messages) the merge uses -- then, instead of merging, loads each
 planned output tensor's Fishers (normalized as the recipe says) and reports, per layer and module
-type, each model's share of the Fisher mass Σ wᵢ(F̃ᵢ+floor): the effective weight the merge gives
+type, each model's share of the Fisher mass Σ wᵢF̃ᵢ (normalized, floored): the effective weight the merge gives
 it there. It also reports the fraction of elements where the floor decides (every model's
 normalized Fisher below the floor, so the merge there is close to the plain weighted average).
 
@@ -95,7 +95,7 @@ def plan_recipe(recipe_path: str, lora_merge_cache: Optional[str] = None, trust_
 
 def collect_masses(planned) -> tuple:
     """{(module, layer): GroupMass}, model labels in recipe order, and the method name."""
-    from mergekit_fisher.merge.planning import FisherMergeTask, PermuteFisherVocabulary
+    from mergekit_fisher.merge.tasks import FisherMergeTask, PermuteFisherVocabulary
 
     groups: Dict[tuple, GroupMass] = defaultdict(GroupMass)
     labels: List[str] = []
@@ -110,7 +110,7 @@ def collect_masses(planned) -> tuple:
         fishers = source.execute()
         if not fishers:
             continue
-        floor = float(task.parameters["fisher_floor"])
+        floor_levels = source.floor_levels()
         layer, module = layer_and_module(weight_info.name)
         group = groups[(module, layer)]
         numel = None
@@ -124,8 +124,10 @@ def collect_masses(planned) -> tuple:
             count = fisher.numel() if fisher.ndim else (int(torch.tensor(shape).prod()) if shape else 1)
             numel = count if numel is None else numel
             total = float(fisher.double().sum()) if fisher.ndim else float(fisher) * count
-            group.mass[label] = group.mass.get(label, 0.0) + weight * (total + floor * count)
-            below = fisher <= floor  # at or under the floor: the floor (or the 0/0 fallback) decides
+            group.mass[label] = group.mass.get(label, 0.0) + weight * total
+            # the loaded Fisher carries its floor: F + floor <= 2·floor where F is at or under it,
+            # so there the floor (or the 0/0 fallback) decides
+            below = fisher <= 2 * floor_levels[model]
             below_floor = below if below_floor is None else (below_floor & below)
         group.elements += numel
         group.floor_decides += int(below_floor.sum()) if below_floor.ndim else (numel if bool(below_floor) else 0)

@@ -4,43 +4,41 @@ mergekit's kernels see the *output* tensor name only, but a Fisher must be looke
 *input's* name (slices with layer offsets, aliases, tied embeddings) and must follow mergekit's
 vocabulary permutation when tokenizers are merged. The planner knows all of that when it builds
 each `ExecuteMergeMethodTask`; `fisher_aware_merge_task` (installed in place of that constructor in
-`mergekit.plan`, see `registry.patch_planner`) builds a `FisherMergeTask` instead for Fisher methods:
-the same task, plus a dependency that loads the inputs' Fishers. The graph executor then schedules,
-moves (`--cuda`) and frees Fisher tensors exactly like model tensors.
+`mergekit.plan` by `registry.patch_planner`) builds a `FisherMergeTask` instead for Fisher methods.
+
+The data flow is the graph's own: `LoadFisherTensors` (optionally wrapped by
+`PermuteFisherVocabulary`) is a declared argument of `FisherMergeTask`, so mergekit's executor
+schedules, moves (`--cuda`) and frees Fisher tensors exactly like model tensors; `FisherMergeTask`
+then binds them to the kernel's per-input `fisher` parameter, where the recipe had the file's path.
 """
 
 from __future__ import annotations
 
-from typing import Dict, Optional, Tuple, Union
+from typing import Any, Dict, Optional, Union
 
 import torch
+from mergekit import merge_methods
 from mergekit.common import ImmutableMap, ModelReference
 from mergekit.graph import Task
 from mergekit.merge_methods.task_adapter import ExecuteMergeMethodTask, TensorDictWrapper
 from mergekit.tokenizer import BuildTokenizer, PermutedVocabulary, TokenizerInfo
 from mergekit.tokenizer.config import TokenEmbeddingConfig
 from mergekit.tokenizer.truncate import TruncatedVocabulary
-from pydantic import BaseModel
 
 from mergekit_fisher.errors import FisherInputError
 from mergekit_fisher.fisher_file import open_fisher
-from mergekit_fisher.math import normalize_fisher
-from mergekit_fisher.merge.context import attached_fishers
-
-
-class FisherInput(BaseModel, frozen=True):
-    """Where one input's Fisher for one output tensor lives (resolved and validated at plan time)."""
-
-    path: str
-    tensor: Optional[str]  # name inside the Fisher file; None = uniform (missing_fisher: uniform)
-    expected_shape: Optional[Tuple[int, ...]] = None
+from mergekit_fisher.math import Normalization, normalize_fisher
+from mergekit_fisher.merge.methods import FisherMerge, FisherTaskArithmeticMerge
+from mergekit_fisher.merge.parameters import FISHER
+from mergekit_fisher.merge.resolution import FisherInput, resolve_fisher_inputs
 
 
 class LoadFisherTensors(Task[Dict[ModelReference, torch.Tensor]]):
-    """Read and normalize the Fisher of every input of one output tensor (float32, CPU)."""
+    """Read, normalize and floor the Fisher of every input of one output tensor (float32, CPU)."""
 
     inputs: ImmutableMap[ModelReference, FisherInput]
     normalize: str
+    floor: float
     output_name: str
     vocabulary_axis: Optional[int] = None
     truncate_rows: Optional[int] = None  # --unsafe-truncate-embeddings: keep this many token rows
@@ -58,39 +56,63 @@ class LoadFisherTensors(Task[Dict[ModelReference, torch.Tensor]]):
         return self.output_name
 
     def execute(self) -> Dict[ModelReference, torch.Tensor]:
-        result = {}
+        return {model: self._load(model, spec) for model, spec in self.inputs.items()}
+
+    def _load(self, model: ModelReference, spec: FisherInput) -> torch.Tensor:
+        fisher_file = open_fisher(spec.path)
+        stats = fisher_file.global_stats() if self._needs_stats(spec) else None
+        if spec.tensor is None:
+            # A uniform Fisher at the file's own mean level: after `mean` normalization it is 1.
+            raw = torch.tensor(stats.mean, dtype=torch.float32)
+        else:
+            raw = fisher_file.get_tensor(spec.tensor)
+            if spec.expected_shape is not None and tuple(raw.shape) != spec.expected_shape:
+                raise FisherInputError(
+                    f"Fisher shape {tuple(raw.shape)} does not match the model tensor "
+                    f"{spec.expected_shape}",
+                    model=str(model),
+                    file=spec.path,
+                    tensor=spec.tensor,
+                    fix="this Fisher was computed for another model; recompute it for this one",
+                )
+            if self.truncate_rows is not None and raw.ndim:
+                raw = raw.narrow(self.vocabulary_axis, 0, self.truncate_rows)
+        return normalize_fisher(
+            raw,
+            self.normalize,
+            global_mean=stats.mean if stats else None,
+            global_l2=stats.l2 if stats else None,
+            floor=self.floor,
+        )
+
+    def _needs_stats(self, spec: FisherInput) -> bool:
+        # `tensor` normalization floors relative to the tensor's own mean; every other mode
+        # scales or floors by the file's global statistics.
+        return self.normalize != Normalization.TENSOR or spec.tensor is None
+
+    def floor_levels(self) -> Dict[ModelReference, float]:
+        """The floor each model's loaded Fisher carries, in its normalized units (for `explain`)."""
+        levels = {}
         for model, spec in self.inputs.items():
-            fisher_file = open_fisher(spec.path)
-            needs_stats = self.normalize in ("mean", "l2") or spec.tensor is None
-            stats = fisher_file.global_stats() if needs_stats else None
-            if spec.tensor is None:
-                # A uniform Fisher at the file's own mean level: after `mean` normalization it is 1.
-                raw = torch.tensor(stats.mean, dtype=torch.float32)
-            else:
-                raw = fisher_file.get_tensor(spec.tensor)
-                if spec.expected_shape is not None and tuple(raw.shape) != spec.expected_shape:
-                    raise FisherInputError(
-                        f"Fisher shape {tuple(raw.shape)} does not match the model tensor {spec.expected_shape}",
-                        model=str(model), file=spec.path, tensor=spec.tensor,
-                        fix="this Fisher was computed for another model; recompute it for this one",
-                    )
-                if self.truncate_rows is not None and raw.ndim:
-                    raw = raw.narrow(self.vocabulary_axis, 0, self.truncate_rows)
-            result[model] = normalize_fisher(
-                raw,
-                self.normalize,
-                global_mean=stats.mean if stats else None,
-                global_l2=stats.l2 if stats else None,
+            if self.normalize == Normalization.TENSOR:
+                levels[model] = self.floor  # (F + floor·t)/t = F/t + floor, t the tensor's mean
+                continue
+            stats = open_fisher(spec.path).global_stats()
+            zero = torch.tensor(0.0, dtype=torch.float64)
+            levels[model] = float(
+                normalize_fisher(
+                    zero, self.normalize, global_mean=stats.mean, global_l2=stats.l2, floor=self.floor
+                )
             )
-        return result
+        return levels
 
 
 class PermuteFisherVocabulary(Task[Dict[ModelReference, torch.Tensor]]):
     """Apply the tokenizer merge's row permutation to the Fishers, as `PermutedVocabulary` does to weights.
 
     A row whose token a model does not have (or whose embedding the recipe forces) gets Fisher 0 for
-    that model: the model carries no information about it, so the floor and the other models decide.
-    Padding rows (pad_to_multiple_of) get 0 too.
+    that model: the model carries no information about it, so the other models decide (where every
+    model has 0, the plain weighted average). Padding rows (pad_to_multiple_of) get 0 too.
     """
 
     fisher_task: LoadFisherTensors
@@ -139,23 +161,30 @@ FisherSource = Union[LoadFisherTensors, PermuteFisherVocabulary]
 
 
 class FisherMergeTask(ExecuteMergeMethodTask):
-    """mergekit's merge task with the inputs' Fishers attached for the kernel."""
+    """mergekit's merge task plus one declared argument: the inputs' loaded Fishers."""
 
     fisher_tensors: FisherSource
 
     def arguments(self) -> Dict[str, Task]:
         return {**super().arguments(), "fishers": self.fisher_tensors}
 
-    def execute(self, tensors, fishers=None, **kwargs):
-        with attached_fishers(fishers or {}):
-            return super().execute(tensors=tensors, **kwargs)
+    def execute(
+        self, tensors: Dict[ModelReference, torch.Tensor], fishers: Dict[ModelReference, Any]
+    ) -> Optional[torch.Tensor]:
+        # Bind each loaded Fisher to the kernel's per-input `fisher` parameter (the recipe had its
+        # path there), then run mergekit's own adapter unchanged: optional-tensor policies, buffer
+        # copies, dtype handling and parameter binding stay mergekit's.
+        input_parameters = ImmutableMap(
+            {
+                model: ImmutableMap({**params, FISHER: fishers[model]}) if model in fishers else params
+                for model, params in self.input_parameters.items()
+            }
+        )
+        bound = self.model_copy(update={"input_parameters": input_parameters})
+        return ExecuteMergeMethodTask.execute(bound, tensors=tensors)
 
 
 def is_fisher_method(method_name: str) -> bool:
-    from mergekit import merge_methods
-
-    from mergekit_fisher.merge.methods import FisherMerge, FisherTaskArithmeticMerge
-
     try:
         method = merge_methods.get(method_name)
     except RuntimeError:
@@ -167,24 +196,24 @@ def fisher_aware_merge_task(**kwargs) -> ExecuteMergeMethodTask:
     """Drop-in for `ExecuteMergeMethodTask(...)` in mergekit's planner."""
     if not is_fisher_method(kwargs["method_name"]):
         return ExecuteMergeMethodTask(**kwargs)
-    from mergekit_fisher.merge.sources import resolve_fisher_inputs
-
     gather = kwargs["gather_tensors"]
     if isinstance(gather, TensorDictWrapper):
         raise FisherInputError(
-            f"{kwargs['method_name']} needs each input's checkpoint tensor names to find its Fisher, which "
-            "mergekit-pytorch's raw state dicts do not carry",
+            f"{kwargs['method_name']} needs each input's checkpoint tensor names to find its "
+            "Fisher, which mergekit-pytorch's raw state dicts do not carry",
             fix="save the models as Hugging Face checkpoints and merge with `mergekit-yaml` "
             "(or `mergekit-fisher merge`)",
         )
-    inner = gather.gather_tensors if isinstance(gather, (PermutedVocabulary, TruncatedVocabulary)) else gather
+    vocabulary_gather = (PermutedVocabulary, TruncatedVocabulary)
+    inner = gather.gather_tensors if isinstance(gather, vocabulary_gather) else gather
     output_weight = kwargs["output_weight"]
+    shared = kwargs["parameters"]
     inputs, truncate_rows = resolve_fisher_inputs(
         method_name=kwargs["method_name"],
         weight_info=inner.weight_info,
         model_order=kwargs["model_order"],
         base_model=kwargs["base_model"],
-        shared_parameters=dict(kwargs["parameters"].items()),
+        shared_parameters=dict(shared.items()),
         input_parameters=kwargs["input_parameters"],
         output_name=output_weight.name,
         vocabulary_axis=output_weight.vocabulary_axis,
@@ -192,7 +221,8 @@ def fisher_aware_merge_task(**kwargs) -> ExecuteMergeMethodTask:
     )
     source: FisherSource = LoadFisherTensors(
         inputs=ImmutableMap(data=inputs),
-        normalize=kwargs["parameters"]["fisher_normalize"],
+        normalize=shared["fisher_normalize"],
+        floor=shared["fisher_floor"],
         output_name=output_weight.name,
         vocabulary_axis=output_weight.vocabulary_axis,
         truncate_rows=truncate_rows,

@@ -1,6 +1,7 @@
-"""Plan-time resolution and validation of a recipe's Fisher files.
+"""Fisher resolution: which Fisher file and tensor serves each input of each output tensor.
 
-Runs while mergekit plans the merge -- after its loader cache is warm, before any tensor is merged
+The one module that turns a recipe's `fisher:` values into `FisherInput`s (file + tensor name +
+expected shape), validated at plan time. It runs while mergekit plans the merge -- after its loader cache is warm, before any tensor is merged
 or written -- once per output tensor. Everything checkable without merging is checked here, so bad
 input fails with one clear message and the output directory gets no model shards:
 the file exists and is safetensors (pickles are refused), the tensor is there (under the input's
@@ -15,16 +16,27 @@ import functools
 import logging
 import os
 import threading
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from mergekit.common import ModelReference
+from pydantic import BaseModel
 from safetensors import safe_open
 
 from mergekit_fisher.errors import FisherInputError
 from mergekit_fisher.fisher_file import FisherFile, open_fisher
-from mergekit_fisher.merge.parameters import check_shared
+from mergekit_fisher.merge.parameters import FISHER, FisherValidation, MissingFisher, check_shared
 
 LOG = logging.getLogger(__name__)
+
+
+
+class FisherInput(BaseModel, frozen=True):
+    """Where one input's Fisher for one output tensor lives (resolved and validated at plan time)."""
+
+    path: str
+    tensor: Optional[str]  # name inside the Fisher file; None = uniform (missing_fisher: uniform)
+    expected_shape: Optional[Tuple[int, ...]] = None
+
 
 _WARNED: set = set()
 _LOCK = threading.Lock()
@@ -38,7 +50,14 @@ def _warn_once(key, message: str, *args) -> None:
     LOG.warning(message, *args)
 
 
-def open_for_model(path: Optional[str], model: ModelReference, method_name: str) -> FisherFile:
+def open_for_model(path: Any, model: ModelReference, method_name: str) -> FisherFile:
+    if path is not None and not isinstance(path, str):
+        raise FisherInputError(
+            f"`fisher:` must be a path to a Fisher file or directory, got {path!r} "
+            f"(merge method {method_name})",
+            model=str(model),
+            fix="write the path as a string under this model's `parameters:`",
+        )
     if not path:
         raise FisherInputError(
             f"no Fisher file given for this model (merge method {method_name})",
@@ -136,8 +155,6 @@ def resolve_fisher_inputs(
 
     Returns ({model: FisherInput}, rows to keep under unsafe vocabulary truncation or None).
     """
-    from mergekit_fisher.merge.planning import FisherInput
-
     check_shared(shared_parameters, where=f"merge method {method_name}")
     uses_base = method_name != "fisher"  # delta methods: the base needs no Fisher
     inputs: Dict[ModelReference, FisherInput] = {}
@@ -158,13 +175,13 @@ def resolve_fisher_inputs(
         # what the model itself stores (a tied checkpoint); an untied model's missing lm_head Fisher must
         # never be replaced by its embedding's.
         fisher_names = list(dict.fromkeys([present, info.name, *(info.aliases or ())]))
-        fisher_file = open_for_model(input_parameters[model].get("fisher"), model, method_name)
+        fisher_file = open_for_model(input_parameters[model].get(FISHER), model, method_name)
         _check_provenance(fisher_file, model)
-        if shared_parameters["fisher_validate"] == "full":
+        if shared_parameters["fisher_validate"] == FisherValidation.FULL:
             scan_values(fisher_file, model)
         stored = fisher_file.find(*fisher_names)
         if stored is None:
-            if shared_parameters["missing_fisher"] != "uniform":
+            if shared_parameters["missing_fisher"] != MissingFisher.UNIFORM:
                 raise FisherInputError(
                     f"tensor missing from the Fisher file (looked for {', '.join(fisher_names)})",
                     model=str(model), file=fisher_file.path, tensor=info.name,
