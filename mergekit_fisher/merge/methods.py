@@ -25,6 +25,7 @@ from mergekit.merge_methods.base import (
     TensorEntry,
     TensorGroup,
 )
+from mergekit.merge_methods import registry as mergekit_registry
 from mergekit.merge_methods.generalized_task_arithmetic import GeneralizedTaskArithmeticMerge
 from mergekit.sparsify import RescaleNorm, sparsify
 
@@ -155,3 +156,12 @@ class FisherTaskArithmeticMerge(GroupMergeMethod):
             lambda_=parameters["lambda"],
             mask_dtype=torch.int8 if parameters["int8_mask"] else base.dtype,
         )
+
+
+def is_fisher_method(method_name: str) -> bool:
+    """Whether mergekit's registry maps `method_name` to one of our methods."""
+    try:
+        method = mergekit_registry.get(method_name)
+    except RuntimeError:
+        return False
+    return isinstance(method, (FisherMerge, FisherTaskArithmeticMerge))

@@ -35,6 +35,7 @@ DEFAULT_VALIDATE = FisherValidation.FULL.value
 # kernel receives the tensor as an ordinary per-input parameter. Typed `Any` so that a bad recipe
 # value reaches our own check (`resolution.fisher_path`) instead of a pydantic traceback.
 FISHER = "fisher"
+ALLOW_NEGATIVE_WEIGHTS = "allow_negative_weights"
 
 
 def fisher_parameter_specs(fisher_scope: ParameterScope) -> tuple:
@@ -75,6 +76,13 @@ def fisher_parameter_specs(fisher_scope: ParameterScope) -> tuple:
             ParameterScope.SHARED,
             default=DEFAULT_VALIDATE,
             description="full (scan every value before merging) | headers",
+        ),
+        ParameterSpec(
+            ALLOW_NEGATIVE_WEIGHTS,
+            bool,
+            ParameterScope.SHARED,
+            default=False,
+            description="accept negative `weight`s (task negation); refused by default",
         ),
     )
 

@@ -54,23 +54,36 @@ def register_methods() -> None:
 
 
 def patch_planner(module_name: str = "mergekit.plan") -> None:
-    """Route one of mergekit's planners through `tasks.fisher_aware_merge_task`."""
+    """Route one of mergekit's planners through our task factory and strict parameter resolver.
+
+    `tasks.fisher_aware_merge_task` replaces the `ExecuteMergeMethodTask` constructor (Fisher
+    methods get their Fisher-loading graph argument; other methods are built unchanged), and
+    `recipe.checked_resolve_parameters` replaces `resolve_parameters` (unknown or mistyped
+    parameters of Fisher methods are errors; other methods resolve unchanged).
+    """
     # Deferred: `tasks` imports mergekit's graph and tokenizer modules, which only a module that
     # plans merges has loaded; registering methods must not pull them in mid-import.
     from mergekit.merge_methods.task_adapter import ExecuteMergeMethodTask
+    from mergekit.parameter_resolver import resolve_parameters
 
+    from mergekit_fisher.merge.recipe import checked_resolve_parameters
     from mergekit_fisher.merge.tasks import fisher_aware_merge_task
 
     module = importlib.import_module(module_name)
-    current = getattr(module, "ExecuteMergeMethodTask", None)
-    if current is fisher_aware_merge_task:
-        return
-    if current is not ExecuteMergeMethodTask:
-        raise RuntimeError(
-            f"{module_name} no longer builds merge tasks with ExecuteMergeMethodTask; "
-            "this mergekit-fisher supports mergekit>=0.1.5,<0.2"
-        )
-    module.ExecuteMergeMethodTask = fisher_aware_merge_task
+    replacements = {
+        "ExecuteMergeMethodTask": (ExecuteMergeMethodTask, fisher_aware_merge_task),
+        "resolve_parameters": (resolve_parameters, checked_resolve_parameters),
+    }
+    for name, (original, ours) in replacements.items():
+        current = getattr(module, name, None)
+        if current is ours:
+            continue
+        if current is not original:
+            raise RuntimeError(
+                f"{module_name} no longer uses mergekit's {name}; "
+                "this mergekit-fisher supports mergekit>=0.1.5,<0.2"
+            )
+        setattr(module, name, ours)
 
 
 def register() -> None:

@@ -13,6 +13,7 @@ which also yields the global statistics when the file's metadata lacks them).
 from __future__ import annotations
 
 import functools
+import math
 import logging
 import os
 import threading
@@ -89,9 +90,64 @@ def scan_values(fisher_file: FisherFile, model: ModelReference) -> None:
         raise FisherInputError(
             error.problem, fix=error.fix, model=str(model), file=error.file, tensor=error.tensor
         ) from None
+    check_recorded_stats(fisher_file, stats, model)
     fisher_file.remember_stats(stats)
     with _LOCK:
         fisher_file.values_checked = True
+
+
+def check_recorded_stats(fisher_file: FisherFile, scanned, model: ModelReference) -> None:
+    """The global statistics in the file's config must be those of its values.
+
+    `mean` and `l2` normalization divide by them: a doctored or stale `sum` would silently move one
+    model's share of the merge (x1e6: from 0.5 to 0.000), so a mismatch is an error, not a preference.
+    """
+    recorded = fisher_file.config.global_stats() if fisher_file.config is not None else None
+    if recorded is None:
+        return
+    same = recorded.num_elements == scanned.num_elements and all(
+        math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-300)
+        for a, b in ((recorded.sum, scanned.sum), (recorded.sum_sq, scanned.sum_sq))
+    )
+    if not same:
+        raise FisherInputError(
+            f"the global statistics in fisher_config.json (sum {recorded.sum!r}, sum_sq "
+            f"{recorded.sum_sq!r}, {recorded.num_elements} elements) are not those of the file's "
+            f"values (sum {scanned.sum!r}, sum_sq {scanned.sum_sq!r}, {scanned.num_elements} elements)",
+            model=str(model),
+            file=fisher_file.path,
+            fix="the config was edited or belongs to other values: recompute the Fisher, or rewrite "
+            "it with `mergekit-fisher convert`",
+        )
+
+
+def check_plausible_stats(fisher_file: FisherFile, model: ModelReference) -> None:
+    """Without a scan (`fisher_validate: headers`) the recorded statistics are trusted, but they must
+    at least be possible for values >= 0: sum >= 0, sum_sq >= 0 and sum² <= n·sum_sq."""
+    stats = fisher_file.global_stats()
+    n = stats.num_elements
+    if stats.sum < 0 or stats.sum_sq < 0 or stats.sum**2 > n * stats.sum_sq * (1 + 1e-6) + 1e-300:
+        raise FisherInputError(
+            f"impossible global statistics in fisher_config.json (sum {stats.sum!r}, sum_sq "
+            f"{stats.sum_sq!r}, {n} elements) for a Fisher, whose values are >= 0",
+            model=str(model),
+            file=fisher_file.path,
+            fix="recompute the Fisher, or merge with `fisher_validate: full` (the default), which "
+            "recomputes the statistics from the values",
+        )
+
+
+def check_space(fisher_file: FisherFile, model: ModelReference) -> None:
+    """An adapter-space Fisher (of LoRA's A/B) says nothing about the dense weights a merge averages."""
+    config = fisher_file.config
+    if config is not None and getattr(config, "space", "dense") == "adapter":
+        raise FisherInputError(
+            "this Fisher was computed in adapter space (LoRA A/B, `--space adapter`); a merge of "
+            "dense weights needs the Fisher of the dense weights",
+            model=str(model),
+            file=fisher_file.path,
+            fix="recompute it with `mergekit-fisher compute ... --lora ADAPTER --space dense`",
+        )
 
 
 def _model_tensor_shape(model: ModelReference, name: str) -> Optional[Tuple[int, ...]]:
@@ -176,9 +232,12 @@ def resolve_fisher_inputs(
         # never be replaced by its embedding's.
         fisher_names = list(dict.fromkeys([present, info.name, *(info.aliases or ())]))
         fisher_file = open_for_model(input_parameters[model].get(FISHER), model, method_name)
+        check_space(fisher_file, model)
         _check_provenance(fisher_file, model)
         if shared_parameters["fisher_validate"] == FisherValidation.FULL:
             scan_values(fisher_file, model)
+        else:
+            check_plausible_stats(fisher_file, model)
         stored = fisher_file.find(*fisher_names)
         if stored is None:
             if shared_parameters["missing_fisher"] != MissingFisher.UNIFORM:

@@ -17,7 +17,6 @@ from __future__ import annotations
 from typing import Any, Dict, Optional, Union
 
 import torch
-from mergekit import merge_methods
 from mergekit.common import ImmutableMap, ModelReference
 from mergekit.graph import Task
 from mergekit.merge_methods.task_adapter import ExecuteMergeMethodTask, TensorDictWrapper
@@ -28,8 +27,9 @@ from mergekit.tokenizer.truncate import TruncatedVocabulary
 from mergekit_fisher.errors import FisherInputError
 from mergekit_fisher.fisher_file import open_fisher
 from mergekit_fisher.math import Normalization, normalize_fisher
-from mergekit_fisher.merge.methods import FisherMerge, FisherTaskArithmeticMerge
+from mergekit_fisher.merge.methods import is_fisher_method
 from mergekit_fisher.merge.parameters import FISHER
+from mergekit_fisher.merge.recipe import check_weights
 from mergekit_fisher.merge.resolution import FisherInput, resolve_fisher_inputs
 
 
@@ -184,14 +184,6 @@ class FisherMergeTask(ExecuteMergeMethodTask):
         return ExecuteMergeMethodTask.execute(bound, tensors=tensors)
 
 
-def is_fisher_method(method_name: str) -> bool:
-    try:
-        method = merge_methods.get(method_name)
-    except RuntimeError:
-        return False
-    return isinstance(method, (FisherMerge, FisherTaskArithmeticMerge))
-
-
 def fisher_aware_merge_task(**kwargs) -> ExecuteMergeMethodTask:
     """Drop-in for `ExecuteMergeMethodTask(...)` in mergekit's planner."""
     if not is_fisher_method(kwargs["method_name"]):
@@ -208,6 +200,16 @@ def fisher_aware_merge_task(**kwargs) -> ExecuteMergeMethodTask:
     inner = gather.gather_tensors if isinstance(gather, vocabulary_gather) else gather
     output_weight = kwargs["output_weight"]
     shared = kwargs["parameters"]
+    check_weights(
+        kwargs["method_name"],
+        {
+            model: params["weight"]
+            for model, params in kwargs["input_parameters"].items()
+            if "weight" in params
+        },
+        shared,
+        output_weight.name,
+    )
     inputs, truncate_rows = resolve_fisher_inputs(
         method_name=kwargs["method_name"],
         weight_info=inner.weight_info,
