@@ -113,3 +113,49 @@ def test_adapter_space_fisher_in_a_dense_merge_is_an_error(world, tmp_path):
     write_fisher(values, adapter, FisherConfig(model=world.models[1], space="adapter"))
     result, shards = run_stock_cli(world.recipe("fisher", fishers=[world.fishers[0], adapter]), tmp_path)
     assert_clean_failure(result, shards, "adapter space", "adapter_space", "--space dense")
+
+
+def _run_yaml(recipe, tmp_path, *extra):
+    """Like run_stock_cli, but with mergekit-yaml's own options (model card on by default)."""
+    from click.testing import CliRunner
+    from mergekit.scripts.run_yaml import main as mergekit_yaml
+
+    from merge_world import write_recipe
+
+    path = write_recipe(recipe, str(tmp_path / "recipe.yml"))
+    out = tmp_path / "out"
+    result = CliRunner().invoke(mergekit_yaml, [path, str(out), "--quiet", *extra])
+    return result, sorted(str(p) for p in out.glob("*.safetensors")) if out.exists() else []
+
+
+def test_missing_model_path_fails_before_loading(world, tmp_path):
+    recipe = world.recipe("fisher")
+    recipe["models"][1]["model"] = str(tmp_path / "no_such_model")
+    result, shards = _run_yaml(recipe, tmp_path)
+    assert_clean_failure(result, shards, "no_such_model", "does not exist")
+
+
+def test_delta_method_without_base_model(world, tmp_path):
+    result, shards = _run_yaml(world.recipe("fisher_dare_ties"), tmp_path)
+    assert_clean_failure(result, shards, "fisher_dare_ties", "base_model")
+
+
+def test_lora_reference_without_merge_cache(world, tmp_path):
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    recipe = world.recipe("fisher")
+    recipe["models"][0]["model"] = f"{world.models[0]}+{adapter}"
+    result, shards = _run_yaml(recipe, tmp_path)
+    assert_clean_failure(result, shards, "--lora-merge-cache", "base+adapter")
+
+
+def test_relative_model_path_with_a_model_card(world, tmp_path, monkeypatch):
+    monkeypatch.chdir(os.path.dirname(world.models[0]))
+    recipe = world.recipe("fisher", models=[os.path.basename(m) for m in world.models])
+    result, shards = _run_yaml(recipe, tmp_path)
+    assert_clean_failure(result, shards, "relative model path", "--no-write-model-card",
+                         f"write it as '{os.path.dirname(os.path.abspath(world.models[0]))}{os.sep}model")
+    # without a card, the relative paths merge as mergekit resolves them
+    result, shards = _run_yaml(recipe, tmp_path, "--no-write-model-card")
+    assert result.exit_code == 0, result.output
+    assert shards

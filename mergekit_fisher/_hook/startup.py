@@ -27,6 +27,7 @@ DISABLE_ENV = "MERGEKIT_FISHER_NO_HOOK"
 _WATCHED = {
     "mergekit.merge_methods": "mergekit_fisher.merge.registry:register_methods",
     "mergekit.plan": "mergekit_fisher.merge.registry:patch_planner",
+    "mergekit.merge": "mergekit_fisher.merge.registry:patch_merge_entry",
     "mergekit.scripts.merge_raw_pytorch": "mergekit_fisher.merge.registry:patch_raw_pytorch",
 }
 

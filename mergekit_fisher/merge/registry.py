@@ -1,6 +1,6 @@
 """Registration: the one visible place where mergekit-fisher plugs into mergekit.
 
-Two hooks, both idempotent, both run by the `.pth` start-up hook right after mergekit imports the
+Three hooks, all idempotent, all run by the `.pth` start-up hook right after mergekit imports the
 module they need (so the stock `mergekit-yaml` knows the methods), and by `register()` for our
 own entry points and for Python users:
 
@@ -8,9 +8,12 @@ own entry points and for Python users:
   task arithmetic family to mergekit's method registry. It runs once `mergekit.merge_methods` has
   finished importing, and imports only `methods` (whose own imports are the already-loaded
   `mergekit.merge_methods` and `mergekit.sparsify`), so it is safe in the middle of any import.
-* `patch_planner()` makes `mergekit.plan` build `FisherMergeTask`s for those methods: the only
-  place that knows each *input's* tensor name. It runs once `mergekit.plan` has finished importing
-  and imports `tasks`, whose mergekit dependencies `mergekit.plan` has loaded by then.
+* `patch_planner()` makes `mergekit.plan` build `FisherMergeTask`s for those methods (the only
+  place that knows each *input's* tensor name) and resolve their parameters strictly. It runs once
+  `mergekit.plan` has finished importing and imports `tasks`, whose mergekit dependencies
+  `mergekit.plan` has loaded by then.
+* `patch_merge_entry()` checks Fisher recipes before `run_merge` loads any model
+  (`preflight.check_recipe`), once `mergekit.merge` has finished importing.
 
 mergekit 0.1.5 has no plugin API for extra per-input graph dependencies of a merge method; a
 `MergeMethod` hook such as `extra_arguments(weight_infos, parameters) -> Dict[str, Task]`, called by
@@ -86,6 +89,20 @@ def patch_planner(module_name: str = "mergekit.plan") -> None:
         setattr(module, name, ours)
 
 
+def patch_merge_entry() -> None:
+    """Put `preflight.check_recipe` in front of `run_merge`'s first step, `get_architecture_info`.
+
+    Recipe mistakes (missing model path, no base for a delta method, LoRA without a merge cache)
+    then fail before mergekit loads any model, in one `Error:` line.
+    """
+    from mergekit_fisher.merge.preflight import checked_architecture_info
+
+    module = importlib.import_module("mergekit.merge")
+    current = module.get_architecture_info
+    if not getattr(current, "checks_fisher_recipes", False):
+        module.get_architecture_info = checked_architecture_info(current)
+
+
 def register() -> None:
     """Make the Fisher methods known to mergekit in this process (idempotent).
 
@@ -94,6 +111,7 @@ def register() -> None:
     """
     register_methods()
     patch_planner("mergekit.plan")
+    patch_merge_entry()
 
 
 ensure_registered = register  # the name our entry points and older scripts use
