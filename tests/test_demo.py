@@ -154,6 +154,29 @@ def test_demo_refuses_bad_input_before_any_work(tmp_path):
     assert not fresh.exists()
 
 
+def test_demo_options_lists_and_ranges(tmp_path):
+    """--domains is a multiple=True option that also takes the comma form; ranges are click's."""
+    from mergekit_fisher.choices import Domain
+    from mergekit_fisher.demo.cli import demo_command
+
+    ctx = demo_command.make_context("demo", ["w", "--domains", "docs", "--domains", "asyncio,email"])
+    assert ctx.params["domains"] == (Domain.DOCS, Domain.ASYNCIO, Domain.EMAIL) == ("docs", "asyncio", "email")
+    assert demo_command.make_context("demo", ["w"]).params["domains"] == ("docs", "asyncio")
+    runner = CliRunner()
+    for args, needle in [
+        (["--domains", "docs", "--domains", "nonsense"], "'nonsense' is not one of 'docs', 'asyncio', 'email'"),
+        (["--density", "0"], "--density"),
+        (["--train-examples", "0"], "--train-examples"),
+        (["--fisher-type", "exact"], "--fisher-type"),
+        (["--jobs", "0"], "--jobs"),
+    ]:
+        result = runner.invoke(main, ["demo", str(tmp_path / "w"), "--tiny", *args])
+        assert result.exit_code == 2, (args, result.output)
+        last = result.output.strip().splitlines()[-1]
+        assert last.startswith("Error: Invalid value for") and needle in last, last
+    assert not (tmp_path / "w").exists()
+
+
 def test_demo_without_matplotlib_says_how_to_get_the_chart(tmp_path, monkeypatch):
     import sys
 

@@ -228,3 +228,61 @@ def test_remote_code_needs_trust_remote_code(world, tmp_path, monkeypatch):
     assert set(trusted) == set(plain)
     for name in plain:
         assert torch.equal(trusted[name], plain[name]), name
+
+
+@pytest.mark.parametrize("option", ["--batch-size", "--samples", "--max-length", "--num-examples", "--checkpoint-every"])
+def test_ranges_are_refused_by_click_before_anything_loads(tmp_path, monkeypatch, option):
+    """A count below 1 is refused while the options are parsed (click.IntRange): the model path does not
+    exist, yet the range is what is reported, and the runner (model loading) is never reached."""
+    from mergekit_fisher.estimator import runner
+
+    def never(*args, **kwargs):
+        raise AssertionError("the runner must not be reached")
+
+    monkeypatch.setattr(runner, "run_compute", never)
+    out = tmp_path / "out"
+    result = run_cli([tmp_path / "no-such-model", out, "--data", tmp_path / "no-such.jsonl", option, "0"])
+    assert result.exit_code == 2, (result.output, result.exception)
+    last = result.output.strip().splitlines()[-1]
+    assert last == f"Error: Invalid value for '{option}': 0 is not in the range x>=1.", result.output
+    assert "does not exist" not in result.output and not out.exists()
+
+
+def test_batch_size_zero_fails_fast_in_a_fresh_process(tmp_path):
+    """The whole command line, as a user runs it: refused before torch is even imported."""
+    probe = ("import sys, runpy; sys.argv = ['mergekit-fisher', 'compute', sys.argv[1], sys.argv[2], '--data', "
+             "'x.jsonl', '--batch-size', '0']\n"
+             "try:\n    runpy.run_module('mergekit_fisher', run_name='__main__')\n"
+             "finally:\n    print('torch imported' if 'torch' in sys.modules else 'torch not imported', file=sys.stderr)")
+    done = subprocess.run([sys.executable, "-c", probe, str(tmp_path / "nope"), str(tmp_path / "out")],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert "Error: Invalid value for '--batch-size': 0 is not in the range x>=1." in done.stderr
+    assert "torch not imported" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_quiet_and_verbose(world, tmp_path):
+    """-q: no status line and no progress bars (nothing printed at all); -v: debug lines; stdout stays empty
+    (log messages go to stderr), with the flags after the subcommand or (through `main`) before it."""
+    from mergekit_fisher.cli import main
+
+    base = [world["lm"], None, "--data", world["data"], "--fisher-type", "empirical", "--batch-size", "2"]
+
+    def args(out, *extra):
+        return [str(a) for a in [base[0], out, *base[2:], *extra]]
+
+    quiet = CliRunner().invoke(compute_command, args(tmp_path / "q", "-q"))
+    assert quiet.exit_code == 0, quiet.output
+    assert quiet.output == "", quiet.output  # neither the `wrote` line nor any progress bar
+    quiet_group = CliRunner().invoke(main, ["-q", "compute", *args(tmp_path / "q2")])
+    assert quiet_group.exit_code == 0 and quiet_group.output == "", quiet_group.output
+
+    verbose = CliRunner().invoke(compute_command, args(tmp_path / "v", "-v", "--no-progress"))
+    assert verbose.exit_code == 0, verbose.output
+    assert verbose.stdout == ""
+    assert f"debug: loading tokenizer and model {world['lm']}" in verbose.stderr
+    assert f"wrote {tmp_path / 'v'}: 3 examples" in verbose.stderr
+
+    default = CliRunner().invoke(compute_command, args(tmp_path / "d", "--no-progress"))
+    assert default.exit_code == 0 and default.stdout == ""
+    assert f"wrote {tmp_path / 'd'}: 3 examples" in default.stderr and "debug:" not in default.stderr

@@ -146,3 +146,58 @@ def test_bad_shard_size_fails_before_any_work(tmp_path):
     result = CliRunner().invoke(cli, ["combine", "a", "b", str(tmp_path / "out"), "--max-shard-size", "banana"])
     assert result.exit_code == 2 and "invalid shard size 'banana'" in result.output
     assert not (tmp_path / "out").exists()
+
+
+def test_weights_repeated_or_comma_separated_and_refused_by_click(tmp_path):
+    """`--weights` is a multiple=True option: given twice it means what the comma form means; a weight that
+    is not a positive finite number is refused by click (exit 2, one `Error:` line) before any file is read."""
+    write_fisher({"w": torch.tensor([1.0, 4.0])}, tmp_path / "a.safetensors")
+    write_fisher({"w": torch.tensor([3.0, 0.0])}, tmp_path / "b.safetensors")
+    inputs = [tmp_path / "a.safetensors", tmp_path / "b.safetensors"]
+    repeated = run("combine", *inputs, tmp_path / "repeated", "--weights", "1", "--weights", "3")
+    assert repeated.exit_code == 0, repeated.output
+    comma = run("combine", *inputs, tmp_path / "comma", "--weights", "1,3")
+    assert comma.exit_code == 0, comma.output
+    for out in ("repeated", "comma"):
+        assert open_fisher(str(tmp_path / out)).get_tensor("w").tolist() == [2.5, 1.0]
+    assert [s["weight"] for s in open_fisher(str(tmp_path / "repeated")).config.model_extra["combined_from"]] == [1, 3]
+    result = run("combine", *inputs, tmp_path / "three", "--weights", "1", "--weights", "2,3")
+    assert result.exit_code == 2 and "3 weight(s) for 2" in result.output
+    for bad in ("0", "-1", "inf", "nan", "x", "1,,2"):
+        result = run("combine", *inputs, tmp_path / "bad", "--weights", bad)
+        assert result.exit_code == 2, (bad, result.output)
+        errors = [line for line in result.output.splitlines() if line.startswith("Error: ")]
+        assert len(errors) == 1 and "--weights" in errors[0] and "Traceback" not in result.output, result.output
+        assert not (tmp_path / "bad").exists()
+
+
+def test_quiet_and_verbose_logging(tmp_path):
+    """The status line is a log message on stderr (stdout stays empty); -q hides it, -v adds debug lines and
+    the traceback of an error; both work before and after the command name."""
+    write_fisher({"w": torch.ones(2)}, tmp_path / "a.safetensors", FisherConfig(num_examples=1))
+    write_fisher({"w": torch.ones(2)}, tmp_path / "b.safetensors", FisherConfig(num_examples=3))
+    inputs = [tmp_path / "a.safetensors", tmp_path / "b.safetensors"]
+
+    default = run("combine", *inputs, tmp_path / "default")
+    assert default.exit_code == 0, default.output
+    assert default.stdout == "" and "combined 2 Fisher files (weights 1, 3;" in default.stderr
+    assert "debug:" not in default.stderr
+
+    for args in (["combine", *inputs, tmp_path / "q1", "-q"], ["-q", "combine", *inputs, tmp_path / "q2"]):
+        quiet = run(*args)
+        assert quiet.exit_code == 0 and quiet.output == "", quiet.output
+
+    for args in (["combine", *inputs, tmp_path / "v1", "--verbose"], ["-v", "combine", *inputs, tmp_path / "v2"]):
+        verbose = run(*args)
+        assert verbose.exit_code == 0, verbose.output
+        assert f"debug: {tmp_path / 'b.safetensors'}: weight 3 of 4" in verbose.stderr
+        assert "combined 2 Fisher files" in verbose.stderr
+
+    failing = run("combine", *inputs, tmp_path / "default", "-v")  # the output exists already
+    assert failing.exit_code == 2
+    lines = failing.output.strip().splitlines()
+    assert "Traceback" in failing.output and lines[-1].startswith("Error: output already exists"), failing.output
+    assert "Traceback" not in run("combine", *inputs, tmp_path / "default").output
+
+    both = run("combine", *inputs, tmp_path / "both", "-v", "-q")
+    assert both.exit_code == 2 and "exclude each other" in both.output

@@ -257,3 +257,40 @@ def test_adapter_space_coverage_against_the_adapter(tiny_model, tmp_path):
     assert cov["covered"] == cov["model_tensors"] == len(names) == 4 and "note" not in cov
     cov = json.loads(run("inspect", path, "--model", tiny_model, "--json").output)["coverage"]
     assert cov["covered"] == 0 and sorted(cov["extra"]) == sorted(names) and "adapter directory" in cov["note"]
+
+
+def test_checkpoint_index_refuses_broken_layouts(tiny_model, tmp_path):
+    """The one model-index reader (mergekit's ShardedTensorIndex + safe_open): a broken index, a missing
+    shard and a pickle-only checkpoint each give one clear error; nothing is unpickled."""
+    import shutil
+
+    from mergekit_fisher.errors import FisherInputError
+    from mergekit_fisher.estimator.loading import checkpoint_names
+    from mergekit_fisher.tools.checkpoint import checkpoint_index
+
+    model = tiny.make_llama(None, hidden=16, layers=1, vocab_size=64)
+    sharded = tmp_path / "sharded"
+    model.save_pretrained(str(sharded), max_shard_size="4KB")
+    index = checkpoint_index(str(sharded))
+    assert set(index.tensor_paths) == set(tiny.state_dict_from_dir(str(tiny_model)))
+    assert checkpoint_names(str(sharded)) == set(index.tensor_paths)
+
+    broken = tmp_path / "broken"
+    shutil.copytree(sharded, broken)
+    (broken / "model.safetensors.index.json").write_text("{not json")
+    with pytest.raises(FisherInputError, match=r"broken model\.safetensors\.index\.json"):
+        checkpoint_shapes(str(broken))
+
+    missing = tmp_path / "missing"
+    shutil.copytree(sharded, missing)
+    first_shard = sorted(f for f in os.listdir(missing) if f.endswith(".safetensors"))[0]
+    os.remove(missing / first_shard)
+    with pytest.raises(FisherInputError, match=f"shard {first_shard} listed in model.safetensors.index.json is missing"):
+        checkpoint_shapes(str(missing))
+
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    (pickled / "pytorch_model.bin").write_bytes(b"not even a pickle: it must never be opened")
+    with pytest.raises(FisherInputError, match="pickle-only"):
+        checkpoint_index(str(pickled))
+    assert checkpoint_names(str(pickled)) is None  # compute then names tensors after the model's parameters

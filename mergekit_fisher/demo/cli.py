@@ -7,22 +7,31 @@ from dataclasses import fields, replace
 
 import click
 
+from mergekit_fisher.choices import Domain, FisherType
+from mergekit_fisher.cli import CommaList, EnumChoice, FiniteFloatRange, flatten, verbosity_options
 from mergekit_fisher.demo.pipeline import TINY, DemoSettings
+from mergekit_fisher.math import Normalization
 
 DEFAULTS = DemoSettings()
+POSITIVE_INT, POSITIVE_FLOAT = click.IntRange(min=1), FiniteFloatRange(min=0, min_open=True)
 
 
 def _option(name: str, help_text: str, **extra):
+    """A size or rate of the demo: default None, so --tiny's value applies unless the option is given."""
     default = getattr(DEFAULTS, name)
-    return click.option(f"--{name.replace('_', '-')}", name, type=type(default), default=None,
+    kind = POSITIVE_INT if isinstance(default, int) else POSITIVE_FLOAT
+    return click.option(f"--{name.replace('_', '-')}", name, type=kind, default=None,
                         help=f"{help_text} [default: {default}; --tiny: {TINY.get(name, default)}]", **extra)
 
 
 @click.command("demo")
+@verbosity_options
 @click.argument("workdir", default="fisher-demo", type=click.Path(file_okay=False))
 @click.option("--seed", type=int, default=DEFAULTS.seed, show_default=True, help="one seed for data split, training, Fisher and DARE")
-@click.option("--domains", default=",".join(DEFAULTS.domains), show_default=True,
-              help="comma-separated, two or more of: docs (Python reference manual prose), asyncio, email (stdlib source)")
+@click.option("--domains", type=CommaList(EnumChoice(Domain)), multiple=True, callback=flatten,
+              default=[str(name) for name in DEFAULTS.domains], show_default=True,
+              help="two or more of: docs (Python reference manual prose), asyncio, email (stdlib source); "
+              "comma-separated or repeated")
 @_option("train_examples", "training examples per domain")
 @_option("heldout_examples", "held-out examples per domain")
 @_option("chunk_chars", "characters per example")
@@ -36,16 +45,17 @@ def _option(name: str, help_text: str, **extra):
 @_option("pretrain_lr", "pre-training learning rate")
 @_option("finetune_lr", "fine-tuning learning rate")
 @_option("fisher_examples", "examples per Fisher (compute --num-examples)")
-@click.option("--fisher-type", type=click.Choice(["sampled", "empirical"]), default=DEFAULTS.fisher_type,
-              show_default=True, help="compute --fisher-type")
-@click.option("--density", type=float, default=DEFAULTS.density, show_default=True,
-              help="density of the TIES-family merges")
-@click.option("--fisher-normalize", type=click.Choice(["mean", "l2", "tensor", "none"]),
-              default=DEFAULTS.fisher_normalize, show_default=True)
-@click.option("--fisher-floor", type=float, default=DEFAULTS.fisher_floor, show_default=True)
+@click.option("--fisher-type", type=EnumChoice(FisherType, [FisherType.SAMPLED, FisherType.EMPIRICAL]),
+              default=str(DEFAULTS.fisher_type), show_default=True, help="compute --fisher-type")
+@click.option("--density", type=FiniteFloatRange(0.0, 1.0, min_open=True), default=DEFAULTS.density,
+              show_default=True, help="density of the TIES-family merges")
+@click.option("--fisher-normalize", type=EnumChoice(Normalization), default=str(DEFAULTS.fisher_normalize),
+              show_default=True)
+@click.option("--fisher-floor", type=FiniteFloatRange(min=0.0), default=DEFAULTS.fisher_floor, show_default=True)
 @click.option("--device", default=DEFAULTS.device, show_default=True, help="cpu | cuda | auto (training, merging, evaluation)")
-@click.option("--jobs", type=int, default=DEFAULTS.jobs, show_default=True, help="subprocesses (compute, mergekit-yaml) run at once")
-@click.option("--threads", type=int, default=DEFAULTS.threads, show_default=True,
+@click.option("--jobs", type=POSITIVE_INT, default=DEFAULTS.jobs, show_default=True,
+              help="subprocesses (compute, mergekit-yaml) run at once")
+@click.option("--threads", type=POSITIVE_INT, default=DEFAULTS.threads, show_default=True,
               help="torch threads per process (training, compute, merges)")
 @click.option("--tiny", is_flag=True, help="a seconds-long run at toy sizes (for tests and a first look)")
 @click.option("--plot/--no-plot", default=True, show_default=True, help="write chart.png (needs matplotlib: the `plot` extra)")
@@ -64,7 +74,7 @@ def demo_command(workdir, domains, tiny, overwrite, **options):
 
     settings = tiny_settings() if tiny else DemoSettings()
     given = {key: value for key, value in options.items() if value is not None}
-    given["domains"] = tuple(name.strip() for name in domains.split(",") if name.strip())
+    given["domains"] = domains
     known = {f.name for f in fields(DemoSettings)}
     settings = replace(settings, **{key: value for key, value in given.items() if key in known})
     run_demo(workdir, settings, overwrite=overwrite)

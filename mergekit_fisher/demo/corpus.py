@@ -17,6 +17,7 @@ import random
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Sequence
 
+from mergekit_fisher.choices import Domain
 from mergekit_fisher.errors import FisherInputError
 
 
@@ -63,11 +64,11 @@ def _reference_manual() -> List[str]:
 
 
 DOMAINS: Dict[str, Callable[[], List[str]]] = {
-    "docs": _reference_manual,
-    "asyncio": lambda: _package_sources("asyncio"),
-    "email": lambda: _package_sources("email"),
+    Domain.DOCS: _reference_manual,
+    Domain.ASYNCIO: lambda: _package_sources("asyncio"),
+    Domain.EMAIL: lambda: _package_sources("email"),
 }
-DEFAULT_DOMAINS = ("docs", "asyncio")
+DEFAULT_DOMAINS = (Domain.DOCS, Domain.ASYNCIO)
 
 
 def chunk_texts(texts: Sequence[str], chunk_chars: int) -> List[str]:

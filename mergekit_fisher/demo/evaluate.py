@@ -7,13 +7,17 @@ dataset (token-weighted, so long and short examples count by their size); perple
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 from typing import Dict, List, Optional, Sequence
 
 import click
 
+from mergekit_fisher.cli import show_progress, verbosity_options
 from mergekit_fisher.errors import FisherInputError
+
+log = logging.getLogger(__name__)
 
 # results[model][dataset] = {"loss": float, "perplexity": float, "tokens": int}
 Results = Dict[str, Dict[str, Dict[str, float]]]
@@ -32,34 +36,26 @@ def resolve_device(device: str) -> str:
 
 
 def load_texts(path: str, max_examples: Optional[int] = None) -> List[str]:
-    """Examples of a data file: JSONL rows' `text`, or a `.txt` file as one text (cut into windows later)."""
+    """Examples of a data file: JSONL rows' `text`, or a `.txt` file as one text (cut into windows later).
+
+    JSONL is read by the estimator's reader (`estimator.data.read_jsonl`), so both commands refuse
+    the same bad lines with the same errors."""
+    from mergekit_fisher.estimator.data import DataError, read_jsonl
+
     if not os.path.isfile(path):
-        raise FisherInputError(f"data file {path} does not exist", fix="pass an existing .jsonl or .txt file to --data")
+        raise DataError("data file does not exist", file=path, fix="pass an existing .jsonl or .txt file to --data")
     if path.endswith(".txt"):
         with open(path, encoding="utf-8") as fp:
             return [fp.read()]
     texts = []
-    with open(path, encoding="utf-8") as fp:
-        for number, line in enumerate(fp, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise FisherInputError(
-                    f"line {number} of {path} is not valid JSON ({error.msg})",
-                    fix='write one JSON object per line, like {"text": "..."}',
-                ) from None
-            if not isinstance(row, dict) or not isinstance(row.get("text"), str):
-                raise FisherInputError(
-                    f'line {number} of {path} has no string "text" field',
-                    fix='write one JSON object per line, like {"text": "..."}',
-                )
-            texts.append(row["text"])
-            if max_examples is not None and len(texts) >= max_examples:
-                break
+    for where, row in read_jsonl(path, limit=max_examples):
+        if not isinstance(row.get("text"), str):
+            line = where.rsplit(":", 1)[1]
+            raise DataError(f'line {line} has no string "text" field', file=path,
+                            fix='write one JSON object per line, like {"text": "..."}')
+        texts.append(row["text"])
     if not texts:
-        raise FisherInputError(f"data file {path} holds no examples", fix='add rows like {"text": "..."}')
+        raise DataError("the data has no examples", file=path, fix='add rows like {"text": "..."}')
     return texts
 
 
@@ -120,12 +116,13 @@ def evaluate_models(
     device: str = "cpu",
     tokenizer_dir: Optional[str] = None,
     stream: Sequence[str] = (),
-    progress: bool = True,
+    progress: Optional[bool] = None,
 ) -> Results:
     """Loss / perplexity of every model (label -> directory) on every dataset (label -> texts).
 
     JSONL-style datasets are one example per text, truncated to `max_length` tokens; datasets named
     in `stream` are single long texts cut into consecutive `max_length`-token windows.
+    `progress`: a bar per model; by default unless -q.
     """
     from tqdm.auto import tqdm
     from transformers.utils import logging as transformers_logging
@@ -135,8 +132,11 @@ def evaluate_models(
     transformers_logging.disable_progress_bar()  # one bar per model, not one per weight file
 
     device = resolve_device(device)
+    if progress is None:
+        progress = show_progress()
     results: Results = {}
     for label, model_dir in tqdm(list(models.items()), desc="evaluate", unit="model", disable=not progress):
+        log.debug("evaluating %s (%s) on %s", label, model_dir, ", ".join(datasets))
         tokenizer = load_tokenizer(model_dir, tokenizer_dir)
         model = load_model(model_dir, device)
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -184,6 +184,7 @@ def _dataset_label(path: str, taken: Dict[str, object]) -> str:
 
 
 @click.command("eval")
+@verbosity_options
 @click.argument("models", nargs=-1, required=True, type=click.Path(file_okay=False))
 @click.option("--data", "data_paths", multiple=True, required=True, type=click.Path(dir_okay=False),
               help="JSONL with a `text` field per row (one example each), or .txt (cut into windows). Repeatable.")
@@ -200,8 +201,6 @@ def eval_command(models, data_paths, max_length, max_examples, batch_size, devic
     Prints one row per model: loss (perplexity) per data file and the mean over files.
     """
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    if max_length < 2:
-        raise FisherInputError(f"--max-length must be at least 2, got {max_length}", fix="use e.g. --max-length 256")
     for model_dir in models:
         if not os.path.isdir(model_dir):
             raise FisherInputError("model directory does not exist", model=model_dir, fix="pass a saved model directory")
@@ -217,7 +216,7 @@ def eval_command(models, data_paths, max_length, max_examples, batch_size, devic
         labels[model_dir if model_dir not in labels else f"{model_dir} ({len(labels)})"] = model_dir
     results = evaluate_models(
         labels, datasets, max_length=max_length, batch_size=batch_size, device=device,
-        tokenizer_dir=tokenizer_dir, stream=stream, progress=not as_json,
+        tokenizer_dir=tokenizer_dir, stream=stream, progress=not as_json and show_progress(),
     )
     if as_json:
         click.echo(json.dumps(results, indent=2))

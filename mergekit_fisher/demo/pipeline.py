@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import math
 import os
 import shutil
@@ -23,12 +24,15 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
-from typing import Callable, Dict, List, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import click
 
+from mergekit_fisher.choices import Domain, FisherType
 from mergekit_fisher.demo.evaluate import format_table
 from mergekit_fisher.errors import FisherInputError
+
+log = logging.getLogger(__name__)
 
 OUTPUTS = ("data", "tokenizer", "models", "fisher", "recipes", "merges", "results.json", "results.md", "chart.png")
 
@@ -38,7 +42,7 @@ class DemoSettings:
     """Every knob of the demo; the defaults take about a minute and a half on two CPU cores."""
 
     seed: int = 0
-    domains: Tuple[str, ...] = ("docs", "asyncio")
+    domains: Tuple[Domain, ...] = (Domain.DOCS, Domain.ASYNCIO)
     # data
     chunk_chars: int = 400
     train_examples: int = 800
@@ -55,9 +59,9 @@ class DemoSettings:
     finetune_lr: float = 1e-3
     # Fisher and merging
     fisher_examples: int = 128
-    fisher_type: str = "sampled"
+    fisher_type: FisherType = FisherType.SAMPLED
     density: float = 0.7
-    fisher_normalize: str = "mean"
+    fisher_normalize: str = "mean"  # a mergekit_fisher.math.Normalization value
     fisher_floor: float = 1e-6
     # execution
     device: str = "cpu"
@@ -81,7 +85,9 @@ def tiny_settings(**overrides) -> DemoSettings:
 
 @dataclass
 class StageLog:
-    echo: Callable[[str], None] = click.echo
+    """Stage and progress lines: log messages (stderr; -q hides them) unless `echo` is given."""
+
+    echo: Callable[[str], None] = log.info
     timings: Dict[str, float] = field(default_factory=dict)
 
     def stage(self, number: int, total: int, title: str) -> "_Stage":
@@ -128,17 +134,10 @@ def check_settings(workdir: str, settings: DemoSettings, overwrite: bool) -> Non
             f"--domains needs two or more different domains, got {','.join(settings.domains)}",
             fix=f"choose from {', '.join(sorted(DOMAINS))}",
         )
-    positive = ("train_examples", "heldout_examples", "vocab_size", "hidden", "layers", "max_length",
-                "batch_size", "pretrain_steps", "finetune_steps", "fisher_examples", "jobs", "chunk_chars",
-                "threads")
-    for name in positive:
-        if getattr(settings, name) < 1:
-            raise FisherInputError(f"--{name.replace('_', '-')} must be at least 1", fix="pass a positive number")
+    # sizes, counts and --density: ranges checked by the command line (click.IntRange / FloatRange)
     if settings.hidden % 16 and settings.hidden > 16:
         raise FisherInputError(f"--hidden must be a multiple of 16 (heads of 16 dims), got {settings.hidden}",
                                fix="use e.g. --hidden 64")
-    if not 0.0 < settings.density <= 1.0:
-        raise FisherInputError(f"--density must be in (0, 1], got {settings.density}", fix="use e.g. --density 0.7")
     resolve_device(settings.device)
     if settings.plot and importlib.util.find_spec("matplotlib") is None:
         raise FisherInputError(
@@ -254,7 +253,7 @@ def compute_fishers(workdir: str, settings: DemoSettings, models: Dict[str, str]
         commands[f"compute {name}"] = [
             sys.executable, "-m", "mergekit_fisher", "compute", models[name], fishers[name],
             "--data", os.path.join(workdir, "data", f"{name}.train.jsonl"),
-            "--fisher-type", settings.fisher_type,
+            "--fisher-type", FisherType(settings.fisher_type).value,
             "--num-examples", str(settings.fisher_examples),
             "--max-length", str(settings.max_length),
             "--batch-size", str(min(settings.batch_size, 8)),
@@ -299,8 +298,12 @@ def run_merges(workdir: str, settings: DemoSettings, recipes: Dict[str, str], lo
     return merges
 
 
-def run_demo(workdir: str, settings: DemoSettings, *, overwrite: bool = False, echo=click.echo) -> dict:
-    """All five stages; returns what results.json holds."""
+def run_demo(workdir: str, settings: DemoSettings, *, overwrite: bool = False,
+             echo: Optional[Callable[[str], None]] = None) -> dict:
+    """All five stages; returns what results.json holds.
+
+    The held-out table and the verdict are the command's output (stdout); stage lines are log messages.
+    `echo`, when given, receives both (tests, notebooks)."""
     import torch
 
     from mergekit_fisher.demo.evaluate import resolve_device
@@ -315,16 +318,18 @@ def run_demo(workdir: str, settings: DemoSettings, *, overwrite: bool = False, e
     threads_before = torch.get_num_threads()
     torch.set_num_threads(settings.threads)
     try:
-        report = _run_stages(workdir, settings, StageLog(echo=echo))
+        report = _run_stages(workdir, settings, StageLog(echo=echo or log.info))
     finally:
         torch.set_num_threads(threads_before)  # a calling process (tests, notebooks) keeps its own setting
     results = report["results"]
-    echo("")
-    echo(format_table(results))
-    echo("")
+    output = echo or click.echo
+    output("")
+    output(format_table(results))
+    output("")
     for line in report["fisher_vs_plain"]:
-        echo(line)
-    echo(f"\nall outputs in {workdir} ({report['timings_s']['total']:.0f}s)")
+        output(line)
+    output("")
+    (echo or log.info)(f"all outputs in {workdir} ({report['timings_s']['total']:.0f}s)")
     if not all(math.isfinite(cell["loss"]) for row in results.values() for cell in row.values()):
         raise click.ClickException("some held-out losses are not finite; see results.json")
     return report

@@ -48,5 +48,7 @@ def recipe_for(
     if uses_base:
         recipe["base_model"] = base
     if uses_fisher:
-        recipe["parameters"] = {"fisher_normalize": fisher_normalize, "fisher_floor": fisher_floor}
+        # plain values for YAML (an enum member would not dump)
+        recipe["parameters"] = {"fisher_normalize": getattr(fisher_normalize, "value", str(fisher_normalize)),
+                                "fisher_floor": float(fisher_floor)}
     return recipe

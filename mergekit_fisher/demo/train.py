@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
-from typing import List, Sequence
+from typing import List, Optional, Sequence
 
 
 @dataclass(frozen=True)
@@ -65,16 +65,21 @@ def train(
     seed: int,
     device: str = "cpu",
     desc: str = "train",
-    progress: bool = True,
+    progress: Optional[bool] = None,
 ) -> List[float]:
     """Train `model` in place on token-id `examples`; returns the loss of every step.
 
     Batches are drawn epoch by epoch from a permutation seeded by `seed`, so a run is reproducible.
+    `progress`: a progress bar; by default unless -q.
     """
     import torch
     from tqdm.auto import tqdm
 
+    from mergekit_fisher.cli import show_progress
     from mergekit_fisher.demo.tokenizer import collate
+
+    if progress is None:
+        progress = show_progress()
 
     if not examples:
         raise ValueError("no training examples")

@@ -5,39 +5,51 @@ Also runs data parallel as ``accelerate launch [--num_processes K] -m mergekit_f
 
 from __future__ import annotations
 
+import logging
+
 import click
+
+from mergekit_fisher.choices import AccumulatorDtype, Dtype, FisherType, Params, Space, Task
+from mergekit_fisher.cli import EnumChoice, show_progress, verbosity_options
+
+log = logging.getLogger(__name__)
+POSITIVE = click.IntRange(min=1)
 
 
 @click.command("compute")
-@click.argument("model")
-@click.argument("out_dir")
-@click.option("--data", required=True, help="JSONL (text | prompt+completion | messages; seq-cls: text[/text_pair]+label), "
+@verbosity_options
+@click.argument("model", type=click.Path())
+@click.argument("out_dir", type=click.Path(dir_okay=True, file_okay=False))
+@click.option("--data", required=True, type=click.Path(),
+              help="JSONL (text | prompt+completion | messages; seq-cls: text[/text_pair]+label), "
               ".txt (one example per line), a dataset saved with save_to_disk, or a hub dataset name.")
-@click.option("--task", type=click.Choice(["causal-lm", "seq-cls"]), default="causal-lm", show_default=True)
-@click.option("--fisher-type", type=click.Choice(["empirical", "sampled", "exact"]), default=None,
+@click.option("--task", type=EnumChoice(Task), default=Task.CAUSAL_LM.value, show_default=True)
+@click.option("--fisher-type", type=EnumChoice(FisherType), default=None,
               help="empirical: the data's labels; sampled: labels drawn from the model (true Fisher, Monte Carlo); "
               "exact: sum over classes (seq-cls only). Default: sampled for causal-lm, exact for seq-cls.")
-@click.option("--samples", type=int, default=1, show_default=True, help="draws per example for --fisher-type sampled")
-@click.option("--num-examples", type=int, default=None, help="use at most this many examples (after shuffling)")
-@click.option("--max-length", type=int, default=512, show_default=True, help="truncate longer examples (counted)")
-@click.option("--batch-size", type=int, default=8, show_default=True)
+@click.option("--samples", type=POSITIVE, default=1, show_default=True, help="draws per example for --fisher-type sampled")
+@click.option("--num-examples", type=POSITIVE, default=None, help="use at most this many examples (after shuffling)")
+@click.option("--max-length", type=POSITIVE, default=512, show_default=True, help="truncate longer examples (counted)")
+@click.option("--batch-size", type=POSITIVE, default=8, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True, help="shuffling and sampled labels")
 @click.option("--shuffle/--no-shuffle", default=True, show_default=True)
-@click.option("--lora", default=None, help="PEFT LoRA adapter directory applied on top of MODEL")
-@click.option("--params", type=click.Choice(["all", "adapter-targets"]), default="all", show_default=True,
+@click.option("--lora", type=click.Path(file_okay=False), default=None,
+              help="PEFT LoRA adapter directory applied on top of MODEL")
+@click.option("--params", type=EnumChoice(Params), default=Params.ALL.value, show_default=True,
               help="with --lora: every base tensor, or only the weights the adapter changes")
-@click.option("--space", type=click.Choice(["dense", "adapter"]), default="dense", show_default=True,
+@click.option("--space", type=EnumChoice(Space), default=Space.DENSE.value, show_default=True,
               help="with --lora: Fisher of W0+BA under base names (dense) or of lora_A/lora_B (adapter)")
-@click.option("--accumulator-dtype", type=click.Choice(["float32", "float64"]), default="float32", show_default=True)
-@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16", "float64"]), default="float32",
+@click.option("--accumulator-dtype", type=EnumChoice(AccumulatorDtype), default=AccumulatorDtype.FLOAT32.value,
+              show_default=True)
+@click.option("--dtype", type=EnumChoice(Dtype), default=Dtype.FLOAT32.value,
               show_default=True, help="model dtype during the computation (accumulation stays float32/64)")
 @click.option("--device-map", default=None, help="e.g. `auto`: spread one model over this node's GPUs")
-@click.option("--checkpoint-every", type=int, default=None,
+@click.option("--checkpoint-every", type=POSITIVE, default=None,
               help="save accumulators every N examples next to OUT_DIR; rerun the same command to resume")
-@click.option("--max-shard-size", default="5GB", show_default=True)
+@click.option("--max-shard-size", default="5GB", show_default=True, help="e.g. 5GB, 500MB, 2GiB")
 @click.option("--overwrite", is_flag=True, help="replace an existing OUT_DIR")
 @click.option("--trust-remote-code", is_flag=True, help="allow custom model code from the model repo (off by default)")
-@click.option("--no-progress", is_flag=True, help="no progress bar")
+@click.option("--no-progress", is_flag=True, help="no progress bar (-q hides it too)")
 def compute(model, out_dir, data, task, fisher_type, samples, num_examples, max_length, batch_size, seed, shuffle,
             lora, params, space, accumulator_dtype, dtype, device_map, checkpoint_every, max_shard_size, overwrite,
             trust_remote_code, no_progress):
@@ -58,11 +70,11 @@ def compute(model, out_dir, data, task, fisher_type, samples, num_examples, max_
         num_examples=num_examples, max_length=max_length, batch_size=batch_size, seed=seed, shuffle=shuffle,
         lora=lora, params=params, space=space, accumulator_dtype=accumulator_dtype, dtype=dtype,
         device_map=device_map, checkpoint_every=checkpoint_every, max_shard_size=max_shard_size,
-        overwrite=overwrite, trust_remote_code=trust_remote_code, progress=not no_progress,
+        overwrite=overwrite, trust_remote_code=trust_remote_code, progress=not no_progress and show_progress(),
     )
     config = run_compute(options)
     if config is not None:
-        click.echo(
-            f"wrote {out_dir}: {config.num_examples} examples, {config.num_tokens} tokens, "
-            f"{config.fisher_type} Fisher, mean {config.sum / max(1, config.num_elements):.3e}"
+        log.info(
+            "wrote %s: %s examples, %s tokens, %s Fisher, mean %.3e", out_dir, config.num_examples,
+            config.num_tokens, config.fisher_type, config.sum / max(1, config.num_elements),
         )

@@ -18,13 +18,13 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from mergekit_fisher.choices import Task
 from mergekit_fisher.errors import FisherInputError
 from mergekit_fisher.estimator.objectives import IGNORE
 
 # every error raised here is about the --data input
 DataError = functools.partial(FisherInputError, kind="data file")
 
-TASKS = ("causal-lm", "seq-cls")
 LM_LAYOUTS = ({"text"}, {"prompt", "completion"}, {"messages"})
 CLS_FIELDS = {"text", "text_pair", "label"}
 
@@ -72,10 +72,14 @@ def _hash_file(digest, path: str) -> None:
             digest.update(chunk)
 
 
-def _read_jsonl(path: str) -> List[Tuple[str, Dict[str, Any]]]:
-    rows = []
+def read_jsonl(path: str, limit: Optional[int] = None) -> List[Tuple[str, Dict[str, Any]]]:
+    """``("path:line", row)`` for each JSON object of a JSONL file (blank lines skipped), at most `limit`;
+    a line that is not a JSON object is a DataError naming it. Also `mergekit-fisher eval`'s reader."""
+    rows: List[Tuple[str, Dict[str, Any]]] = []
     with open(path, encoding="utf-8") as fp:
         for number, line in enumerate(fp, 1):
+            if limit is not None and len(rows) >= limit:
+                break
             if not line.strip():
                 continue
             try:
@@ -131,7 +135,7 @@ def read_rows(path: str) -> Tuple[List[Tuple[str, Dict[str, Any]]], str, bool]:
             with open(path, encoding="utf-8") as fp:
                 rows = [(f"{path}:{n}", {"text": line.rstrip("\n")}) for n, line in enumerate(fp, 1) if line.strip()]
             return rows, digest.hexdigest(), True
-        return _read_jsonl(path), digest.hexdigest(), True
+        return read_jsonl(path), digest.hexdigest(), True
     if os.path.isdir(path):
         for root, _dirs, files in sorted(os.walk(path)):
             for name in sorted(files):
@@ -151,7 +155,7 @@ def read_rows(path: str) -> Tuple[List[Tuple[str, Dict[str, Any]]], str, bool]:
 # ---------------------------------------------------------------- tokenizing
 def _check_fields(where: str, row: Dict[str, Any], task: str, strict: bool) -> Dict[str, Any]:
     keys = set(row)
-    if task == "seq-cls":
+    if task == Task.SEQ_CLS:
         allowed = CLS_FIELDS
         missing = {"text", "label"} - keys
         if missing:
@@ -227,7 +231,7 @@ def _chat_example(tokenizer, messages, where: str) -> Tuple[List[int], List[int]
 
 def tokenize_row(tokenizer, fields: Dict[str, Any], task: str, where: str, num_labels: Optional[int]):
     """(input_ids, token labels or None, class label or None)."""
-    if task == "seq-cls":
+    if task == Task.SEQ_CLS:
         label = fields["label"]
         if isinstance(label, bool) or not isinstance(label, int) or not (0 <= label < (num_labels or 0)):
             raise DataError(
@@ -305,7 +309,7 @@ def collate(examples: Sequence[Example], pad_id: int, task: str) -> Batch:
         attention[row, :n] = 1
         if example.labels is not None:
             token_labels[row, :n] = torch.tensor(example.labels)
-    if task == "seq-cls":
+    if task == Task.SEQ_CLS:
         labels = torch.tensor([e.label for e in examples], dtype=torch.long)
     else:
         labels = token_labels

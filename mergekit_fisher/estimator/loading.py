@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
-import json
 import os
 from typing import List, Optional, Set
 
 import torch
 
+from mergekit_fisher.choices import Dtype, Task
 from mergekit_fisher.errors import FisherInputError
 
-DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# keyed by the enum; its members are their strings, so DTYPES["float32"] works too
+DTYPES = {Dtype.FLOAT32: torch.float32, Dtype.FLOAT64: torch.float64, Dtype.BFLOAT16: torch.bfloat16,
+          Dtype.FLOAT16: torch.float16}
 
 
 def _first_line(error: Exception) -> str:
@@ -43,7 +45,7 @@ def load_tokenizer(model: str, *, trust_remote_code: bool, fallback: Optional[st
 def load_model(model: str, *, task: str, dtype: str, device_map: Optional[str], trust_remote_code: bool):
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    cls = AutoModelForSequenceClassification if task == "seq-cls" else AutoModelForCausalLM
+    cls = AutoModelForSequenceClassification if task == Task.SEQ_CLS else AutoModelForCausalLM
     kwargs = {"dtype": DTYPES[dtype], "trust_remote_code": trust_remote_code}
     if device_map:
         kwargs["device_map"] = device_map
@@ -67,21 +69,16 @@ def load_model(model: str, *, task: str, dtype: str, device_map: Optional[str], 
 
 
 def checkpoint_names(model_dir: str) -> Optional[Set[str]]:
-    """Tensor names the saved checkpoint holds (safetensors headers only), or None if unknown."""
+    """Tensor names the saved checkpoint holds (its index / safetensors headers only), or None if unknown
+    (a hub id, a pickle-only checkpoint): then every parameter is written under its in-memory name."""
     if not os.path.isdir(model_dir):
         return None
-    from safetensors import safe_open
+    from mergekit_fisher.tools.checkpoint import checkpoint_index
 
-    names: Set[str] = set()
-    for filename in sorted(os.listdir(model_dir)):
-        path = os.path.join(model_dir, filename)
-        if filename.endswith(".safetensors.index.json"):
-            with open(path, encoding="utf-8") as fp:
-                names.update(json.load(fp).get("weight_map", {}))
-        elif filename.endswith(".safetensors"):
-            with safe_open(path, framework="pt") as handle:
-                names.update(handle.keys())
-    return names or None
+    try:
+        return set(checkpoint_index(model_dir).tensor_paths) or None
+    except FisherInputError:
+        return None
 
 
 def output_names(aliases: List[str], stored: Optional[Set[str]]) -> List[str]:

@@ -3,8 +3,10 @@ reduce, write Fisher format v1 atomically; checkpoint and resume on request."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import logging
 import math
 import os
 import time
@@ -13,6 +15,7 @@ from typing import Dict, List, Optional
 
 import torch
 
+from mergekit_fisher.choices import AccumulatorDtype, Dtype, FisherType, Params, Space, Task
 from mergekit_fisher.errors import FisherInputError
 from mergekit_fisher.fisher_file import check_output_free, parse_shard_size
 from mergekit_fisher.estimator import lora as lora_mod
@@ -28,14 +31,17 @@ from mergekit_fisher.estimator.loading import (
     output_names,
 )
 
+log = logging.getLogger(__name__)
+
 
 @dataclass
 class ComputeOptions:
     model: str
     out_dir: str
     data: str
-    task: str = "causal-lm"
-    fisher_type: Optional[str] = None  # default: sampled for LMs, exact for classifiers
+    task: Task = Task.CAUSAL_LM
+    fisher_type: Optional[FisherType] = None  # default: sampled for LMs, exact for classifiers
+    # AT_LEAST_ONE: samples, num_examples, max_length, batch_size, checkpoint_every
     samples: int = 1
     num_examples: Optional[int] = None
     max_length: int = 512
@@ -43,10 +49,10 @@ class ComputeOptions:
     seed: int = 0
     shuffle: bool = True
     lora: Optional[str] = None
-    params: str = "all"  # all | adapter-targets
-    space: str = "dense"  # dense | adapter
-    accumulator_dtype: str = "float32"
-    dtype: str = "float32"  # model dtype for the computation
+    params: Params = Params.ALL
+    space: Space = Space.DENSE
+    accumulator_dtype: AccumulatorDtype = AccumulatorDtype.FLOAT32
+    dtype: Dtype = Dtype.FLOAT32  # model dtype for the computation
     device_map: Optional[str] = None
     checkpoint_every: Optional[int] = None  # examples
     overwrite: bool = False
@@ -54,8 +60,10 @@ class ComputeOptions:
     max_shard_size: str = "5GB"
     progress: bool = True
 
-    def resolved_fisher_type(self) -> str:
-        return self.fisher_type or ("exact" if self.task == "seq-cls" else "sampled")
+    def resolved_fisher_type(self) -> FisherType:
+        if self.fisher_type:
+            return FisherType(self.fisher_type)
+        return FisherType.EXACT if self.task == Task.SEQ_CLS else FisherType.SAMPLED
 
     def fingerprint(self, dataset_hash: str) -> str:
         """Everything that changes the result (not the process count, progress, or checkpoint cadence)."""
@@ -67,30 +75,35 @@ class ComputeOptions:
         return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()
 
 
+AT_LEAST_ONE = ("samples", "num_examples", "max_length", "batch_size", "checkpoint_every")
+
+
 class Interrupted(RuntimeError):
     """Raised by the test hook `interrupt_after_rounds` to simulate a killed run."""
 
 
 def _validate(opts: ComputeOptions) -> None:
+    if opts.task not in Task.values():
+        raise FisherInputError(f"unknown --task {opts.task!r}", fix=f"use {' or '.join(Task.values())}")
+    if opts.fisher_type is not None and opts.fisher_type not in FisherType.values():
+        raise FisherInputError(f"unknown --fisher-type {opts.fisher_type!r}",
+                               fix=f"use {', '.join(FisherType.values())}")
     ftype = opts.resolved_fisher_type()
-    if opts.task not in ("causal-lm", "seq-cls"):
-        raise FisherInputError(f"unknown --task {opts.task!r}", fix="use causal-lm or seq-cls")
-    if ftype == "exact" and opts.task != "seq-cls":
+    if ftype == FisherType.EXACT and opts.task != Task.SEQ_CLS:
         raise FisherInputError(
             "--fisher-type exact sums over every class and is only available for --task seq-cls",
             fix="use --fisher-type sampled (the true Fisher by Monte Carlo) or empirical for language models",
         )
-    if opts.space == "adapter" and not opts.lora:
+    if opts.space == Space.ADAPTER and not opts.lora:
         raise FisherInputError("--space adapter needs --lora ADAPTER", fix="pass --lora or use --space dense")
-    if opts.params == "adapter-targets" and not opts.lora:
+    if opts.params == Params.ADAPTER_TARGETS and not opts.lora:
         raise FisherInputError("--params adapter-targets needs --lora ADAPTER", fix="pass --lora or --params all")
-    for name in ("samples", "batch_size", "max_length"):
-        if getattr(opts, name) < 1:
-            raise FisherInputError(f"--{name.replace('_', '-')} must be at least 1")
-    if opts.num_examples is not None and opts.num_examples < 1:
-        raise FisherInputError("--num-examples must be at least 1")
-    if opts.checkpoint_every is not None and opts.checkpoint_every < 1:
-        raise FisherInputError("--checkpoint-every must be at least 1", fix="give a number of examples, e.g. 10000")
+    # The command line refuses these while parsing (click.IntRange); this guards the Python API
+    # (`mergekit_fisher.compute_fisher`, `ComputeOptions`), which click does not see.
+    for name in AT_LEAST_ONE:
+        value = getattr(opts, name)
+        if value is not None and value < 1:
+            raise FisherInputError(f"{name} must be at least 1, got {value}")
     parse_shard_size(opts.max_shard_size)  # fail now, not after hours of computation
     check_output_free(os.path.abspath(opts.out_dir), opts.overwrite, fix="choose another OUT_DIR or pass --overwrite")
     check_model_path(opts.model)
@@ -115,20 +128,20 @@ def _plan_targets(model, opts: ComputeOptions, stored):
     names: Dict[str, List[str]] = {}
     for pid, names_in_model in aliases.items():
         first = names_in_model[0]
-        if opts.lora and opts.space == "adapter":
+        if opts.lora and opts.space == Space.ADAPTER:
             if not lora_mod.is_adapter_param(first):
                 continue
             out = [lora_mod.adapter_file_name(first)]
         else:
             if opts.lora and lora_mod.is_adapter_param(first):
                 continue
-            if opts.params == "adapter-targets" and pid not in target_bases:
+            if opts.params == Params.ADAPTER_TARGETS and pid not in target_bases:
                 continue
             dense = [lora_mod.dense_name(n) for n in names_in_model] if opts.lora else names_in_model
             out = output_names(dense, stored)
         keys[pid] = first
         names[first] = out
-    return keys, names, params, (wrappers if opts.space == "dense" else {})
+    return keys, names, params, (wrappers if opts.space == Space.DENSE else {})
 
 
 def _reduce(accelerator, tensor: torch.Tensor) -> torch.Tensor:
@@ -144,6 +157,21 @@ def _oom_error(error: Exception) -> FisherInputError:
     )
 
 
+@contextlib.contextmanager
+def _loading_bars(enabled: bool):
+    """transformers' weight-loading progress bars follow ours (-q, --no-progress); restored afterwards."""
+    from transformers.utils import logging as transformers_logging
+
+    was_enabled = transformers_logging.is_progress_bar_enabled()
+    if not enabled and was_enabled:
+        transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if not enabled and was_enabled:
+            transformers_logging.enable_progress_bar()
+
+
 def run_compute(opts: ComputeOptions, *, accelerator=None, interrupt_after_rounds: Optional[int] = None):
     """Compute and write the Fisher; returns the written FisherConfig on the main process (None elsewhere)."""
     from accelerate import Accelerator
@@ -156,9 +184,12 @@ def run_compute(opts: ComputeOptions, *, accelerator=None, interrupt_after_round
     fisher_type = opts.resolved_fisher_type()
     acc_dtype = DTYPES[opts.accumulator_dtype]
 
-    tokenizer = load_tokenizer(opts.model, trust_remote_code=opts.trust_remote_code, fallback=opts.lora)
-    model = load_model(opts.model, task=opts.task, dtype=opts.dtype, device_map=opts.device_map,
-                       trust_remote_code=opts.trust_remote_code)
+    log.debug("loading tokenizer and model %s (task %s, dtype %s, fisher %s)", opts.model, opts.task, opts.dtype,
+              fisher_type)
+    with _loading_bars(opts.progress):
+        tokenizer = load_tokenizer(opts.model, trust_remote_code=opts.trust_remote_code, fallback=opts.lora)
+        model = load_model(opts.model, task=opts.task, dtype=opts.dtype, device_map=opts.device_map,
+                           trust_remote_code=opts.trust_remote_code)
     if opts.lora:
         model = lora_mod.load_adapter(model, opts.lora, model_name=opts.model)
         model.eval()
@@ -173,12 +204,15 @@ def run_compute(opts: ComputeOptions, *, accelerator=None, interrupt_after_round
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         pad_id = 0 if pad_id is None else pad_id
         model.config.pad_token_id = pad_id  # seq-cls pooling finds the last real token through it
-    num_labels = getattr(model.config, "num_labels", None) if opts.task == "seq-cls" else None
+    num_labels = getattr(model.config, "num_labels", None) if opts.task == Task.SEQ_CLS else None
 
     data = prepare(opts.data, tokenizer, task=opts.task, num_examples=opts.num_examples,
                    max_length=opts.max_length, seed=opts.seed, shuffle=opts.shuffle, num_labels=num_labels)
 
-    stored = checkpoint_names(opts.lora if opts.space == "adapter" else opts.model)
+    log.debug("data %s: %d examples of %d rows (%d truncated, %d skipped)", opts.data, len(data.examples),
+              data.num_rows, data.num_truncated, data.num_skipped)
+
+    stored = checkpoint_names(opts.lora if opts.space == Space.ADAPTER else opts.model)
     keys, names, params, wrappers = _plan_targets(model, opts, stored)
     if not keys:
         raise FisherInputError("no parameters selected", model=opts.model,
@@ -186,6 +220,8 @@ def run_compute(opts: ComputeOptions, *, accelerator=None, interrupt_after_round
     engine = FisherEngine(model, task=opts.task, fisher_type=fisher_type, samples=opts.samples, seed=opts.seed,
                           accumulator_dtype=acc_dtype, keys=keys, wrappers=wrappers, model_name=opts.model)
     accumulator = engine.accumulator
+    log.debug("%d parameter tensors selected; %d take the exact per-example fallback", len(keys),
+              len(engine.fallback_keys()))
 
     # resume
     fingerprint = opts.fingerprint(data.dataset_hash)
@@ -198,6 +234,7 @@ def run_compute(opts: ComputeOptions, *, accelerator=None, interrupt_after_round
         if accelerator.is_main_process:
             accumulator.load_state(sums)
             num_tokens = int(state["num_tokens"])
+        log.info("resuming from %s after %d batches", ckpt, done_batches)
 
     examples = data.examples
     total_batches = math.ceil(len(examples) / opts.batch_size)
@@ -272,10 +309,10 @@ def run_compute(opts: ComputeOptions, *, accelerator=None, interrupt_after_round
     config = FisherConfig(
         model=opts.model, adapter=opts.lora, space=opts.space, fisher_type=fisher_type, task=opts.task,
         num_examples=len(examples), num_tokens=total_tokens, dataset=opts.data, dataset_hash=data.dataset_hash,
-        samples_per_example=opts.samples if fisher_type == "sampled" else None, seed=opts.seed,
+        samples_per_example=opts.samples if fisher_type == FisherType.SAMPLED else None, seed=opts.seed,
         accumulator_dtype=opts.accumulator_dtype,
         num_truncated=data.num_truncated, num_skipped=data.num_skipped, num_rows=data.num_rows,
-        max_length=opts.max_length, batch_size=opts.batch_size, params=opts.params, model_dtype=opts.dtype,
+        max_length=opts.max_length, batch_size=opts.batch_size, params=str(opts.params), model_dtype=str(opts.dtype),
         shuffle=opts.shuffle, num_processes=world,
         fallback_tensors=sorted(names[k][0] for k in engine.fallback_keys()),
     )

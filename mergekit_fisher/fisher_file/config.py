@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import math
-from typing import Literal, Optional
+from typing import Optional
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from mergekit_fisher.choices import Space
 
 FORMAT_NAME = "mergekit-fisher"
 FORMAT_VERSION = 1
@@ -51,14 +53,14 @@ class GlobalStats(BaseModel):
 class FisherConfig(BaseModel):
     """Provenance of a Fisher file. Unknown keys are kept, so newer writers stay readable."""
 
-    model_config = ConfigDict(extra="allow", protected_namespaces=())
+    model_config = ConfigDict(extra="allow", protected_namespaces=(), use_enum_values=True)
 
     format: str = FORMAT_NAME
     format_version: int = FORMAT_VERSION
     model: Optional[str] = Field(None, description="model the Fisher was computed for (path or hub id)")
     adapter: Optional[str] = Field(None, description="PEFT adapter applied on top of `model`, if any")
-    space: Literal["dense", "adapter"] = Field(
-        "dense", description="dense: names/shapes of the (merged) checkpoint; adapter: lora_A/lora_B names"
+    space: Space = Field(
+        Space.DENSE.value, description="dense: names/shapes of the (merged) checkpoint; adapter: lora_A/lora_B names"
     )
     fisher_type: Optional[str] = Field(None, description="empirical | sampled | exact")
     task: Optional[str] = None

@@ -54,7 +54,10 @@ def _safetensors_error(path: str, error: Exception) -> FisherInputError:
 
 
 def load_weight_map(index_path: str) -> Dict[str, str]:
-    """The `weight_map` of an HF-style `*.safetensors.index.json` (Fisher or model); ValueError if broken."""
+    """The `weight_map` of a Fisher directory's `fisher.safetensors.index.json`; ValueError if broken.
+
+    (Model checkpoints are read by mergekit's `ShardedTensorIndex`, see `tools.checkpoint`; it only knows
+    `model.safetensors*` names and does not check the index, which a Fisher file must.)"""
     try:
         with open(index_path, encoding="utf-8") as fp:
             weight_map = json.load(fp)["weight_map"]

@@ -4,67 +4,107 @@ No tensor data is loaded and nothing is unpickled: a checkpoint saved only as ``
 is refused with a fix (re-save it with ``safe_serialization=True``). `model` may be a checkpoint
 directory (``model.safetensors`` or shards with ``model.safetensors.index.json``), a single
 ``.safetensors`` file, or a Hugging Face repo id found in the local cache (or, when online,
-read remotely through the Hub's header-only API).
+read remotely through the Hub's header-only API). Local layouts are read by `checkpoint_index`, through
+mergekit's own `ShardedTensorIndex` (the index the merge itself uses) and safetensors' `safe_open`.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Dict, Iterable, Tuple
+from typing import Dict, Iterable, Optional, Tuple
 
 from safetensors import safe_open
 
 from mergekit_fisher.errors import FisherInputError
-from mergekit_fisher.fisher_file.reader import PICKLE_SUFFIXES, load_weight_map
+from mergekit_fisher.fisher_file.reader import PICKLE_SUFFIXES
 
 INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
 RESAVE_FIX = (
     "re-save the model with safetensors: "
     "`AutoModelForCausalLM.from_pretrained(path).save_pretrained(out, safe_serialization=True)`"
 )
 
 
-def _file_shapes(path: str, model: str) -> Dict[str, Tuple[int, ...]]:
+def _header_error(path: str, model: str, error: Exception) -> FisherInputError:
+    return FisherInputError(
+        f"cannot read the safetensors header of {os.path.basename(path)} ({error})",
+        model=model, fix="re-download or re-save the checkpoint",
+    )
+
+
+def _file_index(path: str, model: str):
+    from mergekit.io import ShardedTensorIndex
+
     try:
-        with safe_open(path, framework="pt", device="cpu") as handle:
-            return {name: tuple(handle.get_slice(name).get_shape()) for name in handle.keys()}
+        return ShardedTensorIndex.from_file(path)
     except Exception as error:  # SafetensorError, OSError: truncated or not safetensors
-        raise FisherInputError(
-            f"cannot read the safetensors header of {os.path.basename(path)} ({error})",
-            model=model, fix="re-download or re-save the checkpoint",
-        ) from None
+        raise _header_error(path, model, error) from None
 
 
-def _directory_shapes(path: str, model: str) -> Dict[str, Tuple[int, ...]]:
-    index_path = os.path.join(path, INDEX_NAME)
-    if os.path.exists(index_path):
+def checkpoint_index(model: str, path: Optional[str] = None):
+    """mergekit's `ShardedTensorIndex` of a local checkpoint: a ``.safetensors`` file, a directory with
+    ``model.safetensors`` or shards and ``model.safetensors.index.json`` (read by mergekit), or a directory
+    of other ``*.safetensors`` files (a PEFT adapter's ``adapter_model.safetensors``).
+
+    Safetensors only: a pickle-only checkpoint is refused with a fix, never unpickled (mergekit's own
+    fallback would ``torch.load`` a ``pytorch_model.bin``). Every listed shard must exist.
+    """
+    from mergekit.io import ShardedTensorIndex, ShardInfo
+
+    path = path or os.path.abspath(os.path.expanduser(str(model)))
+    if os.path.isfile(path):
+        return _file_index(path, model)
+    if any(os.path.exists(os.path.join(path, name)) for name in (SINGLE_NAME, INDEX_NAME)):
         try:
-            weight_map = load_weight_map(index_path)
-        except ValueError as error:
+            index = ShardedTensorIndex.from_disk(path)
+        except FisherInputError:
+            raise
+        except Exception as error:  # broken JSON, no weight_map, a weight_map that is not a mapping
             raise FisherInputError(
-                f"broken {INDEX_NAME} ({error})", model=model, fix="re-download or re-save the checkpoint"
+                f"broken {INDEX_NAME} ({error!r})", model=model, fix="re-download or re-save the checkpoint"
             ) from None
-        shards = sorted(set(weight_map.values()))
+        if not isinstance(index.tensor_paths, dict):
+            raise FisherInputError(f"broken {INDEX_NAME} (weight_map is not a mapping)", model=model,
+                                   fix="re-download or re-save the checkpoint")
     else:
-        shards = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
-    if not shards:
-        pickles = sorted(f for f in os.listdir(path) if f.lower().endswith(PICKLE_SUFFIXES))
-        if pickles:
+        files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
+        if not files:
+            pickles = sorted(f for f in os.listdir(path) if f.lower().endswith(PICKLE_SUFFIXES))
+            if pickles:
+                raise FisherInputError(
+                    f"the checkpoint is pickle-only ({pickles[0]}); refusing to unpickle it", model=model,
+                    fix=RESAVE_FIX,
+                )
             raise FisherInputError(
-                f"the checkpoint is pickle-only ({pickles[0]}); refusing to unpickle it", model=model, fix=RESAVE_FIX
+                "no .safetensors files in the model directory", model=model,
+                fix="point --model at a Hugging Face checkpoint directory (with config.json and *.safetensors)",
             )
-        raise FisherInputError(
-            "no .safetensors files in the model directory", model=model,
-            fix="point --model at a Hugging Face checkpoint directory (with config.json and *.safetensors)",
-        )
+        parts = [_file_index(os.path.join(path, name), model) for name in files]
+        tensor_paths = {name: shard for part in parts for name, shard in part.tensor_paths.items()}
+        index = ShardedTensorIndex(base_path=path, is_safetensors=True, tensor_paths=tensor_paths,
+                                   shards=[ShardInfo(part.shards[0].filename, part.shards[0].contained_keys)
+                                           for part in parts])
+    for shard in index.shards:
+        if not os.path.exists(os.path.join(index.base_path, shard.filename)):
+            raise FisherInputError(
+                f"shard {shard.filename} listed in {INDEX_NAME} is missing", model=model,
+                fix="copy the complete checkpoint",
+            )
+    return index
+
+
+def _index_shapes(path: str, model: str) -> Dict[str, Tuple[int, ...]]:
+    index = checkpoint_index(model, path)
     shapes: Dict[str, Tuple[int, ...]] = {}
-    for shard in shards:
-        shard_path = os.path.join(path, shard)
-        if not os.path.exists(shard_path):
-            raise FisherInputError(
-                f"shard {shard} listed in {INDEX_NAME} is missing", model=model, fix="copy the complete checkpoint"
-            )
-        shapes.update(_file_shapes(shard_path, model))
+    for shard in index.shards:
+        shard_path = os.path.join(index.base_path, shard.filename)
+        try:
+            with safe_open(shard_path, framework="pt", device="cpu") as handle:
+                for name in shard.contained_keys:
+                    shapes[name] = tuple(handle.get_slice(name).get_shape())
+        except Exception as error:  # SafetensorError (also: a name the index lists but the shard lacks), OSError
+            raise _header_error(shard_path, model, error) from None
     return shapes
 
 
@@ -75,7 +115,7 @@ def _hub_shapes(repo_id: str) -> Dict[str, Tuple[int, ...]]:
         local = huggingface_hub.snapshot_download(
             repo_id, allow_patterns=["*.safetensors", "*.json"], local_files_only=True
         )
-        return _directory_shapes(local, repo_id)
+        return _index_shapes(local, repo_id)
     except FisherInputError:
         raise
     except Exception:
@@ -128,10 +168,10 @@ def checkpoint_shapes(model: str) -> Dict[str, Tuple[int, ...]]:
     """Checkpoint tensor name -> shape, from the safetensors headers of `model` (see module doc)."""
     path = os.path.abspath(os.path.expanduser(str(model)))
     if os.path.isdir(path):
-        return _directory_shapes(path, str(model))
+        return _index_shapes(path, str(model))
     if os.path.isfile(path):
         if path.endswith(".safetensors"):
-            return _file_shapes(path, str(model))
+            return _index_shapes(path, str(model))
         if path.lower().endswith(PICKLE_SUFFIXES):
             raise FisherInputError("refusing to unpickle a pickle checkpoint", model=str(model), fix=RESAVE_FIX)
         raise FisherInputError(

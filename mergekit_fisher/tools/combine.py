@@ -8,12 +8,14 @@ Inputs are read one tensor at a time and accumulated in float64; the output is f
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import List, Optional, Sequence
 
 import click
 import torch
 
+from mergekit_fisher.cli import CommaList, FiniteFloatRange, flatten, verbosity_options
 from mergekit_fisher.errors import FisherInputError
 from mergekit_fisher.fisher_file import (
     FisherConfig,
@@ -24,23 +26,20 @@ from mergekit_fisher.fisher_file import (
     parse_shard_size,
 )
 
+log = logging.getLogger(__name__)
+# a weight: positive and finite (click refuses anything else before any file is opened)
+WEIGHT = FiniteFloatRange(min=0.0, min_open=True)
 
-def _parse_weights(text: Optional[str], count: int) -> Optional[List[float]]:
-    if text is None:
+
+def _check_weights(weights: Sequence[float], count: int) -> Optional[List[float]]:
+    """The --weights given (already numbers > 0, finite), one per input; None when none were given."""
+    if not weights:
         return None
-    try:
-        weights = [float(part) for part in text.replace(" ", "").split(",") if part]
-    except ValueError:
-        raise FisherInputError(
-            f"--weights {text!r} is not a comma-separated list of numbers", fix="e.g. --weights 1000,250"
-        ) from None
     if len(weights) != count:
         raise FisherInputError(
             f"--weights gives {len(weights)} weight(s) for {count} Fisher file(s)", fix="give one weight per input file"
         )
-    if any(not (w > 0 and w != float("inf")) for w in weights):
-        raise FisherInputError("--weights must be positive and finite", fix="use each file's number of examples")
-    return weights
+    return list(weights)
 
 
 def _example_weights(files: Sequence[FisherFile]) -> List[float]:
@@ -140,6 +139,8 @@ def combine_fishers(
     _check_compatible(files)
     weights = list(weights) if weights is not None else _example_weights(files)
     norm = sum(weights)
+    for fisher, weight in zip(files, weights):
+        log.debug("%s: weight %g of %g", fisher.path, weight, norm)
     # Streamed: one output tensor (and one shard) in memory at a time; a bad value aborts the
     # writer, so nothing is published.
     with FisherWriter(out_abs, _merged_config(files, weights), max_shard_size=max_shard_size,
@@ -158,14 +159,16 @@ def combine_fishers(
 
 
 @click.command("combine")
+@verbosity_options
 @click.argument("inputs", nargs=-1, required=True, type=click.Path(), metavar="FISHER... OUT")
 @click.option(
-    "--weights", default=None,
-    help="Comma-separated weight per input (e.g. example counts 1000,250) instead of each file's num_examples.",
+    "--weights", type=CommaList(WEIGHT), multiple=True, callback=flatten, metavar="N[,N...]",
+    help="A weight per input, in input order, instead of each file's num_examples (e.g. example counts): "
+    "repeated (--weights 1000 --weights 250) or comma-separated (--weights 1000,250).",
 )
 @click.option("--max-shard-size", default="5GB", show_default=True, help="Shard size of a directory output.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
-def combine_command(inputs, weights: Optional[str], max_shard_size: str, overwrite: bool) -> None:
+def combine_command(inputs, weights: Sequence[float], max_shard_size: str, overwrite: bool) -> None:
     """Combine Fisher files FISHER... of one model, computed on different data shards, into OUT.
 
     The result is the example-weighted mean: what a single run over all the shards would give.
@@ -176,10 +179,10 @@ def combine_command(inputs, weights: Optional[str], max_shard_size: str, overwri
             fix="mergekit-fisher combine A B ... OUT",
         )
     *paths, out = inputs
-    parsed = _parse_weights(weights, len(paths))
+    parsed = _check_weights(weights, len(paths))
     config = combine_fishers(paths, out, weights=parsed, overwrite=overwrite, max_shard_size=max_shard_size)
     used = parsed or [f.config.num_examples for f in map(open_fisher, paths)]
-    click.echo(
-        f"combined {len(paths)} Fisher files (weights {', '.join(f'{w:g}' for w in used)}; "
-        f"{config.num_elements} elements, num_examples {config.num_examples}) -> {os.path.abspath(out)}"
+    log.info(
+        "combined %d Fisher files (weights %s; %s elements, num_examples %s) -> %s", len(paths),
+        ", ".join(f"{w:g}" for w in used), config.num_elements, config.num_examples, os.path.abspath(out),
     )

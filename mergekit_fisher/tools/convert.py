@@ -16,6 +16,8 @@ import click
 import torch
 from safetensors import safe_open
 
+from mergekit_fisher.choices import FisherType, Space
+from mergekit_fisher.cli import EnumChoice, verbosity_options
 from mergekit_fisher.errors import FisherInputError
 from mergekit_fisher.fisher_file import FisherConfig, check_output_free, parse_shard_size, write_fisher
 from mergekit_fisher.fisher_file.config import CONFIG_FILENAME, HEADER_CONFIG_KEY
@@ -204,7 +206,7 @@ def convert(
     overrides = {"fisher_type": fisher_type, "num_examples": num_examples}
     config = FisherConfig(
         **{**source.provenance, **{k: v for k, v in overrides.items() if v is not None}},
-        model=model, space="dense", converted_from=source.path,
+        model=model, space=Space.DENSE, converted_from=source.path,
         renamed=match.renamed or None,
     )
     write_fisher(tensors, out_abs, config, max_shard_size=max_shard_size, overwrite=overwrite)
@@ -224,11 +226,14 @@ def convert(
 
 
 @click.command("convert")
+@verbosity_options
 @click.argument("source", metavar="IN", type=click.Path())
 @click.argument("out", type=click.Path())
-@click.option("--model", required=True, help="Model checkpoint (directory or .safetensors) the Fisher belongs to.")
-@click.option("--num-examples", type=int, default=None, help="Examples the Fisher was computed on (for combine).")
-@click.option("--fisher-type", type=click.Choice(["empirical", "sampled", "exact"]), default=None,
+@click.option("--model", required=True, type=click.Path(),
+              help="Model checkpoint (directory or .safetensors) the Fisher belongs to.")
+@click.option("--num-examples", type=click.IntRange(min=1), default=None,
+              help="Examples the Fisher was computed on (for combine).")
+@click.option("--fisher-type", type=EnumChoice(FisherType), default=None,
               help="How the source tool computed it, recorded in the provenance.")
 @click.option("--max-shard-size", default="5GB", show_default=True, help="Shard size of a directory output.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")

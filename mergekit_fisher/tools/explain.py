@@ -14,6 +14,7 @@ a permutation moves rows but hardly changes the masses.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -22,8 +23,11 @@ from typing import Dict, List, Optional
 import click
 import torch
 
+from mergekit_fisher.cli import verbosity_options
 from mergekit_fisher.tools.grouping import layer_and_module
 from mergekit_fisher.tools.report import format_table, percent
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -199,11 +203,12 @@ def shares_for_plot(report: dict) -> Dict[str, Dict[int, List[float]]]:
 
 
 @click.command("explain")
+@verbosity_options
 @click.argument("recipe", type=click.Path(dir_okay=False))
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None,
               help="Write a heatmap (layers x models, one panel per module type) to this PNG.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-@click.option("--lora-merge-cache", default=None, help="As mergekit-yaml's: where base+adapter models are merged.")
+@click.option("--lora-merge-cache", type=click.Path(file_okay=False), default=None, help="As mergekit-yaml's: where base+adapter models are merged.")
 def explain_command(recipe: str, plot_path: Optional[str], as_json: bool, lora_merge_cache: Optional[str]) -> None:
     """Validate RECIPE like the merge would and show each model's Fisher share per layer and module."""
     report = build_explanation(recipe, lora_merge_cache)
@@ -216,5 +221,5 @@ def explain_command(recipe: str, plot_path: Optional[str], as_json: bool, lora_m
         click.echo(json.dumps(report, indent=2))
     else:
         click.echo(format_explanation(report))
-        if plot_path:
-            click.echo(f"\nheatmap: {report['plot']}")
+    if plot_path:
+        log.info("heatmap: %s", report["plot"])

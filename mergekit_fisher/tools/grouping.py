@@ -11,6 +11,8 @@ from __future__ import annotations
 import re
 from typing import Optional, Tuple
 
+from mergekit_fisher.choices import Grouping
+
 # Containers whose next segment is the block (layer) index.
 LAYER_CONTAINERS = ("layers", "h", "blocks", "layer", "block")
 # Leading wrapper segments that say nothing about the module (model classes, PEFT, DDP, torch.compile).
@@ -81,14 +83,14 @@ def group_label(name: str, by: str) -> str:
     ``layer``: ``"layer 3"`` for block tensors, the module type (``embed_tokens``, ``lm_head``,
     ``norm``) for the rest. ``module``: the module type, whatever the layer.
     """
-    if by == "tensor":
+    if by == Grouping.TENSOR:
         return name
     layer, module = layer_and_module(name)
-    if by == "layer":
+    if by == Grouping.LAYER:
         return module if layer is None else f"layer {layer}"
-    if by == "module":
+    if by == Grouping.MODULE:
         return module
-    raise ValueError(f"unknown grouping {by!r} (tensor, layer or module)")
+    raise ValueError(f"unknown grouping {by!r} ({', '.join(Grouping.values())})")
 
 
 def group_sort_key(label: str) -> tuple:

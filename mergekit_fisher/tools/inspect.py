@@ -15,6 +15,8 @@ from typing import Dict, List, Optional, Tuple
 
 import click
 
+from mergekit_fisher.choices import Grouping, Space
+from mergekit_fisher.cli import EnumChoice, verbosity_options
 from mergekit_fisher.fisher_file import FisherFile, open_fisher
 from mergekit_fisher.tools.checkpoint import checkpoint_shapes, tied_aliases
 from mergekit_fisher.tools.grouping import group_label, group_sort_key
@@ -74,13 +76,13 @@ def summarize_file(fisher: FisherFile, by: str) -> Tuple[List[dict], Summary]:
     for name in fisher.names():
         summary = summarize(fisher.get_tensor(name, check=False))
         total = total + summary
-        if by == "tensor":
+        if by == Grouping.TENSOR:
             header = fisher.header(name)
             rows.append({"name": name, "shape": list(header.shape), "dtype": header.dtype, "summary": summary})
         else:
             label = group_label(name, by)
             groups[label] = groups.get(label, Summary()) + summary
-    if by != "tensor":
+    if by != Grouping.TENSOR:
         rows = [{"name": label, "summary": groups[label]} for label in sorted(groups, key=group_sort_key)]
     return rows, total
 
@@ -120,7 +122,7 @@ def build_report(path: str, model: Optional[str], by: str) -> dict:
         "num_elements": total.numel,
         "totals": total.to_dict(),
         "config_stats_match": _stats_match(fisher, total),
-        "by": by,
+        "by": Grouping(by).value,
         "rows": [],
         "coverage": None,
     }
@@ -134,7 +136,7 @@ def build_report(path: str, model: Optional[str], by: str) -> dict:
         aliases = tied_aliases(model, model_shapes)
         report["coverage"] = {"model": model, **coverage(fisher_shapes, model_shapes, aliases)}
         cov = report["coverage"]
-        if fisher.config is not None and fisher.config.space == "adapter" and (cov["missing"] or cov["extra"]):
+        if fisher.config is not None and fisher.config.space == Space.ADAPTER and (cov["missing"] or cov["extra"]):
             cov["note"] = (
                 "adapter-space Fisher (lora_A/lora_B names): pass the adapter directory as --model, "
                 "not the base checkpoint"
@@ -177,7 +179,7 @@ def _provenance_lines(report: dict) -> List[str]:
 
 
 def _table(report: dict) -> str:
-    by_tensor = report["by"] == "tensor"
+    by_tensor = report["by"] == Grouping.TENSOR
     headers = ["tensor" if by_tensor else report["by"]]
     headers += ["shape", "dtype"] if by_tensor else ["tensors"]
     headers += ["elements", "sum", "share", "mean", "max", "zeros", "non-finite", "negative"]
@@ -228,11 +230,12 @@ def has_problems(report: dict) -> bool:
 
 
 @click.command("inspect")
+@verbosity_options
 @click.argument("fisher", type=click.Path(exists=False))
-@click.option("--model", default=None, help="Checkpoint (directory or .safetensors; a PEFT adapter directory for adapter-space "
+@click.option("--model", type=click.Path(), default=None, help="Checkpoint (directory or .safetensors; a PEFT adapter directory for adapter-space "
               "Fisher files) to check coverage against.")
 @click.option(
-    "--by", type=click.Choice(["tensor", "layer", "module"]), default="tensor", show_default=True,
+    "--by", type=EnumChoice(Grouping), default=Grouping.TENSOR.value, show_default=True,
     help="One row per tensor, per layer, or per module type (summed across layers).",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON (NaN/Inf become null).")
@@ -240,7 +243,7 @@ def has_problems(report: dict) -> bool:
     "--check", is_flag=True,
     help="Exit with status 1 when values are non-finite/negative, the config sum disagrees, or coverage is incomplete.",
 )
-def inspect_command(fisher: str, model: Optional[str], by: str, as_json: bool, check: bool) -> None:
+def inspect_command(fisher: str, model: Optional[str], by: Grouping, as_json: bool, check: bool) -> None:
     """Summarise the Fisher file FISHER (and its coverage of --model)."""
     report = build_report(fisher, model, by)
     if as_json:
