@@ -7,9 +7,23 @@ Each message names what is wrong (model, file, tensor) and how to fix it.
 
 from __future__ import annotations
 
-from typing import Optional
+import logging
+import threading
+from typing import Hashable, Optional
 
 import click
+
+_WARNED: set = set()
+_WARNED_LOCK = threading.Lock()
+
+
+def warn_once(logger: logging.Logger, key: Hashable, message: str, *args) -> None:
+    """Log a warning once per key and process (a merge plans each tensor; say it once)."""
+    with _WARNED_LOCK:
+        if key in _WARNED:
+            return
+        _WARNED.add(key)
+    logger.warning(message, *args)
 
 
 class FisherInputError(click.ClickException):

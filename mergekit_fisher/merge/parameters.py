@@ -25,6 +25,13 @@ class FisherValidation(str, Enum):
     HEADERS = "headers"  # headers up front, values when each tensor is loaded
 
 
+class ProvenancePolicy(str, Enum):
+    """What a Fisher file recorded for another model (or adapter, or revision) gets."""
+
+    WARN = "warn"
+    ERROR = "error"
+
+
 DEFAULT_NORMALIZE = Normalization.MEAN.value
 DEFAULT_FLOOR = 1e-6
 DEFAULT_MISSING = MissingFisher.ERROR.value
@@ -36,6 +43,7 @@ DEFAULT_VALIDATE = FisherValidation.FULL.value
 # value reaches our own check (`resolution.fisher_path`) instead of a pydantic traceback.
 FISHER = "fisher"
 ALLOW_NEGATIVE_WEIGHTS = "allow_negative_weights"
+PROVENANCE = "fisher_provenance"
 
 
 def fisher_parameter_specs(fisher_scope: ParameterScope) -> tuple:
@@ -78,6 +86,13 @@ def fisher_parameter_specs(fisher_scope: ParameterScope) -> tuple:
             description="full (scan every value before merging) | headers",
         ),
         ParameterSpec(
+            PROVENANCE,
+            str,
+            ParameterScope.SHARED,
+            default=ProvenancePolicy.WARN.value,
+            description="warn | error: a Fisher recorded for another model than the recipe's",
+        ),
+        ParameterSpec(
             ALLOW_NEGATIVE_WEIGHTS,
             bool,
             ParameterScope.SHARED,
@@ -91,6 +106,7 @@ _CHOICES = {
     "fisher_normalize": Normalization,
     "missing_fisher": MissingFisher,
     "fisher_validate": FisherValidation,
+    PROVENANCE: ProvenancePolicy,
 }
 
 

@@ -23,12 +23,19 @@ from mergekit.common import ModelReference
 from pydantic import BaseModel
 from safetensors import safe_open
 
-from mergekit_fisher.errors import FisherInputError
+from mergekit_fisher.errors import FisherInputError, warn_once
 from mergekit_fisher.fisher_file import FisherFile, open_fisher
-from mergekit_fisher.merge.parameters import FISHER, FisherValidation, MissingFisher, check_shared
+from mergekit_fisher.merge.parameters import (
+    FISHER,
+    PROVENANCE,
+    FisherValidation,
+    MissingFisher,
+    check_shared,
+)
+from mergekit_fisher.merge.provenance import check_provenance
 
 LOG = logging.getLogger(__name__)
-
+_LOCK = threading.Lock()  # values_checked is set once per opened file, from --multi-gpu threads too
 
 
 class FisherInput(BaseModel, frozen=True):
@@ -39,16 +46,6 @@ class FisherInput(BaseModel, frozen=True):
     expected_shape: Optional[Tuple[int, ...]] = None
 
 
-_WARNED: set = set()
-_LOCK = threading.Lock()
-
-
-def _warn_once(key, message: str, *args) -> None:
-    with _LOCK:
-        if key in _WARNED:
-            return
-        _WARNED.add(key)
-    LOG.warning(message, *args)
 
 
 def open_for_model(path: Any, model: ModelReference, method_name: str) -> FisherFile:
@@ -180,21 +177,6 @@ def _present_name(model: ModelReference, candidates: Sequence[str]) -> Optional[
     return next((name for name in candidates if name in index.tensor_paths), None)
 
 
-def _check_provenance(fisher_file: FisherFile, model: ModelReference) -> None:
-    config = fisher_file.config
-    if config is None or not config.model:
-        return
-    recorded = os.path.basename(os.path.normpath(config.model))
-    actual = os.path.basename(os.path.normpath(str(model.model.path)))
-    if recorded != actual and os.path.abspath(config.model) != os.path.abspath(str(model.model.path)):
-        _warn_once(
-            ("provenance", fisher_file.path, str(model)),
-            "Fisher file %s was computed for model %r, but is used for %s; "
-            "check that the `fisher:` path belongs to this model",
-            fisher_file.path, config.model, model,
-        )
-
-
 def resolve_fisher_inputs(
     *,
     method_name: str,
@@ -233,7 +215,7 @@ def resolve_fisher_inputs(
         fisher_names = list(dict.fromkeys([present, info.name, *(info.aliases or ())]))
         fisher_file = open_for_model(input_parameters[model].get(FISHER), model, method_name)
         check_space(fisher_file, model)
-        _check_provenance(fisher_file, model)
+        check_provenance(fisher_file, model, shared_parameters[PROVENANCE])
         if shared_parameters["fisher_validate"] == FisherValidation.FULL:
             scan_values(fisher_file, model)
         else:
@@ -247,7 +229,8 @@ def resolve_fisher_inputs(
                     fix="recompute the Fisher for this model with `mergekit-fisher compute`, "
                     "or set `missing_fisher: uniform` to weight this tensor uniformly",
                 )
-            _warn_once(
+            warn_once(
+                LOG,
                 ("uniform", fisher_file.path, info.name),
                 "%s: tensor %s is not in Fisher file %s; using a uniform Fisher (missing_fisher: uniform)",
                 model, info.name, fisher_file.path,
