@@ -46,7 +46,12 @@ def load_model(model: str, *, task: str, dtype: str, device_map: Optional[str], 
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     cls = AutoModelForSequenceClassification if task == Task.SEQ_CLS else AutoModelForCausalLM
-    kwargs = {"dtype": DTYPES[dtype], "trust_remote_code": trust_remote_code}
+    kwargs = {
+        "dtype": DTYPES[dtype],
+        "trust_remote_code": trust_remote_code,
+        # MoE experts as plain per-expert matmuls: exact in every dtype (grouped_mm has no float64)
+        "experts_implementation": "eager",
+    }
     if device_map:
         kwargs["device_map"] = device_map
     try:
@@ -79,13 +84,3 @@ def checkpoint_names(model_dir: str) -> Optional[Set[str]]:
         return set(checkpoint_index(model_dir).tensor_paths) or None
     except FisherInputError:
         return None
-
-
-def output_names(aliases: List[str], stored: Optional[Set[str]]) -> List[str]:
-    """Names to write a parameter under: every alias the checkpoint stores (tied weights keep the stored
-    one, e.g. only ``model.embed_tokens.weight``), else the first alias."""
-    if stored:
-        present = [name for name in aliases if name in stored]
-        if present:
-            return present
-    return aliases[:1]

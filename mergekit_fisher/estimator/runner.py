@@ -18,6 +18,7 @@ import torch
 from mergekit_fisher.choices import AccumulatorDtype, Dtype, FisherType, Params, Space, Task
 from mergekit_fisher.errors import FisherInputError
 from mergekit_fisher.fisher_file import check_output_free, parse_shard_size
+from mergekit_fisher.naming import output_names, to_stored_layout
 from mergekit_fisher.estimator import lora as lora_mod
 from mergekit_fisher.estimator.checkpoint import checkpoint_path, load_checkpoint, save_checkpoint
 from mergekit_fisher.estimator.data import check_data_path, collate, prepare
@@ -28,7 +29,6 @@ from mergekit_fisher.estimator.loading import (
     checkpoint_names,
     load_model,
     load_tokenizer,
-    output_names,
 )
 
 log = logging.getLogger(__name__)
@@ -306,6 +306,8 @@ def run_compute(opts: ComputeOptions, *, accelerator=None, interrupt_after_round
     for key, mean in means.items():
         for name in names[key]:  # tied weights stored under several names get one copy each
             fisher[name] = mean.clone()
+    if opts.space != Space.ADAPTER:  # fused in-memory tensors (MoE experts) -> the stored ones
+        fisher = to_stored_layout(model, fisher)
     config = FisherConfig(
         model=opts.model, adapter=opts.lora, space=opts.space, fisher_type=fisher_type, task=opts.task,
         num_examples=len(examples), num_tokens=total_tokens, dataset=opts.data, dataset_hash=data.dataset_hash,

@@ -33,6 +33,7 @@ from mergekit_fisher.merge.parameters import (
     check_shared,
 )
 from mergekit_fisher.merge.provenance import check_provenance
+from mergekit_fisher.naming import convert_stored, load_candidates, meta_sources
 
 LOG = logging.getLogger(__name__)
 _LOCK = threading.Lock()  # values_checked is set once per opened file, from --multi-gpu threads too
@@ -44,6 +45,9 @@ class FisherInput(BaseModel, frozen=True):
     path: str
     tensor: Optional[str]  # name inside the Fisher file; None = uniform (missing_fisher: uniform)
     expected_shape: Optional[Tuple[int, ...]] = None
+    # set when `tensor` is not stored but built from the file's stored tensors by this model type's
+    # checkpoint conversion (fused MoE experts), as mergekit's LoadTensor builds the model's
+    model_type: Optional[str] = None
 
 
 
@@ -165,16 +169,88 @@ def _shard_shapes(shard: str, _mtime_ns: int) -> Dict[str, Tuple[int, ...]]:
         return {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
 
 
-def load_candidates(info) -> List[str]:
-    """The names mergekit's LoadTensor tries for a WeightInfo, in its order: own name, aliases, tied names."""
-    return [info.name, *(info.aliases or ()), *(getattr(info, "tied_names", None) or ())]
-
-
 def _present_name(model: ModelReference, candidates: Sequence[str]) -> Optional[str]:
     from mergekit.io.tasks import LoaderCache
 
     index = LoaderCache().get(model).index
     return next((name for name in candidates if name in index.tensor_paths), None)
+
+
+def _model_shapes(model: ModelReference) -> Dict[str, Tuple[int, ...]]:
+    """Every stored tensor's shape of a model (safetensors headers; {} for pickle checkpoints)."""
+    from mergekit.io.tasks import LoaderCache
+
+    index = LoaderCache().get(model).index
+    if not index.is_safetensors:
+        return {}
+    shapes: Dict[str, Tuple[int, ...]] = {}
+    for shard in sorted(set(index.tensor_paths.values())):
+        path = os.path.join(index.base_path, shard)
+        shapes.update(_shard_shapes(path, os.stat(path).st_mtime_ns))
+    return shapes
+
+
+def _model_type(model: ModelReference) -> Optional[str]:
+    from mergekit.io.tasks import LoaderCache
+
+    return model.config(trust_remote_code=LoaderCache().trust_remote_code).model_type
+
+
+class _ModelTensor(BaseModel, frozen=True):
+    """What mergekit's LoadTensor will load for one input: a stored tensor or a converted one."""
+
+    name: str  # the stored name, or (converted) the in-memory target name
+    shape: Optional[Tuple[int, ...]]
+    model_type: Optional[str] = None  # set when built by the checkpoint conversion
+
+
+def _model_tensor(model: ModelReference, info) -> Optional[_ModelTensor]:
+    present = _present_name(model, load_candidates(info))
+    if present is not None:
+        return _ModelTensor(name=present, shape=_model_tensor_shape(model, present))
+    # Not stored under any of its names: transformers' conversion may build it from stored tensors
+    # (fused MoE experts), exactly as LoadTensor will. Shapes only: no value is read here.
+    model_type = _model_type(model)
+    built = convert_stored(model_type, meta_sources(_model_shapes(model)), [info.name, *(info.aliases or ())])
+    if built is None:
+        return None  # an optional weight this model lacks: mergekit's policy decides
+    target, meta = built
+    return _ModelTensor(name=target, shape=tuple(meta.shape), model_type=model_type)
+
+
+def _locate_fisher(fisher_file: FisherFile, tensor: _ModelTensor, info) -> Tuple[Optional[str], Optional[Tuple[int, ...]]]:
+    """(name in the file or conversion target, its shape), or (None, None) when the file lacks it."""
+    if tensor.model_type is not None:
+        shapes = {name: fisher_file.header(name).shape for name in fisher_file.names()}
+        try:
+            built = convert_stored(tensor.model_type, meta_sources(shapes), [tensor.name])
+        except (RuntimeError, ValueError, KeyError, IndexError) as error:
+            # e.g. one expert's tensor missing: the stack of the others fails
+            raise FisherInputError(
+                f"cannot build {tensor.name} from the Fisher file's stored tensors with the "
+                f"{tensor.model_type} checkpoint conversion ({str(error).splitlines()[0]})",
+                file=fisher_file.path,
+                tensor=tensor.name,
+                fix="the file lacks or mis-shapes some of the stored tensors (e.g. one expert's); "
+                "recompute it with `mergekit-fisher compute`",
+            ) from None
+        return (tensor.name, tuple(built[1].shape)) if built else (None, None)
+    # Look the Fisher up under names of the *same* tensor only. A tied name is used only when it is
+    # what the model itself stores (a tied checkpoint); an untied model's missing lm_head Fisher must
+    # never be replaced by its embedding's.
+    stored = fisher_file.find(*dict.fromkeys([tensor.name, info.name, *(info.aliases or ())]))
+    return (stored, fisher_file.header(stored).shape) if stored else (None, None)
+
+
+def _checked_fisher_file(model, input_parameters, method_name, shared) -> FisherFile:
+    fisher_file = open_for_model(input_parameters[model].get(FISHER), model, method_name)
+    check_space(fisher_file, model)
+    check_provenance(fisher_file, model, shared[PROVENANCE])
+    if shared["fisher_validate"] == FisherValidation.FULL:
+        scan_values(fisher_file, model)
+    else:
+        check_plausible_stats(fisher_file, model)
+    return fisher_file
 
 
 def resolve_fisher_inputs(
@@ -199,32 +275,35 @@ def resolve_fisher_inputs(
     model_rows = []
     for model in model_order:
         info = weight_info[model]
-        # the name mergekit's LoadTensor will actually load for this model
-        present = _present_name(model, load_candidates(info))
-        if present is None:
-            continue  # an optional weight this model lacks: mergekit's policy decides, no Fisher needed
-        model_shape = _model_tensor_shape(model, present)
-        if vocabulary_axis is not None and model_shape is not None:
+        tensor = _model_tensor(model, info)
+        if tensor is None and not getattr(info, "optional", False):
+            # mergekit would fail on it mid-merge ("required but not present"), after writing shards
+            raise FisherInputError(
+                f"the model has no tensor {info.name} (nor {', '.join(load_candidates(info)[1:]) or 'an alias'}), "
+                "which mergekit's architecture for it requires: stock mergekit cannot merge this "
+                "checkpoint either (its architecture file does not match the model's config)",
+                model=str(model),
+                fix="check the model's config.json against mergekit's architecture for its "
+                "model_type; a checkpoint saved by a current transformers usually matches",
+                kind="model",
+            )
+        if tensor is None:
+            continue  # an optional weight this model lacks: no Fisher needed
+        if vocabulary_axis is not None and tensor.shape is not None:
             # mergekit truncates to the smallest vocabulary over *all* loaded inputs, the base included
-            model_rows.append(model_shape[vocabulary_axis])
+            model_rows.append(tensor.shape[vocabulary_axis])
         if uses_base and model == base_model:
             continue
-        # Look the Fisher up under names of the *same* tensor only. A tied name is used only when it is
-        # what the model itself stores (a tied checkpoint); an untied model's missing lm_head Fisher must
-        # never be replaced by its embedding's.
-        fisher_names = list(dict.fromkeys([present, info.name, *(info.aliases or ())]))
-        fisher_file = open_for_model(input_parameters[model].get(FISHER), model, method_name)
-        check_space(fisher_file, model)
-        check_provenance(fisher_file, model, shared_parameters[PROVENANCE])
-        if shared_parameters["fisher_validate"] == FisherValidation.FULL:
-            scan_values(fisher_file, model)
-        else:
-            check_plausible_stats(fisher_file, model)
-        stored = fisher_file.find(*fisher_names)
+        fisher_file = _checked_fisher_file(model, input_parameters, method_name, shared_parameters)
+        stored, fisher_shape = _locate_fisher(fisher_file, tensor, info)
         if stored is None:
             if shared_parameters["missing_fisher"] != MissingFisher.UNIFORM:
+                looked_for = tensor.name if tensor.model_type else ", ".join(
+                    dict.fromkeys([tensor.name, info.name, *(info.aliases or ())])
+                )
+                how = " (built by the checkpoint conversion from its stored tensors)" if tensor.model_type else ""
                 raise FisherInputError(
-                    f"tensor missing from the Fisher file (looked for {', '.join(fisher_names)})",
+                    f"tensor missing from the Fisher file (looked for {looked_for}{how})",
                     model=str(model), file=fisher_file.path, tensor=info.name,
                     fix="recompute the Fisher for this model with `mergekit-fisher compute`, "
                     "or set `missing_fisher: uniform` to weight this tensor uniformly",
@@ -235,16 +314,17 @@ def resolve_fisher_inputs(
                 "%s: tensor %s is not in Fisher file %s; using a uniform Fisher (missing_fisher: uniform)",
                 model, info.name, fisher_file.path,
             )
-            inputs[model] = FisherInput(path=fisher_file.path, tensor=None, expected_shape=model_shape)
+            inputs[model] = FisherInput(path=fisher_file.path, tensor=None, expected_shape=tensor.shape)
             continue
-        fisher_shape = fisher_file.header(stored).shape
-        if model_shape is not None and fisher_shape != model_shape:
+        if tensor.shape is not None and fisher_shape != tensor.shape:
             raise FisherInputError(
-                f"Fisher shape {fisher_shape} does not match the model tensor {present} {model_shape}",
+                f"Fisher shape {fisher_shape} does not match the model tensor {tensor.name} {tensor.shape}",
                 model=str(model), file=fisher_file.path, tensor=stored,
                 fix="this Fisher was computed for another model (see its fisher_config.json `model`); "
                 "recompute it for this model with `mergekit-fisher compute`",
             )
-        inputs[model] = FisherInput(path=fisher_file.path, tensor=stored, expected_shape=model_shape)
+        inputs[model] = FisherInput(
+            path=fisher_file.path, tensor=stored, expected_shape=tensor.shape, model_type=tensor.model_type
+        )
     truncate_rows = min(model_rows) if truncate and model_rows else None
     return inputs, truncate_rows

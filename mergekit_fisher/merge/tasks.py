@@ -31,6 +31,7 @@ from mergekit_fisher.merge.methods import is_fisher_method
 from mergekit_fisher.merge.parameters import FISHER
 from mergekit_fisher.merge.recipe import check_weights
 from mergekit_fisher.merge.resolution import FisherInput, resolve_fisher_inputs
+from mergekit_fisher.naming import convert_stored
 
 
 class LoadFisherTensors(Task[Dict[ModelReference, torch.Tensor]]):
@@ -65,7 +66,7 @@ class LoadFisherTensors(Task[Dict[ModelReference, torch.Tensor]]):
             # A uniform Fisher at the file's own mean level: after `mean` normalization it is 1.
             raw = torch.tensor(stats.mean, dtype=torch.float32)
         else:
-            raw = fisher_file.get_tensor(spec.tensor)
+            raw = self._read(fisher_file, spec)
             if spec.expected_shape is not None and tuple(raw.shape) != spec.expected_shape:
                 raise FisherInputError(
                     f"Fisher shape {tuple(raw.shape)} does not match the model tensor "
@@ -84,6 +85,14 @@ class LoadFisherTensors(Task[Dict[ModelReference, torch.Tensor]]):
             global_l2=stats.l2 if stats else None,
             floor=self.floor,
         )
+
+    @staticmethod
+    def _read(fisher_file, spec: FisherInput) -> torch.Tensor:
+        if spec.model_type is None:
+            return fisher_file.get_tensor(spec.tensor)
+        # built from stored tensors by the checkpoint conversion, as LoadTensor builds the weight
+        sources = {name: (lambda name=name: fisher_file.get_tensor(name)) for name in fisher_file.names()}
+        return convert_stored(spec.model_type, sources, [spec.tensor])[1]
 
     def _needs_stats(self, spec: FisherInput) -> bool:
         # `tensor` normalization floors relative to the tensor's own mean; every other mode

@@ -147,7 +147,7 @@ def tied_aliases(model: str, stored: Iterable[str]) -> Dict[str, str]:
         from mergekit.architecture import arch_info_for_config
         from transformers import AutoConfig
 
-        from mergekit_fisher.merge.resolution import load_candidates
+        from mergekit_fisher.naming import load_candidates
 
         config = AutoConfig.from_pretrained(path)
         arch = arch_info_for_config(config)
