@@ -1,8 +1,10 @@
 """Other module types on the fast path: GPT-2 (HF Conv1D, LayerNorm with bias, learned position embeddings
-whose output starts the graph, tied wte/lm_head) equals brute force; `--device-map auto` changes nothing."""
+whose output starts the graph, tied wte/lm_head) equals brute force; `--device-map` (GPUs only) gives the
+single-device result."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 import tiny
@@ -45,11 +47,78 @@ def test_gpt2_equals_brute_force(tokenizer_dir, tmp_path):
     assert_fisher_close(got, {name: reference[name] for name in stored})
 
 
-def test_device_map_auto_changes_nothing(tokenizer_dir, tmp_path):
+def _device_map_world(tmp_path, tokenizer_dir, layers: int = 2):
     model_dir = str(tmp_path / "m")
-    tiny.make_llama(model_dir, seed=3, tokenizer_dir=tokenizer_dir)
+    tiny.make_llama(model_dir, seed=3, layers=layers, tokenizer_dir=tokenizer_dir)
     data = tiny.write_jsonl(str(tmp_path / "d.jsonl"), ROWS)
-    plain = compute(model_dir, str(tmp_path / "a"), data, fisher_type="empirical", batch_size=2)
-    mapped = compute(model_dir, str(tmp_path / "b"), data, fisher_type="empirical", batch_size=2, device_map="auto")
+    return model_dir, data
+
+
+def _brute_force(model_dir, tokenizer_dir):
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    reference = tiny.brute_force_fisher(LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float64),
+                                        lm_reference_examples(AutoTokenizer.from_pretrained(tokenizer_dir), ROWS))
+    return {name: reference[name] for name in tiny.state_dict_from_dir(model_dir)}
+
+
+FLOAT64 = dict(fisher_type="empirical", batch_size=2, dtype="float64", accumulator_dtype="float64")
+
+# On a CPU-only machine `--device-map auto` loads the whole model on the CPU with no accelerate hooks:
+# the same code as a plain run, so there is nothing to compare there. These need GPUs.
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="--device-map auto only places the model on GPUs")
+def test_device_map_auto_on_a_gpu_equals_brute_force_and_the_plain_run(tokenizer_dir, tmp_path):
+    model_dir, data = _device_map_world(tmp_path, tokenizer_dir)
+    mapped = compute(model_dir, str(tmp_path / "mapped"), data, device_map="auto", **FLOAT64)
+    plain = compute(model_dir, str(tmp_path / "plain"), data, **FLOAT64)  # moved to the accelerator's GPU
+    assert_fisher_close(mapped, _brute_force(model_dir, tokenizer_dir))
     for name in plain:
-        torch.testing.assert_close(mapped[name], plain[name], rtol=1e-6, atol=0)
+        torch.testing.assert_close(mapped[name], plain[name], rtol=1e-10, atol=0, msg=name)
+
+
+def _split_over_two_gpus(model_dir):
+    """Layer-wise map: embeddings and the first half of the layers on cuda:0, the rest and lm_head on cuda:1."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir))
+    layers = len(model.model.layers)
+    device_map = {}
+    for name, _child in model.model.named_children():
+        if name == "layers":
+            device_map.update({f"model.layers.{i}": 0 if i < layers // 2 else 1 for i in range(layers)})
+        else:
+            device_map[f"model.{name}"] = 1 if name == "norm" else 0
+    device_map["lm_head"] = 1
+    return device_map
+
+
+def _auto_spreads_over_gpus(model_dir) -> bool:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, device_map="auto", dtype=torch.float64)
+    devices = {p.device for p in model.parameters()}
+    del model
+    return len(devices) > 1
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="splitting one model over devices needs 2 CUDA GPUs")
+@pytest.mark.parametrize("how", ["auto", "explicit"])
+def test_device_map_over_two_gpus_equals_the_single_device_run(tokenizer_dir, tmp_path, how):
+    """The model's layers on different GPUs (accelerate hooks move activations between them; the
+    per-example gradient terms of a layer meet its accumulator on its own device): same Fisher as the
+    plain single-device run, and as brute force."""
+    model_dir, data = _device_map_world(tmp_path, tokenizer_dir, layers=4)
+    if how == "auto":
+        if not _auto_spreads_over_gpus(model_dir):
+            pytest.skip("device_map='auto' put this tiny model on a single GPU; the explicit map covers the split")
+        device_map = "auto"
+    else:
+        device_map = _split_over_two_gpus(model_dir)
+    mapped = compute(model_dir, str(tmp_path / "mapped"), data, device_map=device_map, **FLOAT64)
+    plain = compute(model_dir, str(tmp_path / "plain"), data, **FLOAT64)
+    assert_fisher_close(mapped, _brute_force(model_dir, tokenizer_dir))
+    for name in plain:
+        torch.testing.assert_close(mapped[name], plain[name], rtol=1e-10, atol=0, msg=name)

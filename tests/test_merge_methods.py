@@ -3,6 +3,8 @@ and mergekit's own methods (linear, ties, dare_ties, ...) where the two must coi
 
 from __future__ import annotations
 
+import os
+import shutil
 
 import pytest
 import torch
@@ -168,10 +170,57 @@ def test_base_listed_as_input_of_fisher_needs_and_uses_its_fisher(world, tmp_pat
     assert_state_close(merged, expected)
 
 
-def test_lazy_unpickle_and_explicit_cpu_device(world, tmp_path):
-    weights = [1.0, 1.0, 1.0]
-    expected = brute_force_fisher(world, world.models, weights, "mean", 1e-6)
-    merged = run_recipe(world.recipe("fisher"), str(tmp_path / "a"), lazy_unpickle=True, cuda=False, device="cpu")
-    assert_state_close(merged, expected)
-    merged = run_recipe(world.recipe("fisher"), str(tmp_path / "b"), low_cpu_memory=True, out_shard_size=20_000)
-    assert_state_close(merged, expected)
+def _pickled_copies(world: World, root) -> list:
+    """The fine-tunes re-saved as pickled `pytorch_model.bin` checkpoints, no safetensors (fresh paths:
+    mergekit caches a loader per model path for the whole process)."""
+    copies = []
+    for model in world.models:
+        target = os.path.join(str(root), os.path.basename(model))
+        shutil.copytree(model, target, ignore=shutil.ignore_patterns("*.safetensors"))
+        torch.save(world.states[model], os.path.join(target, "pytorch_model.bin"))
+        copies.append(target)
+    return copies
+
+
+@pytest.mark.parametrize("lazy", [True, False])
+def test_pickled_checkpoints_with_and_without_lazy_unpickle(world, tmp_path, monkeypatch, lazy):
+    """`lazy_unpickle` reaches mergekit's loader (its lazy pickle loader serves every model tensor, the
+    plain torch.load one none, and the other way round without it), and the Fisher merge of pickled
+    checkpoints equals the float64 brute force of the safetensors originals."""
+    from mergekit.io import loader
+
+    served = {"LazyPickleLoader": 0, "DumbPytorchLoader": 0}
+    for name in served:
+        cls = getattr(loader, name)
+
+        def counting(self, key, _original=cls.get_tensor, _name=name):
+            served[_name] += 1
+            return _original(self, key)
+
+        monkeypatch.setattr(cls, "get_tensor", counting)
+    copies = _pickled_copies(world, tmp_path / "bin")
+    merged = run_recipe(world.recipe("fisher", models=copies), str(tmp_path / "out"), lazy_unpickle=lazy)
+    used, unused = ("LazyPickleLoader", "DumbPytorchLoader")[:: 1 if lazy else -1]
+    assert served[used] >= len(copies) * len(world.states[world.models[0]]) and served[unused] == 0, served
+    assert_state_close(merged, brute_force_fisher(world, world.models, [1.0, 1.0, 1.0], "mean", 1e-6))
+
+
+def test_sharded_output_equals_brute_force(world, tmp_path):
+    """A small `out_shard_size` splits the merged model over several safetensors shards plus an index."""
+    out = tmp_path / "out"
+    merged = run_recipe(world.recipe("fisher"), str(out), out_shard_size=20_000)
+    shards = sorted(p.name for p in out.glob("*.safetensors"))
+    assert len(shards) > 1, shards
+    assert (out / "model.safetensors.index.json").exists()
+    assert_state_close(merged, brute_force_fisher(world, world.models, [1.0, 1.0, 1.0], "mean", 1e-6))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="merging on the math device --cuda needs a CUDA GPU")
+@pytest.mark.parametrize("options", [{"cuda": True}, {"cuda": True, "low_cpu_memory": True, "read_to_gpu": True}],
+                         ids=["cuda", "cuda-low-cpu-memory-read-to-gpu"])
+def test_cuda_math_device_equals_brute_force(world, tmp_path, options):
+    """With --cuda mergekit's executor moves model and Fisher tensors to the GPU: same merge."""
+    torch.cuda.reset_peak_memory_stats()
+    merged = run_recipe(world.recipe("fisher"), str(tmp_path / "out"), **options)
+    assert torch.cuda.max_memory_allocated() > 0  # the merge did run on the GPU
+    assert_state_close(merged, brute_force_fisher(world, world.models, [1.0, 1.0, 1.0], "mean", 1e-6))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import glob
-import inspect
 import os
 import subprocess
 import sys
@@ -77,34 +76,80 @@ def test_hook_can_be_turned_off():
     assert "Unimplemented merge method fisher" in result.stderr
 
 
-def test_planner_internals_we_rely_on_are_still_there():
-    """Fails loudly if a mergekit release changes what the planner hook depends on."""
+def _merge_spying_on_the_planner(recipe: dict, out: str, monkeypatch):
+    """Run mergekit's own `run_merge` with two spies: on the task constructor its planner calls for each
+    output tensor (`mergekit.plan.ExecuteMergeMethodTask`, our hook once registered) and on
+    `MergePlanner._plan` (which `explain` calls to plan without executing). Returns (calls, planned):
+    [(constructor kwargs, task built)] and the planner's `_tensors` after `_plan()`."""
     from mergekit import plan
-    from mergekit.io.tasks import GatherTensors
-    from mergekit.merge_methods.task_adapter import ExecuteMergeMethodTask
-    from mergekit.tokenizer import PermutedVocabulary
-    from mergekit.tokenizer.truncate import TruncatedVocabulary
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import run_merge
+    from mergekit.options import MergeOptions
 
     from mergekit_fisher.merge.registry import ensure_registered
 
     ensure_registered()
-    source = inspect.getsource(plan.MergePlanner.plan_tensor)
-    assert "ExecuteMergeMethodTask(" in source
-    for keyword in ("method_name=", "gather_tensors=", "model_order=", "parameters=", "input_parameters=",
-                    "base_model=", "output_weight="):
-        assert keyword in source, keyword
-    assert {"gather_tensors", "model_order", "base_model", "output_weight", "parameters", "input_parameters"} <= set(
-        ExecuteMergeMethodTask.model_fields
+    calls, planned = [], []
+    constructor, plan_method = plan.ExecuteMergeMethodTask, plan.MergePlanner._plan
+
+    def spy_constructor(**kwargs):
+        task = constructor(**kwargs)
+        calls.append((kwargs, task))
+        return task
+
+    def spy_plan(self, *args, **kwargs):
+        result = plan_method(self, *args, **kwargs)
+        planned.extend(self._tensors)
+        return result
+
+    with monkeypatch.context() as patch:
+        patch.setattr(plan, "ExecuteMergeMethodTask", spy_constructor)
+        patch.setattr(plan.MergePlanner, "_plan", spy_plan)
+        run_merge(MergeConfiguration.model_validate(recipe), out, MergeOptions(quiet=True, write_model_card=False))
+    return calls, planned
+
+
+def test_planner_builds_each_merge_task_through_the_hook_with_what_it_needs(world, tmp_path, monkeypatch):
+    """What the planner hook relies on in mergekit, observed in a real merge: the planner builds one merge
+    task per output tensor through `mergekit.plan.ExecuteMergeMethodTask` (which the hook replaces), by
+    keyword, with the method, each input's tensor (`gather_tensors.weight_info`), the model order, the
+    base, the shared and per-input parameters and the output weight; Fisher methods get a task with one
+    more graph dependency than mergekit's own, other methods mergekit's own task; and `_plan()` leaves
+    (WeightInfo, task) pairs in `_tensors` -- the very tasks built -- for `explain`."""
+    from mergekit.merge_methods.task_adapter import ExecuteMergeMethodTask
+
+    import tiny
+
+    names = set(tiny.state_dict_from_dir(world.base))
+    weights = dict(zip(world.models, [0.3, 0.7]))
+    recipe = world.recipe("fisher_ties", weights=list(weights.values()), base=world.base,
+                          shared={"density": 0.5, "fisher_normalize": "l2"})
+    calls, planned = _merge_spying_on_the_planner(recipe, str(tmp_path / "fisher"), monkeypatch)
+    assert glob.glob(str(tmp_path / "fisher" / "*.safetensors"))  # the merge ran to the end
+    assert sorted(kwargs["output_weight"].name for kwargs, _task in calls) == sorted(names)
+    everyone = {world.base, *world.models}
+    for kwargs, task in calls:
+        name = kwargs["output_weight"].name
+        assert kwargs["method_name"] == "fisher_ties"
+        assert str(kwargs["base_model"].model.path) == world.base
+        assert {str(m.model.path) for m in kwargs["model_order"]} == everyone
+        gathered = {str(m.model.path): info.name for m, info in kwargs["gather_tensors"].weight_info.items()}
+        assert gathered == {path: name for path in everyone}
+        assert kwargs["parameters"]["fisher_normalize"] == "l2"
+        per_input = {str(m.model.path): dict(p) for m, p in kwargs["input_parameters"].items()}
+        for model, fisher in zip(world.models, world.fishers):
+            assert per_input[model]["weight"] == weights[model] and per_input[model]["fisher"] == fisher
+        assert isinstance(task, ExecuteMergeMethodTask) and type(task) is not ExecuteMergeMethodTask
+    assert sorted((info.name, id(task)) for info, task in planned) == sorted(
+        (kwargs["output_weight"].name, id(task)) for kwargs, task in calls
     )
-    assert "weight_info" in GatherTensors.model_fields
-    assert {"gather_tensors", "tokenizer_task", "tokens", "pad_to_multiple_of", "vocabulary_axis"} <= set(
-        PermutedVocabulary.model_fields
-    )
-    assert "gather_tensors" in TruncatedVocabulary.model_fields
-    assert plan.ExecuteMergeMethodTask.__name__ == "fisher_aware_merge_task"
-    # explain plans without executing: MergePlanner._plan() fills _tensors with (WeightInfo, task)
-    assert "self._tensors.append((weight, tensor_task))" in inspect.getsource(plan.MergePlanner)
-    assert callable(plan.MergePlanner._plan)
+
+    plain, _ = _merge_spying_on_the_planner(world.recipe("ties", weights=list(weights.values()), base=world.base,
+                                                         fishers=False, shared={"density": 0.5}),
+                                            str(tmp_path / "ties"), monkeypatch)
+    assert len(plain) == len(names) and all(type(task) is ExecuteMergeMethodTask for _kwargs, task in plain)
+    mergekit_dependencies = set(plain[0][1].arguments())
+    assert all(set(task.arguments()) > mergekit_dependencies for _kwargs, task in calls)
 
 
 def test_kernel_without_a_fisher_tensor_fails_loudly():

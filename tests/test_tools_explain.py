@@ -98,29 +98,50 @@ def test_plot_is_a_valid_png(world, crafted, tmp_path):
         assert image.format == "PNG" and image.size[0] > 100 and image.size[1] > 100
 
 
-@pytest.mark.parametrize("case", ["missing_file", "unknown_normalize", "missing_tensor", "no_fisher"])
+@pytest.mark.parametrize("case", ["missing_file", "unknown_normalize", "missing_tensor", "no_fisher", "nan_value"])
 def test_explain_fails_like_the_merge(world, tmp_path, case):
+    """The same bad recipe through the stock `mergekit-yaml` command (the real merge) and through
+    `explain`: both fail, write no model, and their one `Error:` line names the problem this test planted
+    (the model, file, tensor or parameter), not the good model or its file -- the same line for both."""
     fishers = list(world.fishers)
     shared = {}
+    bad_model = world.models[1]
     if case == "missing_file":
         fishers[1] = str(tmp_path / "nowhere")
+        needles = ["does not exist", f"model {bad_model}", f"Fisher file {fishers[1]}"]
     elif case == "unknown_normalize":
         shared["fisher_normalize"] = "max"
+        needles = ["fisher_normalize", "'max'"]
     elif case == "missing_tensor":
-        values = dict(world.fisher_values[world.models[1]])
+        values = dict(world.fisher_values[bad_model])
         values.pop(Q0)
         fishers[1] = str(tmp_path / "holey")
         write_fisher(values, fishers[1])
+        needles = ["missing", f"model {bad_model}", f"Fisher file {fishers[1]}", f"tensor {Q0}"]
+    elif case == "nan_value":
+        values = {k: v.clone() for k, v in world.fisher_values[bad_model].items()}
+        values[Q0][1, 2] = float("nan")
+        fishers[1] = str(tmp_path / "nan")
+        write_fisher(values, fishers[1])
+        needles = ["non-finite", f"model {bad_model}", f"Fisher file {fishers[1]}", f"tensor {Q0}"]
     else:
         fishers[1] = None
+        needles = ["no Fisher file", f"model {bad_model}", "fisher:"]
     recipe = world.recipe("fisher", fishers=fishers, shared=shared)
-    merge_result, shards = run_stock_cli(recipe, tmp_path)
+    merge_result, shards = run_stock_cli(recipe, tmp_path)  # mergekit's own `mergekit-yaml` command
     explain_result = CliRunner().invoke(cli, ["explain", str(tmp_path / "recipe.yml")])
-    assert merge_result.exit_code != 0 and explain_result.exit_code != 0
+    assert merge_result.exit_code == 2, merge_result.output
+    assert explain_result.exit_code != 0, explain_result.output
     assert not shards
-    merge_error = [line for line in merge_result.output.splitlines() if line.startswith("Error:")]
-    explain_error = [line for line in explain_result.output.splitlines() if line.startswith("Error:")]
-    assert merge_error and merge_error == explain_error
+    errors = {}
+    for label, result in (("merge", merge_result), ("explain", explain_result)):
+        lines = [line for line in result.output.splitlines() if line.startswith("Error:")]
+        assert len(lines) == 1, (label, result.output)
+        errors[label] = lines[0]
+        for needle in needles:
+            assert needle in lines[0], (label, needle, lines[0])
+        assert f"model {world.models[0]}" not in lines[0] and world.fishers[0] not in lines[0], (label, lines[0])
+    assert errors["merge"] == errors["explain"]
 
 
 def test_uniform_fisher_counts_every_element(world, tmp_path):
