@@ -13,7 +13,8 @@ own entry points and for Python users:
   `mergekit.plan` has finished importing and imports `tasks`, whose mergekit dependencies
   `mergekit.plan` has loaded by then.
 * `patch_merge_entry()` checks Fisher recipes before `run_merge` loads any model
-  (`preflight.check_recipe`), once `mergekit.merge` has finished importing.
+  (`preflight.check_recipe`) and adds a Fisher section to the merged model's card
+  (`card.with_fisher_section`), once `mergekit.merge` has finished importing.
 
 mergekit 0.1.5 has no plugin API for extra per-input graph dependencies of a merge method; a
 `MergeMethod` hook such as `extra_arguments(weight_infos, parameters) -> Dict[str, Task]`, called by
@@ -90,17 +91,22 @@ def patch_planner(module_name: str = "mergekit.plan") -> None:
 
 
 def patch_merge_entry() -> None:
-    """Put `preflight.check_recipe` in front of `run_merge`'s first step, `get_architecture_info`.
+    """Two wrappers in `mergekit.merge`, both for Fisher methods only.
 
-    Recipe mistakes (missing model path, no base for a delta method, LoRA without a merge cache)
-    then fail before mergekit loads any model, in one `Error:` line.
+    `preflight.check_recipe` in front of `run_merge`'s first step, `get_architecture_info`: recipe
+    mistakes (missing model path, no base for a delta method, LoRA without a merge cache) fail
+    before mergekit loads any model, in one `Error:` line. `card.with_fisher_section` around
+    `generate_card`: the merged model's card cites the Fisher paper and lists the Fisher files.
     """
+    from mergekit_fisher.merge.card import with_fisher_section
     from mergekit_fisher.merge.preflight import checked_architecture_info
 
     module = importlib.import_module("mergekit.merge")
     current = module.get_architecture_info
     if not getattr(current, "checks_fisher_recipes", False):
         module.get_architecture_info = checked_architecture_info(current)
+    if not getattr(module.generate_card, "adds_fisher_section", False):
+        module.generate_card = with_fisher_section(module.generate_card)
 
 
 def register() -> None:

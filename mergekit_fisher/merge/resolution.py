@@ -25,6 +25,7 @@ from safetensors import safe_open
 
 from mergekit_fisher.errors import FisherInputError, warn_once
 from mergekit_fisher.fisher_file import FisherFile, open_fisher
+from mergekit_fisher.hub import resolve_fisher_path
 from mergekit_fisher.merge.parameters import (
     FISHER,
     PROVENANCE,
@@ -68,7 +69,7 @@ def open_for_model(path: Any, model: ModelReference, method_name: str) -> Fisher
             "(compute one with `mergekit-fisher compute`)",
         )
     try:
-        return open_fisher(path)
+        return open_fisher(resolve_fisher_path(path))
     except FisherInputError as error:
         if error.model is None:
             raise FisherInputError(
