@@ -13,7 +13,7 @@ import yaml
 from merge_world import World, write_recipe
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RECIPES = sorted(glob.glob(os.path.join(ROOT, "recipes", "*.yml")))
+RECIPES = sorted(glob.glob(os.path.join(ROOT, "mergekit_fisher", "recipes", "*.yml")))
 BIN = os.path.dirname(sys.executable)
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 
