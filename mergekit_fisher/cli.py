@@ -31,6 +31,7 @@ COMMANDS = {
     "explain": ("mergekit_fisher.tools.explain:explain_command", "Dry-run a recipe: validate it and show each model's Fisher share."),
     "combine": ("mergekit_fisher.tools.combine:combine_command", "Combine Fisher files computed on different data shards."),
     "convert": ("mergekit_fisher.tools.convert:convert_command", "Convert Fisher/importance data from other tools to format v1."),
+    "push": ("mergekit_fisher.tools.push:push_command", "Upload a Fisher (checked, with its model card) to the Hugging Face Hub."),
     "recipes": ("mergekit_fisher.tools.recipes:recipes_command", "List, print or write out the example recipes that ship with the package."),
     "eval": ("mergekit_fisher.demo.evaluate:eval_command", "Held-out loss / perplexity of models on text data."),
     "demo": ("mergekit_fisher.demo.cli:demo_command", "Build, compute Fisher, merge, evaluate and plot, end to end."),

@@ -1,0 +1,110 @@
+"""The Fisher model card: `README.md` beside a Fisher directory, so a published Fisher says what it is.
+
+YAML front matter for the Hub (`library_name`, `base_model` / `datasets` where they are Hub ids,
+`tags`), then what the Fisher is, how it was computed, a recipe that uses it, and how to cite the
+method. Rendered from the file's own `fisher_config.json`: the card cannot disagree with the file.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Optional
+
+import yaml
+
+from mergekit_fisher.fisher_file.config import FisherConfig
+
+CARD_NAME = "README.md"
+TAGS = ["fisher-information", "mergekit", "mergekit-fisher", "model-merging"]
+CITATION = """@inproceedings{matena2022merging,
+  title     = {Merging Models with Fisher-Weighted Averaging},
+  author    = {Matena, Michael and Raffel, Colin},
+  booktitle = {Advances in Neural Information Processing Systems},
+  year      = {2022},
+  url       = {https://arxiv.org/abs/2111.09832}
+}"""
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def _hub_id(value: Optional[str]) -> Optional[str]:
+    return value if value and _HUB_ID.match(value) else None
+
+
+def recipe_snippet(config: FisherConfig, fisher_ref: str) -> str:
+    model = config.model or "/path/to/this/model"
+    if config.adapter:
+        model = f"{model}+{config.adapter}"
+    return yaml.safe_dump(
+        {
+            "merge_method": "fisher",
+            "dtype": "bfloat16",
+            "models": [
+                {"model": model, "parameters": {"weight": 1.0, "fisher": fisher_ref}},
+                {
+                    "model": "/path/to/another/fine-tune",
+                    "parameters": {"weight": 1.0, "fisher": "/path/to/its/fisher"},
+                },
+            ],
+        },
+        sort_keys=False,
+    )
+
+
+def render_card(config: FisherConfig, fisher_ref: str) -> str:
+    """The card for a Fisher whose recipe reference is `fisher_ref` (a path or a Hub id)."""
+    meta = {"library_name": "mergekit-fisher", "tags": TAGS}
+    if _hub_id(config.model):
+        meta["base_model"] = config.model
+    if _hub_id(config.dataset):
+        meta["datasets"] = [config.dataset]
+    rows = [
+        ("model", config.model),
+        ("model revision", getattr(config, "model_revision", None)),
+        ("adapter", config.adapter),
+        ("space", config.space),
+        ("Fisher type", config.fisher_type),
+        ("task", config.task),
+        ("examples", config.num_examples),
+        ("tokens", config.num_tokens),
+        ("data", config.dataset),
+        ("data hash", config.dataset_hash),
+        ("max length", getattr(config, "max_length", None)),
+        ("samples per example", config.samples_per_example),
+        ("seed", config.seed),
+        ("stored dtype", config.dtype),
+        ("accumulator dtype", config.accumulator_dtype),
+        ("tool", f"mergekit-fisher {config.tool_version}" if config.tool_version else None),
+        ("created", config.created),
+    ]
+    table = "\n".join(f"| {key} | {value} |" for key, value in rows if value not in (None, ""))
+    return f"""---
+{yaml.safe_dump(meta, sort_keys=False).rstrip()}
+---
+# Fisher information of {config.model or "a model"}
+
+The diagonal Fisher information of `{config.model}`{f" with the adapter `{config.adapter}`" if config.adapter else ""}:
+for every parameter, the mean over the data's examples of the squared gradient of the example's
+log-likelihood. Fisher-weighted merging trusts each model where its Fisher is high (Matena & Raffel,
+2022). Tensors are stored under the checkpoint's own names, in format v1 of
+[mergekit-fisher](https://github.com/mergekit-fisher/mergekit-fisher).
+
+## How it was computed
+
+| | |
+|---|---|
+{table}
+
+## Merge with it
+
+With `pip install mergekit-fisher`, the stock `mergekit-yaml` runs:
+
+```yaml
+{recipe_snippet(config, fisher_ref).rstrip()}
+```
+
+## Citation
+
+```bibtex
+{CITATION}
+```
+"""
