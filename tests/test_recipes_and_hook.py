@@ -162,10 +162,33 @@ def test_kernel_without_a_fisher_tensor_fails_loudly():
 
     register()
     group = TensorGroup.from_tensors([torch.ones(2), torch.zeros(2)], name="x")
+    # a path reaching the kernel: a recipe merge that bypassed the planner hook
     with pytest.raises(FisherInputError, match="got no Fisher tensor for input 0 of x"):
-        merge_methods.get("fisher")((group,))
-    with pytest.raises(FisherInputError, match="got no Fisher tensor"):
         merge_methods.get("fisher")((group,), parameters={"fisher": "/some/path"})
+    # some inputs with a Fisher, one without
+    with pytest.raises(FisherInputError, match="got no Fisher tensor for input 1 of x"):
+        merge_methods.get("fisher")((group,), parameters={"fisher": {0: torch.ones(2), 1: None}})
+
+
+def test_direct_call_without_any_fisher_is_the_namesake_method(caplog):
+    """mergekit's state-dict API runs every registered method with its generic parameters only."""
+    import torch
+    from mergekit.merge_methods import merge_state_dicts
+
+    from mergekit_fisher.merge.registry import register
+
+    register()
+    generator = torch.Generator().manual_seed(0)
+    models = [{"w": torch.randn(4, 6, generator=generator)} for _ in range(3)]
+    for ours, theirs, base in (("fisher", "linear", None), ("fisher_ties", "ties", 0)):
+        kwargs = {"base": base, "parameters": {"weight": [0.2, 0.3, 0.5][: 3 if base is None else 2]}}
+        if base is not None:
+            kwargs["parameters"]["density"] = 0.7
+        with caplog.at_level("WARNING"):
+            got = merge_state_dicts(models, ours, **kwargs)["w"]
+        expected = merge_state_dicts(models, theirs, **kwargs)["w"]
+        torch.testing.assert_close(got, expected)
+    assert "uniform Fisher" in caplog.text
 
 
 def test_fisher_tensors_reach_the_kernel_as_its_fisher_parameter():

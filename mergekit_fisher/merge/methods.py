@@ -11,6 +11,7 @@ mergekit's registered X), plus the Fisher parameters. The base needs no Fisher.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from functools import cached_property
 from typing import Any, List, Mapping, Sequence
 
@@ -29,10 +30,11 @@ from mergekit.merge_methods import registry as mergekit_registry
 from mergekit.merge_methods.generalized_task_arithmetic import GeneralizedTaskArithmeticMerge
 from mergekit.sparsify import RescaleNorm, sparsify
 
-from mergekit_fisher.errors import FisherInputError
+from mergekit_fisher.errors import FisherInputError, warn_once
 from mergekit_fisher.math import fisher_task_arithmetic, fisher_weighted_average, working_dtype
 from mergekit_fisher.merge.parameters import FISHER, fisher_parameter_specs
 
+LOG = logging.getLogger(__name__)
 PAPER_URL = "https://arxiv.org/abs/2111.09832"
 DEFAULT_WEIGHT = 1.0
 
@@ -40,21 +42,32 @@ DEFAULT_WEIGHT = 1.0
 def bound_fishers(
     method_name: str, group: TensorGroup, entries: Sequence[TensorEntry], fishers: Mapping
 ) -> List[torch.Tensor]:
-    """Each entry's Fisher weights, as the merge graph bound them to the `fisher` parameter.
+    """Each entry's Fisher weights, as bound to the per-input `fisher` parameter.
 
-    The graph (`tasks.FisherMergeTask`) binds a normalized, floored tensor per input; a path here
-    means the planner hook did not run (e.g. the method was called through mergekit's state-dict
-    API, which has no Fisher files to read).
+    A merge from a recipe binds a normalized, floored tensor per input (`tasks.FisherMergeTask`).
+    A direct call (`merge_tensors` / `merge_state_dicts`) may pass tensors itself; one that passes no
+    Fisher at all gets a uniform Fisher -- exactly the namesake method (`fisher` = `linear`), with
+    a warning -- so every registered method works through mergekit's state-dict API. A path here
+    means a recipe merge bypassed our planner hook: refused, never merged without its Fisher.
     """
+    values = [fishers[entry.id] for entry in entries]
+    if all(value is None for value in values):
+        warn_once(
+            LOG,
+            ("uniform", method_name),
+            "%s: no `fisher` tensors were given, so every input gets a uniform Fisher (the result is "
+            "the plain namesake method); pass each input's Fisher as its `fisher` parameter",
+            method_name,
+        )
+        return [torch.ones((), dtype=torch.float32) for _entry in entries]
     result = []
-    for entry in entries:
-        fisher = fishers[entry.id]
+    for entry, fisher in zip(entries, values):
         if not isinstance(fisher, torch.Tensor):
             raise FisherInputError(
                 f"{method_name} got no Fisher tensor for input {entry.id} of "
                 f"{group.metadata.name} (its `fisher` is {fisher!r})",
                 fix="run Fisher merges from a recipe (mergekit-yaml, mergekit-fisher merge or "
-                "mergekit's run_merge), which loads each input's Fisher file; or pass each "
+                "mergekit's run_merge), which loads each input's Fisher file; or pass every "
                 "input's normalized Fisher tensor as its `fisher` parameter",
             )
         # A shape mismatch must never be papered over by broadcasting.
