@@ -104,17 +104,25 @@ def collect_masses(planned) -> tuple:
     groups: Dict[tuple, GroupMass] = defaultdict(GroupMass)
     labels: List[str] = []
     method = None
+    tokenizers: Dict[object, object] = {}  # one tokenizer merge per recipe, built once
     for weight_info, task in planned:
         if not isinstance(task, FisherMergeTask):
             continue
         method = task.method_name
         source = task.fisher_tensors
+        permutation = None
         if isinstance(source, PermuteFisherVocabulary):
-            source = source.fisher_task
+            permutation, source = source, source.fisher_task
         fishers = source.execute()
         if not fishers:
             continue
+        if permutation is not None:
+            # the merge's own vocabulary permutation: every model's rows line up with the output's
+            if permutation.tokenizer_task not in tokenizers:
+                tokenizers[permutation.tokenizer_task] = permutation.tokenizer_task.execute()
+            fishers = permutation.execute(tokenizer_info=tokenizers[permutation.tokenizer_task], fishers=fishers)
         floor_levels = source.floor_levels()
+        full_shape = next((tuple(f.shape) for f in fishers.values() if f.ndim), None)
         layer, module = layer_and_module(weight_info.name)
         group = groups[(module, layer)]
         numel = None
@@ -124,7 +132,7 @@ def collect_masses(planned) -> tuple:
             if model not in labels:
                 labels.append(model)
             weight = float(task.input_parameters[model].get("weight", 1.0))
-            shape = source.inputs[model].expected_shape
+            shape = full_shape or source.inputs[model].expected_shape
             count = fisher.numel() if fisher.ndim else (int(torch.tensor(shape).prod()) if shape else 1)
             numel = count if numel is None else numel
             total = float(fisher.double().sum()) if fisher.ndim else float(fisher) * count
