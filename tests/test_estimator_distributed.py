@@ -18,7 +18,6 @@ import tiny
 from estimator_helpers import compute
 from mergekit_fisher.fisher_file import open_fisher
 
-pytestmark = pytest.mark.slow
 ROWS = [{"text": t} for t in tiny.CORPUS] + [{"prompt": "odd one", "completion": " out"}]
 TESTS = os.path.dirname(os.path.abspath(__file__))
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "ACCELERATE_USE_CPU": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
@@ -62,7 +61,11 @@ LAUNCHERS = {
 }
 
 
-@pytest.mark.parametrize("launcher", sorted(LAUNCHERS))
+# plain torchrun in the default suite (one 2-process run, seconds); the rest are marked slow
+@pytest.mark.parametrize(
+    "launcher",
+    [pytest.param(name, marks=pytest.mark.slow) if name != "torchrun" else name for name in sorted(LAUNCHERS)],
+)
 def test_two_launched_processes_equal_one(world, tmp_path, launcher):
     one = compute(world["model"], str(tmp_path / "one"), world["data"], **COMMON)
     two_dir = str(tmp_path / "two")
@@ -79,6 +82,7 @@ def test_two_launched_processes_equal_one(world, tmp_path, launcher):
         torch.testing.assert_close(two.get_tensor(name), one[name], rtol=1e-6, atol=0)
 
 
+@pytest.mark.slow
 def test_interrupted_two_process_run_resumes_with_one(world, tmp_path):
     from mergekit_fisher.estimator.runner import ComputeOptions, run_compute
 
@@ -124,6 +128,7 @@ def launch_oom(options_json: str) -> None:
     debug_launcher(_oom_on_rank_one_worker, args=(json.loads(options_json),), num_processes=2)
 
 
+@pytest.mark.slow
 def test_out_of_memory_on_one_process_stops_every_process(world, tmp_path):
     """No process may wait forever in a collective for one that already failed."""
     out = str(tmp_path / "oom")
