@@ -114,3 +114,22 @@ def test_push_refuses_a_fisher_that_fails_inspect_check(world, tmp_path, monkeyp
     assert result.exit_code == 2 and result.output.count("Error:") == 1
     assert "inspect" in result.output and "nothing was uploaded" in result.output
     assert hub.calls == []
+
+
+def test_compute_push_to_hub_uploads_the_new_fisher(tmp_path, tokenizer_dir, monkeypatch):
+    import tiny
+    from mergekit_fisher.cli import main
+
+    hub = FakeHub().install(monkeypatch)
+    model = str(tmp_path / "lm")
+    tiny.make_llama(model, seed=2, tokenizer_dir=tokenizer_dir)
+    data = tiny.write_jsonl(str(tmp_path / "d.jsonl"), [{"text": t} for t in tiny.CORPUS[:3]])
+    out = str(tmp_path / "fisher")
+    result = CliRunner().invoke(main, ["compute", model, out, "--data", data, "--fisher-type", "empirical",
+                                       "--no-progress", "--push-to-hub", "my-org/lm-fisher"])
+    assert result.exit_code == 0, result.output
+    _n, args, kwargs = hub.calls[-1]
+    assert args == ("my-org/lm-fisher",)
+    uploaded = {op.path_in_repo for op in kwargs["operations"]}
+    assert uploaded == set(os.listdir(out)) | {"README.md"}
+    assert "fisher_config.json" in uploaded

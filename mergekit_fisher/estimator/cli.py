@@ -50,9 +50,11 @@ POSITIVE = click.IntRange(min=1)
 @click.option("--overwrite", is_flag=True, help="replace an existing OUT_DIR")
 @click.option("--trust-remote-code", is_flag=True, help="allow custom model code from the model repo (off by default)")
 @click.option("--no-progress", is_flag=True, help="no progress bar (-q hides it too)")
+@click.option("--push-to-hub", "push_to_hub", default=None, metavar="REPO_ID",
+              help="at the end, upload OUT_DIR with its card to this Hub repository (as `mergekit-fisher push`)")
 def compute(model, out_dir, data, task, fisher_type, samples, num_examples, max_length, batch_size, seed, shuffle,
             lora, params, space, accumulator_dtype, dtype, device_map, checkpoint_every, max_shard_size, overwrite,
-            trust_remote_code, no_progress):
+            trust_remote_code, no_progress, push_to_hub):
     """Estimate the diagonal Fisher of MODEL (or MODEL + --lora ADAPTER) and write it to OUT_DIR (format v1).
 
     F = mean over examples of (d log p(example) / d theta)^2, with log p the example's summed
@@ -78,3 +80,7 @@ def compute(model, out_dir, data, task, fisher_type, samples, num_examples, max_
             "wrote %s: %s examples, %s tokens, %s Fisher, mean %.3e", out_dir, config.num_examples,
             config.num_tokens, config.fisher_type, config.sum / max(1, config.num_elements),
         )
+        if push_to_hub:  # the main process only (run_compute returns None on the others)
+            from mergekit_fisher.tools.push import push_fisher
+
+            log.info("uploaded to %s", push_fisher(out_dir, push_to_hub))
