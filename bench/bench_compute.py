@@ -1,14 +1,18 @@
-"""Benchmark `mergekit-fisher compute`'s estimator against a batch-1 autograd loop and a plain training step.
+"""Benchmark `mergekit-fisher compute`'s estimator against a batch-1 autograd loop and a plain
+training step.
 
-Same model, same data, same batch size; examples/s, several repetitions (median), ratios within one run.
+Same model, same data, same batch size; examples/s, several repetitions (median), ratios within
+one run.
 
-    .venv/bin/python bench/bench_compute.py                      # CPU, small Llama (hidden 256, 4 layers)
+    # CPU, small Llama (hidden 256, 4 layers)
+    .venv/bin/python bench/bench_compute.py
     .venv/bin/python bench/bench_compute.py --device cuda --examples 256 --batch-size 16
-    .venv/bin/python bench/bench_compute.py --memory --tie --vocab 32000   # peak memory, each in a fresh process
+    # peak memory, each in a fresh process
+    .venv/bin/python bench/bench_compute.py --memory --tie --vocab 32000
 
 * estimator: `FisherEngine.step` (per-example squared gradients from one backward pass per batch);
-* loop:      the obvious exact method -- per example: forward, autograd.grad of the summed log-likelihood
-             w.r.t. every parameter, square, add;
+* loop:      the obvious exact method -- per example: forward, autograd.grad of the summed
+             log-likelihood w.r.t. every parameter, square, add;
 * train:     one training step (forward + loss.backward() of the batch-summed loss), no optimizer.
 """
 
@@ -29,22 +33,37 @@ def build(args):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.hidden * 8 // 3,
-                         num_hidden_layers=args.layers, num_attention_heads=max(1, args.hidden // 64),
-                         num_key_value_heads=max(1, args.hidden // 128), max_position_embeddings=args.seq_len,
-                         tie_word_embeddings=args.tie, pad_token_id=0)
+    config = LlamaConfig(
+        vocab_size=args.vocab,
+        hidden_size=args.hidden,
+        intermediate_size=args.hidden * 8 // 3,
+        num_hidden_layers=args.layers,
+        num_attention_heads=max(1, args.hidden // 64),
+        num_key_value_heads=max(1, args.hidden // 128),
+        max_position_embeddings=args.seq_len,
+        tie_word_embeddings=args.tie,
+        pad_token_id=0,
+    )
     model = LlamaForCausalLM(config).to(device=args.device, dtype=getattr(torch, args.dtype)).eval()
     generator = torch.Generator().manual_seed(1)
     ids = torch.randint(3, args.vocab, (args.examples, args.seq_len), generator=generator)
-    lengths = torch.randint(args.seq_len // 2, args.seq_len + 1, (args.examples,), generator=generator)
+    lengths = torch.randint(
+        args.seq_len // 2, args.seq_len + 1, (args.examples,), generator=generator
+    )
     return model, ids, lengths
 
 
 def batches(ids, lengths, batch_size):
     from mergekit_fisher.estimator.data import Example, collate
 
-    examples = [Example(i, ids[i, : lengths[i]].tolist(), ids[i, : lengths[i]].tolist()) for i in range(len(ids))]
-    return [collate(examples[s : s + batch_size], 0, "causal-lm") for s in range(0, len(examples), batch_size)]
+    examples = [
+        Example(i, ids[i, : lengths[i]].tolist(), ids[i, : lengths[i]].tolist())
+        for i in range(len(ids))
+    ]
+    return [
+        collate(examples[s : s + batch_size], 0, "causal-lm")
+        for s in range(0, len(examples), batch_size)
+    ]
 
 
 def sync(device):
@@ -118,7 +137,8 @@ def peak_bytes(device):
 
 
 def print_peak(args, model, ids, lengths):
-    """One method, one process: its peak (CPU: max RSS; GPU: max allocated) above the model and data."""
+    """One method, one process: its peak (CPU: max RSS; GPU: max allocated) above the model and
+    data."""
     data = batches(ids, lengths, args.batch_size)
     fn = {"estimator": run_estimator, "loop": run_loop, "train": run_train}[args.only]
     if args.device.startswith("cuda"):
@@ -132,16 +152,31 @@ def print_peak(args, model, ids, lengths):
 
 def memory_report(args):
     argv = [a for a in sys.argv[1:] if a != "--memory"]
-    params = None
     peaks = {}
     for method in ("estimator", "loop", "train"):
-        out = subprocess.run([sys.executable, __file__, *argv, "--only", method, "--examples",
-                              str(args.batch_size * 2)], capture_output=True, text=True, check=True).stdout
+        out = subprocess.run(
+            [
+                sys.executable,
+                __file__,
+                *argv,
+                "--only",
+                method,
+                "--examples",
+                str(args.batch_size * 2),
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
         peaks[method] = json.loads(out.strip().splitlines()[-1])["peak_above_model"]
     mib = {k: v / 2**20 for k, v in peaks.items()}
-    print(f"peak memory above the model (MiB; {'max allocated' if args.device.startswith('cuda') else 'max RSS'}), "
-          f"vocab {args.vocab}{' tied' if args.tie else ''}, hidden {args.hidden}, seq {args.seq_len}, "
-          f"batch {args.batch_size}:")
+    print(
+        "peak memory above the model (MiB; "
+        f"{'max allocated' if args.device.startswith('cuda') else 'max RSS'}), "
+        f"vocab {args.vocab}{' tied' if args.tie else ''}, hidden {args.hidden}, "
+        f"seq {args.seq_len}, "
+        f"batch {args.batch_size}:"
+    )
     for name, value in mib.items():
         print(f"  {name:9s} {value:8.1f}")
     print(f"  estimator / train = {peaks['estimator'] / max(1, peaks['train']):.2f}x")
@@ -149,30 +184,50 @@ def memory_report(args):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--vocab", type=int, default=2048)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--examples", type=int, default=32)
-    parser.add_argument("--loop-examples", type=int, default=None, help="fewer examples for the slow loop")
+    parser.add_argument(
+        "--loop-examples", type=int, default=None, help="fewer examples for the slow loop"
+    )
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32")
-    parser.add_argument("--tie", action="store_true", help="tie lm_head to the input embedding (Gemma, Llama-3.2)")
+    parser.add_argument(
+        "--tie", action="store_true", help="tie lm_head to the input embedding (Gemma, Llama-3.2)"
+    )
     parser.add_argument("--fisher-type", default="empirical", choices=["empirical", "sampled"])
-    parser.add_argument("--check", action="store_true", help="also check estimator == loop on the data")
-    parser.add_argument("--strategy", choices=["auto", "per-example", "batched"], default="auto",
-                        help="how the estimator forms per-example gradients (auto: per-example on CPU, batched on GPU)")
-    parser.add_argument("--memory", action="store_true",
-                        help="peak memory of each method above the built model, each in a fresh process")
+    parser.add_argument(
+        "--check", action="store_true", help="also check estimator == loop on the data"
+    )
+    parser.add_argument(
+        "--strategy",
+        choices=["auto", "per-example", "batched"],
+        default="auto",
+        help=(
+            "how the estimator forms per-example gradients "
+            "(auto: per-example on CPU, batched on GPU)"
+        ),
+    )
+    parser.add_argument(
+        "--memory",
+        action="store_true",
+        help="peak memory of each method above the built model, each in a fresh process",
+    )
     parser.add_argument("--only", choices=["estimator", "loop", "train"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.strategy != "auto":
         from mergekit_fisher.estimator import accumulator
 
-        accumulator.PER_EXAMPLE_LOOP_DEVICES = (args.device.split(":")[0],) if args.strategy == "per-example" else ()
+        accumulator.PER_EXAMPLE_LOOP_DEVICES = (
+            (args.device.split(":")[0],) if args.strategy == "per-example" else ()
+        )
     if args.memory:
         return memory_report(args)
 
@@ -194,15 +249,25 @@ def main():
         rates["train"].append(args.examples / timed(run_train, model, data, args))
     median = {k: statistics.median(v) for k, v in rates.items()}
     params = sum(p.numel() for p in model.parameters())
-    print(f"model: Llama hidden {args.hidden}, {args.layers} layers, vocab {args.vocab}{' tied' if args.tie else ''}, "
-          f"{params / 1e6:.2f}M params, "
-          f"{args.dtype} on {args.device}; seq <= {args.seq_len}, batch {args.batch_size}, "
-          f"{args.examples} examples ({loop_n} for the loop), {args.fisher_type} Fisher, {args.strategy} strategy, "
-          f"{args.reps} reps, "
-          f"torch threads {torch.get_num_threads()}")
+    print(
+        f"model: Llama hidden {args.hidden}, {args.layers} layers, "
+        f"vocab {args.vocab}{' tied' if args.tie else ''}, "
+        f"{params / 1e6:.2f}M params, "
+        f"{args.dtype} on {args.device}; seq <= {args.seq_len}, batch {args.batch_size}, "
+        f"{args.examples} examples ({loop_n} for the loop), {args.fisher_type} Fisher, "
+        f"{args.strategy} strategy, "
+        f"{args.reps} reps, "
+        f"torch threads {torch.get_num_threads()}"
+    )
     for name, values in rates.items():
-        print(f"  {name:9s} {median[name]:8.2f} ex/s   (reps: {', '.join(f'{v:.2f}' for v in values)})")
-    print(f"  estimator / loop  = {median['estimator'] / median['loop']:.2f}x   (target >= 4x CPU, >= 10x GPU)")
+        print(
+            f"  {name:9s} {median[name]:8.2f} ex/s   "
+            f"(reps: {', '.join(f'{v:.2f}' for v in values)})"
+        )
+    print(
+        f"  estimator / loop  = {median['estimator'] / median['loop']:.2f}x   "
+        "(target >= 4x CPU, >= 10x GPU)"
+    )
     print(f"  estimator / train = {median['estimator'] / median['train']:.2f}x   (target >= 0.6x)")
     if args.check:
         fisher = run_estimator(model, loop_data, args)

@@ -30,13 +30,19 @@ def build(workdir: str, hidden: int, layers: int, vocab: int) -> dict:
 
     from mergekit_fisher.fisher_file import FisherConfig, write_fisher
 
-    paths = {name: os.path.join(workdir, name) for name in ("base", "a", "b", "fisher_a", "fisher_b")}
+    paths = {
+        name: os.path.join(workdir, name) for name in ("base", "a", "b", "fisher_a", "fisher_b")
+    }
     if all(os.path.exists(p) for p in paths.values()):
         return paths
     os.makedirs(workdir, exist_ok=True)
     config = LlamaConfig(
-        vocab_size=vocab, hidden_size=hidden, intermediate_size=int(hidden * 8 / 3) // 64 * 64,
-        num_hidden_layers=layers, num_attention_heads=hidden // 64, num_key_value_heads=hidden // 64,
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=int(hidden * 8 / 3) // 64 * 64,
+        num_hidden_layers=layers,
+        num_attention_heads=hidden // 64,
+        num_key_value_heads=hidden // 64,
         tie_word_embeddings=False,
     )
     torch.manual_seed(0)
@@ -51,7 +57,9 @@ def build(workdir: str, hidden: int, layers: int, vocab: int) -> dict:
         base.save_pretrained(paths[label])
         state = load_file(os.path.join(paths[label], "model.safetensors"))
         fisher = {k: torch.rand(v.shape, generator=generator).pow_(4) for k, v in state.items()}
-        write_fisher(fisher, paths[f"fisher_{label}"], FisherConfig(model=paths[label], num_examples=1))
+        write_fisher(
+            fisher, paths[f"fisher_{label}"], FisherConfig(model=paths[label], num_examples=1)
+        )
         del state, fisher
     return paths
 
@@ -63,12 +71,23 @@ def recipe(paths: dict, method: str) -> dict:
         if method.startswith("fisher"):
             params["fisher"] = paths[f"fisher_{label}"]
         models.append({"model": paths[label], "parameters": params})
-    return {"merge_method": method, "base_model": paths["base"], "dtype": "float32", "models": models}
+    return {
+        "merge_method": method,
+        "base_model": paths["base"],
+        "dtype": "float32",
+        "models": models,
+    }
 
 
 def run_once(recipe_path: str, out: str, extra: list) -> tuple:
     shutil.rmtree(out, ignore_errors=True)
-    command = [os.path.join(os.path.dirname(sys.executable), "mergekit-yaml"), recipe_path, out, "--quiet", *extra]
+    command = [
+        os.path.join(os.path.dirname(sys.executable), "mergekit-yaml"),
+        recipe_path,
+        out,
+        "--quiet",
+        *extra,
+    ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     start = time.perf_counter()
     process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -80,7 +99,9 @@ def run_once(recipe_path: str, out: str, extra: list) -> tuple:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--workdir", default=os.path.join(HERE, "out", "merge"))
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--hidden", type=int, default=768)
@@ -100,17 +121,26 @@ def main() -> None:
     run_once(recipes["ties"], os.path.join(args.workdir, "warmup"), extra)  # warm the page cache
     for repeat in range(args.repeats):
         for method in results:
-            elapsed, rss = run_once(recipes[method], os.path.join(args.workdir, f"out_{method}"), extra)
+            elapsed, rss = run_once(
+                recipes[method], os.path.join(args.workdir, f"out_{method}"), extra
+            )
             results[method].append((elapsed, rss))
-            print(f"run {repeat + 1}: {method:12s} {elapsed:7.2f} s  peak RSS {rss:8.1f} MiB", flush=True)
-    median = {m: (statistics.median(t for t, _ in r), statistics.median(m_ for _, m_ in r)) for m, r in results.items()}
+            print(
+                f"run {repeat + 1}: {method:12s} {elapsed:7.2f} s  peak RSS {rss:8.1f} MiB",
+                flush=True,
+            )
+    median = {
+        m: (statistics.median(t for t, _ in r), statistics.median(m_ for _, m_ in r))
+        for m, r in results.items()
+    }
     print()
-    print(f"| method | median wall time (s) | median peak RSS (MiB) |")
-    print(f"|---|---|---|")
+    print("| method | median wall time (s) | median peak RSS (MiB) |")
+    print("|---|---|---|")
     for method, (t, m) in median.items():
         print(f"| {method} | {t:.2f} | {m:.0f} |")
     print(
-        f"\nfisher_ties / ties: time x{median['fisher_ties'][0] / median['ties'][0]:.2f} (target <= 1.5), "
+        f"\nfisher_ties / ties: time x{median['fisher_ties'][0] / median['ties'][0]:.2f} "
+        "(target <= 1.5), "
         f"peak RSS x{median['fisher_ties'][1] / median['ties'][1]:.2f} (target <= 1.3)"
     )
 

@@ -1,12 +1,14 @@
 """Throughput of the Fisher tools relative to simply reading the file, within one run.
 
-    HF_HUB_OFFLINE=1 .venv/bin/python bench/bench_tools.py [--tensors 16] [--rows 512] [--cols 1024] [--repeats 5]
+    HF_HUB_OFFLINE=1 .venv/bin/python bench/bench_tools.py \
+        [--tensors 16] [--rows 512] [--cols 1024] [--repeats 5]
 
-Baseline: read every tensor through `FisherFile.get_tensor(check=False)` and sum it once (safetensors
-maps lazily, so the sum is what makes the read touch every byte: the least any consumer does).
-Reported: best and median seconds over --repeats rounds (round robin), and each tool's time as a ratio of the reads it needs
-(inspect: 1 file; combine: 2 inputs + write; convert: 1 input + write). Ratios, not absolute
-times, are what to compare across machines.
+Baseline: read every tensor through `FisherFile.get_tensor(check=False)` and sum it once
+(safetensors maps lazily, so the sum is what makes the read touch every byte: the least any
+consumer does).
+Reported: best and median seconds over --repeats rounds (round robin), and each tool's time as a
+ratio of the reads it needs (inspect: 1 file; combine: 2 inputs + write; convert: 1 input +
+write). Ratios, not absolute times, are what to compare across machines.
 """
 
 from __future__ import annotations
@@ -64,7 +66,8 @@ def main():
         def read():
             fisher = FisherFile(paths[0])  # fresh handle: no cache effects beyond the OS page cache
             for name in fisher.names():
-                float(fisher.get_tensor(name, check=False).sum(dtype=torch.float64))  # touch every byte
+                # touch every byte
+                float(fisher.get_tensor(name, check=False).sum(dtype=torch.float64))
 
         def inspect():
             build_report(paths[0], None, "layer")
@@ -78,14 +81,20 @@ def main():
         read()  # warm the page cache
         size_mb = args.tensors * args.rows * args.cols * 4 / 2**20
         results = timed_round_robin(
-            {"read": read, "inspect": inspect, "combine": combine, "convert": do_convert}, args.repeats
+            {"read": read, "inspect": inspect, "combine": combine, "convert": do_convert},
+            args.repeats,
         )
-        print(f"file: {args.tensors} tensors x {args.rows}x{args.cols} float32 = {size_mb:.0f} MiB; "
-              f"{args.repeats} rounds; torch threads {torch.get_num_threads()}")
+        print(
+            f"file: {args.tensors} tensors x {args.rows}x{args.cols} float32 = {size_mb:.0f} MiB; "
+            f"{args.repeats} rounds; torch threads {torch.get_num_threads()}"
+        )
         base = results["read"][0]
         for name, (best, median) in results.items():
-            print(f"{name:8s} best {best:7.3f} s  median {median:7.3f} s  {size_mb / best:6.0f} MiB/s  "
-                  f"best x{best / base:.2f} of read+sum")
+            print(
+                f"{name:8s} best {best:7.3f} s  median {median:7.3f} s  "
+                f"{size_mb / best:6.0f} MiB/s  "
+                f"best x{best / base:.2f} of read+sum"
+            )
     finally:
         shutil.rmtree(root, ignore_errors=True)
 

@@ -6,11 +6,10 @@ import os
 import tempfile
 from typing import Callable, Optional
 
-from safetensors import safe_open
-from transformers import LlamaConfig, LlamaForCausalLM
-
 from mergekit.config import MergeConfiguration
 from mergekit.merge import MergeOptions, run_merge
+from safetensors import safe_open
+from transformers import LlamaConfig, LlamaForCausalLM
 
 
 def run_and_check_merge(
@@ -24,7 +23,9 @@ def run_and_check_merge(
     with tempfile.TemporaryDirectory() as out:
         run_merge(config, out_path=out, options=MergeOptions())
         weights = ("model.safetensors", "model.safetensors.index.json")
-        assert any(os.path.exists(os.path.join(out, name)) for name in weights), "no weights written"
+        assert any(os.path.exists(os.path.join(out, name)) for name in weights), (
+            "no weights written"
+        )
         assert os.path.exists(os.path.join(out, "config.json")), "no config.json written"
         if check_nan:
             for name in sorted(os.listdir(out)):
@@ -53,7 +54,8 @@ def make_gpt2size(path: str) -> str:
     """A random GPT-2 with its 12 layers (tiny widths) saved in `path`."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    config = GPT2Config(vocab_size=64, n_positions=64, n_embd=32, n_layer=12, n_head=4)  # 12 layers, as GPT-2
+    # 12 layers, as GPT-2
+    config = GPT2Config(vocab_size=64, n_positions=64, n_embd=32, n_layer=12, n_head=4)
     GPT2LMHeadModel(config).save_pretrained(path, safe_serialization=True)
     return str(path)
 
@@ -74,15 +76,28 @@ def make_picogranite(path: str, vocab_size: int = 64) -> str:
 
 
 def make_picoLlaVa(path: str) -> str:  # noqa: N802 (the suite's name)
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+    from transformers import (
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+    )
 
     config = LlavaConfig(
         vision_config=CLIPVisionConfig(
-            hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-            image_size=32, patch_size=8, projection_dim=32,
+            hidden_size=32,
+            intermediate_size=48,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            image_size=32,
+            patch_size=8,
+            projection_dim=32,
         ),
         text_config=LlamaConfig(
-            vocab_size=64, hidden_size=32, intermediate_size=48, num_attention_heads=4,
+            vocab_size=64,
+            hidden_size=32,
+            intermediate_size=48,
+            num_attention_heads=4,
             num_hidden_layers=2,
         ),
         image_token_index=63,

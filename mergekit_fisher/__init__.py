@@ -3,7 +3,8 @@
 The rooms, importable on their own:
 
 * ``mergekit_fisher.math``        -- the tensor math as small pure functions (no I/O, no mergekit);
-* ``mergekit_fisher.merge``       -- the mergekit adapter: registration, Fisher resolution, lazy reads;
+* ``mergekit_fisher.merge``       -- the mergekit adapter: registration, Fisher resolution,
+                                     lazy reads;
 * ``mergekit_fisher.estimator``   -- the Fisher estimator: data -> hooks -> accumulators -> writer;
 * ``mergekit_fisher.fisher_file`` -- the on-disk Fisher format (v1) that links them;
 * ``mergekit_fisher.tools``       -- inspect, explain, combine, convert;

@@ -1,4 +1,5 @@
-"""`python -m mergekit_fisher ...`, also what `accelerate launch -m mergekit_fisher compute ...` runs."""
+"""`python -m mergekit_fisher ...`, also what `accelerate launch -m mergekit_fisher compute ...`
+runs."""
 
 from mergekit_fisher.cli import main
 

@@ -2,7 +2,9 @@
 
     import mergekit_fisher as mf
 
-    mf.compute_fisher("/models/llama-math", "/fisher/math", data="math_train.jsonl", num_examples=512)
+    mf.compute_fisher(
+        "/models/llama-math", "/fisher/math", data="math_train.jsonl", num_examples=512
+    )
     fisher = mf.open_fisher("/fisher/math")          # lazy, tensor by tensor
     fisher.get_tensor("model.layers.0.mlp.up_proj.weight")
     mf.register()                                      # Fisher methods in mergekit's run_merge

@@ -1,10 +1,11 @@
 """The closed sets of choices of the command line, as `str` enums.
 
-Each member *is* its string (``Task.SEQ_CLS == "seq-cls"``, same hash, ``f"{member}"`` and ``str(member)``
-give the value), so recipes, Fisher configs, fingerprints and JSON keep the plain strings they always had,
-and Python callers may pass either. `mergekit_fisher.cli.EnumChoice` turns one into a ``click.Choice``
-that matches the values. Standard library only: importing this is free. (The recipe's choices live with
-the merge: `mergekit_fisher.math.Normalization`, `mergekit_fisher.merge.parameters`.)
+Each member *is* its string (``Task.SEQ_CLS == "seq-cls"``, same hash, ``f"{member}"`` and
+``str(member)`` give the value), so recipes, Fisher configs, fingerprints and JSON keep the plain
+strings they always had, and Python callers may pass either. `mergekit_fisher.cli.EnumChoice` turns
+one into a ``click.Choice`` that matches the values. Standard library only: importing this is free.
+(The recipe's choices live with the merge: `mergekit_fisher.math.Normalization`,
+`mergekit_fisher.merge.parameters`.)
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ import enum
 
 
 class StrChoice(str, enum.Enum):
-    """Base of the choice enums: formats and prints as its value (plain `str, Enum` prints ``Task.SEQ_CLS``)."""
+    """Base of the choice enums: formats and prints as its value (plain `str, Enum` prints
+    ``Task.SEQ_CLS``)."""
 
     __str__ = str.__str__
     __format__ = str.__format__
@@ -42,7 +44,8 @@ class Params(StrChoice):
 
 
 class Space(StrChoice):
-    """Names a Fisher file is written under: the dense checkpoint's, or a LoRA adapter's lora_A/lora_B."""
+    """Names a Fisher file is written under: the dense checkpoint's, or a LoRA adapter's
+    lora_A/lora_B."""
 
     DENSE = "dense"
     ADAPTER = "adapter"

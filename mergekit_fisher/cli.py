@@ -25,16 +25,46 @@ log = logging.getLogger(LOGGER_NAME)
 
 # name -> "module:attribute" of a click command; one visible place for the whole CLI
 COMMANDS = {
-    "compute": ("mergekit_fisher.estimator.cli:compute", "Estimate the diagonal Fisher of a model or LoRA adapter."),
-    "merge": ("mergekit_fisher.merge.cli:merge", "Run a mergekit YAML recipe with the Fisher methods registered."),
-    "inspect": ("mergekit_fisher.tools.inspect:inspect_command", "Summarise a Fisher file (and its coverage of a model)."),
-    "explain": ("mergekit_fisher.tools.explain:explain_command", "Dry-run a recipe: validate it and show each model's Fisher share."),
-    "combine": ("mergekit_fisher.tools.combine:combine_command", "Combine Fisher files computed on different data shards."),
-    "convert": ("mergekit_fisher.tools.convert:convert_command", "Convert Fisher/importance data from other tools to format v1."),
-    "push": ("mergekit_fisher.tools.push:push_command", "Upload a Fisher (checked, with its model card) to the Hugging Face Hub."),
-    "recipes": ("mergekit_fisher.tools.recipes:recipes_command", "List, print or write out the example recipes that ship with the package."),
-    "eval": ("mergekit_fisher.demo.evaluate:eval_command", "Held-out loss / perplexity of models on text data."),
-    "demo": ("mergekit_fisher.demo.cli:demo_command", "Build, compute Fisher, merge, evaluate and plot, end to end."),
+    "compute": (
+        "mergekit_fisher.estimator.cli:compute",
+        "Estimate the diagonal Fisher of a model or LoRA adapter.",
+    ),
+    "merge": (
+        "mergekit_fisher.merge.cli:merge",
+        "Run a mergekit YAML recipe with the Fisher methods registered.",
+    ),
+    "inspect": (
+        "mergekit_fisher.tools.inspect:inspect_command",
+        "Summarise a Fisher file (and its coverage of a model).",
+    ),
+    "explain": (
+        "mergekit_fisher.tools.explain:explain_command",
+        "Dry-run a recipe: validate it and show each model's Fisher share.",
+    ),
+    "combine": (
+        "mergekit_fisher.tools.combine:combine_command",
+        "Combine Fisher files computed on different data shards.",
+    ),
+    "convert": (
+        "mergekit_fisher.tools.convert:convert_command",
+        "Convert Fisher/importance data from other tools to format v1.",
+    ),
+    "push": (
+        "mergekit_fisher.tools.push:push_command",
+        "Upload a Fisher (checked, with its model card) to the Hugging Face Hub.",
+    ),
+    "recipes": (
+        "mergekit_fisher.tools.recipes:recipes_command",
+        "List, print or write out the example recipes that ship with the package.",
+    ),
+    "eval": (
+        "mergekit_fisher.demo.evaluate:eval_command",
+        "Held-out loss / perplexity of models on text data.",
+    ),
+    "demo": (
+        "mergekit_fisher.demo.cli:demo_command",
+        "Build, compute Fisher, merge, evaluate and plot, end to end.",
+    ),
 }
 
 
@@ -51,7 +81,8 @@ class _ClickHandler(logging.Handler):
 
 
 class _Formatter(logging.Formatter):
-    """Info lines as they are (they are the commands' status lines); others prefixed by their level."""
+    """Info lines as they are (they are the commands' status lines); others prefixed by their
+    level."""
 
     def format(self, record: logging.LogRecord) -> str:
         text = super().format(record)
@@ -59,9 +90,10 @@ class _Formatter(logging.Formatter):
 
 
 def configure_logging(level: int = logging.INFO) -> None:
-    """The one logging setup of the command line: the package's logger ("mergekit_fisher") at `level`
-    (DEBUG with -v, WARNING with -q, INFO by default), to stderr. Idempotent; the root logger and other
-    libraries' loggers are left alone (mergekit-yaml configures its own under `merge`)."""
+    """The one logging setup of the command line: the package's logger ("mergekit_fisher") at
+    `level` (DEBUG with -v, WARNING with -q, INFO by default), to stderr. Idempotent; the root
+    logger and other libraries' loggers are left alone (mergekit-yaml configures its own under
+    `merge`)."""
     handler = next((h for h in log.handlers if isinstance(h, _ClickHandler)), None)
     if handler is None:
         handler = _ClickHandler()
@@ -93,9 +125,9 @@ def verbosity_options(command):
     """``-v/--verbose`` (debug messages, and the traceback of an error) and ``-q/--quiet`` (warnings
     only, no progress bars) on a command, so that they work after the subcommand name too.
 
-    Given here they override the group's; not given, the group's setting stands (a command invoked on
-    its own, without `main`, gets the default). Applied once all options are parsed, so a bad option
-    value is refused before anything else happens.
+    Given here they override the group's; not given, the group's setting stands (a command invoked
+    on its own, without `main`, gets the default). Applied once all options are parsed, so a bad
+    option value is refused before anything else happens.
     """
 
     @functools.wraps(command)
@@ -112,10 +144,20 @@ def verbosity_options(command):
             raise
 
     flags = [
-        click.Option(["-v", "--verbose"], is_flag=True, expose_value=False, callback=_remember_flag,
-                     help="Debug messages, and the traceback of an error."),
-        click.Option(["-q", "--quiet"], is_flag=True, expose_value=False, callback=_remember_flag,
-                     help="Only warnings and errors; no progress bars."),
+        click.Option(
+            ["-v", "--verbose"],
+            is_flag=True,
+            expose_value=False,
+            callback=_remember_flag,
+            help="Debug messages, and the traceback of an error.",
+        ),
+        click.Option(
+            ["-q", "--quiet"],
+            is_flag=True,
+            expose_value=False,
+            callback=_remember_flag,
+            help="Only warnings and errors; no progress bars.",
+        ),
     ]
     # click reverses the decorators' list: put first, they are listed last in --help
     run.__click_params__ = flags[::-1] + list(getattr(command, "__click_params__", []))
@@ -123,20 +165,25 @@ def verbosity_options(command):
 
 
 def log_traceback() -> None:
-    """With -v, the traceback of the error being handled (click itself prints only its one `Error:` line)."""
+    """With -v, the traceback of the error being handled (click itself prints only its one `Error:`
+    line)."""
     if log.isEnabledFor(logging.DEBUG):
         log.debug("traceback of the error below:", exc_info=True)
 
 
 # ---------------------------------------------------------------- click types
 class EnumChoice(click.Choice):
-    """``click.Choice`` over a `StrChoice` enum, matched on the members' values (click's own enum support
-    matches names: ``CAUSAL_LM`` instead of ``causal-lm``); converts to the member."""
+    """``click.Choice`` over a `StrChoice` enum, matched on the members' values (click's own enum
+    support matches names: ``CAUSAL_LM`` instead of ``causal-lm``); converts to the member."""
 
-    def __init__(self, enum_type: Type, members: Optional[Iterable] = None, case_sensitive: bool = True):
+    def __init__(
+        self, enum_type: Type, members: Optional[Iterable] = None, case_sensitive: bool = True
+    ):
         self.enum_type = enum_type
-        super().__init__([enum_type(m).value for m in (members if members is not None else enum_type)],
-                         case_sensitive=case_sensitive)
+        super().__init__(
+            [enum_type(m).value for m in (members if members is not None else enum_type)],
+            case_sensitive=case_sensitive,
+        )
 
     def convert(self, value, param, ctx):
         if isinstance(value, self.enum_type) and value.value in self.choices:
@@ -171,7 +218,8 @@ def flatten(_ctx, _param, value):
 
 
 class FiniteFloatRange(click.FloatRange):
-    """``click.FloatRange`` that also refuses NaN (which compares false with every bound) and +-inf."""
+    """``click.FloatRange`` that also refuses NaN (which compares false with every bound) and
+    +-inf."""
 
     def convert(self, value, param, ctx):
         converted = super().convert(value, param, ctx)
@@ -207,7 +255,9 @@ class LazyGroup(click.Group):
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="mergekit-fisher")
-@click.option("-v", "--verbose", is_flag=True, help="Debug messages, and the traceback of an error.")
+@click.option(
+    "-v", "--verbose", is_flag=True, help="Debug messages, and the traceback of an error."
+)
 @click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors; no progress bars.")
 def main(verbose: bool, quiet: bool):
     """Fisher-weighted model merging for mergekit.

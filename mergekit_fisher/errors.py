@@ -1,7 +1,7 @@
 """User-facing errors.
 
-`FisherInputError` is a `click.ClickException`: raised anywhere under a click command -- ours, or the
-stock ``mergekit-yaml`` -- it prints one ``Error: ...`` line and exits non-zero, no traceback.
+`FisherInputError` is a `click.ClickException`: raised anywhere under a click command -- ours, or
+the stock ``mergekit-yaml`` -- it prints one ``Error: ...`` line and exits non-zero, no traceback.
 Each message names what is wrong (model, file, tensor) and how to fix it.
 """
 
@@ -39,7 +39,8 @@ class FisherInputError(click.ClickException):
         tensor: Optional[str] = None,
         kind: str = "Fisher file",
     ):
-        """`kind` says what `file` is: "Fisher file" (default), "data file", "output", "recipe", ..."""
+        """`kind` says what `file` is: "Fisher file" (default), "data file", "output", "recipe",
+        ..."""
         self.problem = problem
         self.fix = fix
         self.model = model

@@ -75,7 +75,8 @@ def origin_of(path: str) -> Optional[HubOrigin]:
 
 
 def resolve_fisher_path(value: str, *, kind: str = "Fisher file") -> str:
-    """A local path for a recipe's `fisher:` value (downloading / reading the Hub cache if needed)."""
+    """A local path for a recipe's `fisher:` value (downloading / reading the Hub cache if
+    needed)."""
     local = os.path.expanduser(value)
     if os.path.exists(local):
         return local

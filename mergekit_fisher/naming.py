@@ -14,9 +14,9 @@ A Fisher file stores each tensor under the **model checkpoint's stored name and 
   Fisher file's stored tensors the same way (`convert_stored`), and mergekit's own lookup order
   (own name, aliases, tied names) is `load_candidates`.
 
-A Fisher is a mean of squares, element by element: moving elements around (split, stack, concatenate,
-transpose, permute) keeps it exact, arithmetic on them would not. `check_relayout` refuses any
-conversion whose operations are not pure re-layouts.
+A Fisher is a mean of squares, element by element: moving elements around (split, stack,
+concatenate, transpose, permute) keeps it exact, arithmetic on them would not. `check_relayout`
+refuses any conversion whose operations are not pure re-layouts.
 """
 
 from __future__ import annotations

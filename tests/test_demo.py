@@ -11,11 +11,11 @@ import math
 import os
 
 import pytest
+import tiny
 import torch
 import yaml
 from click.testing import CliRunner
 
-import tiny
 from mergekit_fisher.cli import main
 from mergekit_fisher.demo.corpus import chunk_texts, load_domain
 from mergekit_fisher.demo.evaluate import evaluate_models, format_table
@@ -37,7 +37,9 @@ def brute_force_loss(model_dir: str, texts, max_length: int) -> float:
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     total, count = 0.0, 0
     for text in texts:
-        ids = ([tokenizer.bos_token_id] + tokenizer(text, add_special_tokens=False)["input_ids"])[:max_length]
+        ids = ([tokenizer.bos_token_id] + tokenizer(text, add_special_tokens=False)["input_ids"])[
+            :max_length
+        ]
         with torch.no_grad():
             logits = model(input_ids=torch.tensor([ids])).logits[0].double()
         for position in range(len(ids) - 1):
@@ -60,8 +62,13 @@ def two_models(tmp_path_factory, tokenizer_dir):
 
 def test_evaluate_matches_brute_force(two_models):
     # batch 3: padded batches of mixed lengths must give the per-sequence answer
-    results = evaluate_models({"a": two_models[0], "b": two_models[1]}, {"mixed": TEXTS, "first": TEXTS[:1]},
-                              max_length=24, batch_size=3, progress=False)
+    results = evaluate_models(
+        {"a": two_models[0], "b": two_models[1]},
+        {"mixed": TEXTS, "first": TEXTS[:1]},
+        max_length=24,
+        batch_size=3,
+        progress=False,
+    )
     for label, path in zip("ab", two_models):
         for name, texts in (("mixed", TEXTS), ("first", TEXTS[:1])):
             expected = brute_force_loss(path, texts, 24)
@@ -76,16 +83,34 @@ def test_eval_command_jsonl_and_txt(two_models, tmp_path):
     txt = tmp_path / "book.txt"
     txt.write_text(" ".join(TEXTS * 3), encoding="utf-8")
     runner = CliRunner()
-    result = runner.invoke(main, ["eval", *two_models, "--data", jsonl, "--data", str(txt),
-                                  "--max-length", "16", "--json", "--device", "cpu"])
+    result = runner.invoke(
+        main,
+        [
+            "eval",
+            *two_models,
+            "--data",
+            jsonl,
+            "--data",
+            str(txt),
+            "--max-length",
+            "16",
+            "--json",
+            "--device",
+            "cpu",
+        ],
+    )
     assert result.exit_code == 0, result.output
     payload = json.loads(result.stdout)
     assert list(payload) == two_models
-    assert payload[two_models[0]]["held"]["loss"] == pytest.approx(brute_force_loss(two_models[0], TEXTS, 16), rel=1e-5)
+    assert payload[two_models[0]]["held"]["loss"] == pytest.approx(
+        brute_force_loss(two_models[0], TEXTS, 16), rel=1e-5
+    )
     # .txt: one text cut into 16-token windows, each scored without BOS
     from transformers import AutoTokenizer
 
-    ids = AutoTokenizer.from_pretrained(two_models[1])(txt.read_text(), add_special_tokens=False)["input_ids"]
+    ids = AutoTokenizer.from_pretrained(two_models[1])(txt.read_text(), add_special_tokens=False)[
+        "input_ids"
+    ]
     windows = [ids[i : i + 16] for i in range(0, len(ids), 16) if len(ids[i : i + 16]) >= 2]
     assert payload[two_models[1]]["book"]["tokens"] == sum(len(w) - 1 for w in windows)
 
@@ -102,7 +127,9 @@ def test_eval_command_bad_inputs(two_models, tmp_path):
     runner = CliRunner()
     result = runner.invoke(main, ["eval", two_models[0], "--data", str(bad)])
     assert result.exit_code == 2
-    assert "line 2" in result.output and str(bad) in result.output and "Traceback" not in result.output
+    assert (
+        "line 2" in result.output and str(bad) in result.output and "Traceback" not in result.output
+    )
     missing = runner.invoke(main, ["eval", str(tmp_path / "nope"), "--data", str(bad)])
     assert missing.exit_code == 2 and str(tmp_path / "nope") in missing.output
 
@@ -124,22 +151,43 @@ def test_chunks_and_split_are_deterministic():
 def test_recipes_pair_plain_and_fisher_methods():
     specialists = {"docs": "/m/docs", "asyncio": "/m/asyncio"}
     fishers = {"docs": "/f/docs", "asyncio": "/f/asyncio"}
-    linear = recipe_for("linear", base="/m/base", specialists=specialists, fishers=fishers, density=0.5)
-    assert linear == {"merge_method": "linear", "dtype": "float32", "models": [
-        {"model": "/m/docs", "parameters": {"weight": 1.0}},
-        {"model": "/m/asyncio", "parameters": {"weight": 1.0}}]}
-    fisher_ties = recipe_for("fisher_ties", base="/m/base", specialists=specialists, fishers=fishers, density=0.5,
-                             fisher_floor=1e-4)
+    linear = recipe_for(
+        "linear", base="/m/base", specialists=specialists, fishers=fishers, density=0.5
+    )
+    assert linear == {
+        "merge_method": "linear",
+        "dtype": "float32",
+        "models": [
+            {"model": "/m/docs", "parameters": {"weight": 1.0}},
+            {"model": "/m/asyncio", "parameters": {"weight": 1.0}},
+        ],
+    }
+    fisher_ties = recipe_for(
+        "fisher_ties",
+        base="/m/base",
+        specialists=specialists,
+        fishers=fishers,
+        density=0.5,
+        fisher_floor=1e-4,
+    )
     assert fisher_ties["base_model"] == "/m/base"
-    assert fisher_ties["models"][1] == {"model": "/m/docs",
-                                        "parameters": {"weight": 1.0, "density": 0.5, "fisher": "/f/docs"}}
+    assert fisher_ties["models"][1] == {
+        "model": "/m/docs",
+        "parameters": {"weight": 1.0, "density": 0.5, "fisher": "/f/docs"},
+    }
     assert fisher_ties["parameters"] == {"fisher_normalize": "mean", "fisher_floor": 1e-4}
     for method, twin in FISHER_TWIN.items():
-        plain = recipe_for(twin, base="/m/base", specialists=specialists, fishers=fishers, density=0.5)
-        ours = recipe_for(method, base="/m/base", specialists=specialists, fishers=fishers, density=0.5)
+        plain = recipe_for(
+            twin, base="/m/base", specialists=specialists, fishers=fishers, density=0.5
+        )
+        ours = recipe_for(
+            method, base="/m/base", specialists=specialists, fishers=fishers, density=0.5
+        )
         # the twins differ only by the Fisher weighting
-        assert [{k: v for k, v in m.get("parameters", {}).items() if k != "fisher"} for m in ours["models"]] == \
-               [m.get("parameters", {}) for m in plain["models"]]
+        assert [
+            {k: v for k, v in m.get("parameters", {}).items() if k != "fisher"}
+            for m in ours["models"]
+        ] == [m.get("parameters", {}) for m in plain["models"]]
 
 
 def test_demo_refuses_bad_input_before_any_work(tmp_path):
@@ -159,12 +207,21 @@ def test_demo_options_lists_and_ranges(tmp_path):
     from mergekit_fisher.choices import Domain
     from mergekit_fisher.demo.cli import demo_command
 
-    ctx = demo_command.make_context("demo", ["w", "--domains", "docs", "--domains", "asyncio,email"])
-    assert ctx.params["domains"] == (Domain.DOCS, Domain.ASYNCIO, Domain.EMAIL) == ("docs", "asyncio", "email")
+    ctx = demo_command.make_context(
+        "demo", ["w", "--domains", "docs", "--domains", "asyncio,email"]
+    )
+    assert (
+        ctx.params["domains"]
+        == (Domain.DOCS, Domain.ASYNCIO, Domain.EMAIL)
+        == ("docs", "asyncio", "email")
+    )
     assert demo_command.make_context("demo", ["w"]).params["domains"] == ("docs", "asyncio")
     runner = CliRunner()
     for args, needle in [
-        (["--domains", "docs", "--domains", "nonsense"], "'nonsense' is not one of 'docs', 'asyncio', 'email'"),
+        (
+            ["--domains", "docs", "--domains", "nonsense"],
+            "'nonsense' is not one of 'docs', 'asyncio', 'email'",
+        ),
         (["--density", "0"], "--density"),
         (["--train-examples", "0"], "--train-examples"),
         (["--fisher-type", "exact"], "--fisher-type"),
@@ -180,7 +237,8 @@ def test_demo_options_lists_and_ranges(tmp_path):
 def test_demo_without_matplotlib_says_how_to_get_the_chart(tmp_path, monkeypatch):
     import sys
 
-    monkeypatch.setitem(sys.modules, "matplotlib", None)  # what an environment without it looks like
+    # what an environment without it looks like
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
     result = CliRunner().invoke(main, ["demo", str(tmp_path / "w"), "--tiny"])
     assert result.exit_code == 2
     assert "mergekit-fisher[plot]" in result.output and "--no-plot" in result.output
@@ -213,9 +271,14 @@ def test_demo_models_and_losses(demo_run):
     for domain in domains:
         assert results[f"{domain} specialist"][domain]["loss"] < results["base"][domain]["loss"]
     # stage 4's numbers are the held-out files' own losses
-    heldout = [json.loads(line)["text"] for line in open(os.path.join(workdir, "data", "docs.heldout.jsonl"))]
+    heldout = [
+        json.loads(line)["text"]
+        for line in open(os.path.join(workdir, "data", "docs.heldout.jsonl"))
+    ]
     assert results["fisher"]["docs"]["loss"] == pytest.approx(
-        brute_force_loss(report["merges"]["fisher"], heldout, report["settings"]["max_length"]), rel=1e-5)
+        brute_force_loss(report["merges"]["fisher"], heldout, report["settings"]["max_length"]),
+        rel=1e-5,
+    )
     assert any(line.startswith("[5/5]") for line in lines)
 
 
@@ -235,20 +298,25 @@ def test_demo_recipes_and_merges(demo_run):
     from mergekit.config import MergeConfiguration
 
     workdir, report, _lines = demo_run
-    assert sorted(os.listdir(os.path.join(workdir, "recipes"))) == sorted(f"{m}.yml" for m in MERGE_METHODS)
+    assert sorted(os.listdir(os.path.join(workdir, "recipes"))) == sorted(
+        f"{m}.yml" for m in MERGE_METHODS
+    )
     for method in MERGE_METHODS:
         with open(os.path.join(workdir, "recipes", f"{method}.yml"), encoding="utf-8") as fp:
             recipe = yaml.safe_load(fp)
         config = MergeConfiguration.model_validate(recipe)
         assert config.merge_method == method
         assert all(os.path.isabs(str(model.model.model.path)) for model in config.models)
-    # the linear merge is exactly the mean of the two specialists: the merge stage wrote real weights
+    # the linear merge is exactly the mean of the two specialists: the merge stage wrote real
+    # weights
     docs = tiny.state_dict_from_dir(report["models"]["docs"])
     code = tiny.state_dict_from_dir(report["models"]["asyncio"])
     merged = tiny.state_dict_from_dir(report["merges"]["linear"])
     assert set(merged) == set(docs)
     for name in docs:
-        torch.testing.assert_close(merged[name], (docs[name] + code[name]) / 2, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(
+            merged[name], (docs[name] + code[name]) / 2, rtol=1e-5, atol=1e-6
+        )
     fisher = tiny.state_dict_from_dir(report["merges"]["fisher"])
     assert any(not torch.allclose(fisher[name], merged[name]) for name in docs)
 
@@ -278,7 +346,9 @@ def test_stage_one_is_reproducible_from_its_seed(tmp_path):
     quiet = StageLog(echo=lambda line: None)
     first = build_models(str(tmp_path / "one"), settings, quiet)
     second = build_models(str(tmp_path / "two"), settings, quiet)
-    other = build_models(str(tmp_path / "other"), tiny_settings(pretrain_steps=5, finetune_steps=5, seed=1), quiet)
+    other = build_models(
+        str(tmp_path / "other"), tiny_settings(pretrain_steps=5, finetune_steps=5, seed=1), quiet
+    )
     assert first["losses"] == second["losses"]
     for name in ("base", "docs", "asyncio"):
         one = tiny.state_dict_from_dir(first["paths"][name])
@@ -308,7 +378,8 @@ def test_overwrite_clears_only_demo_outputs(tmp_path):
 
 @pytest.mark.slow
 def test_default_demo_tells_the_papers_story(tmp_path):
-    """The default run (minutes): specialists diverge, and Fisher averaging beats the plain average."""
+    """The default run (minutes): specialists diverge, and Fisher averaging beats the plain
+    average."""
     from mergekit_fisher.demo.pipeline import DemoSettings, run_demo
 
     report = run_demo(str(tmp_path / "demo"), DemoSettings(), echo=lambda line: None)
@@ -317,6 +388,9 @@ def test_default_demo_tells_the_papers_story(tmp_path):
         specialist = results[f"{own} specialist"]
         assert specialist[own]["loss"] < results["base"][own]["loss"]
         assert specialist[other]["loss"] > results["base"][other]["loss"]
-    mean = {label: sum(cell["loss"] for cell in row.values()) / len(row) for label, row in results.items()}
+    mean = {
+        label: sum(cell["loss"] for cell in row.values()) / len(row)
+        for label, row in results.items()
+    }
     assert mean["fisher"] < mean["linear"]
     assert mean["fisher_ties"] < mean["ties"]

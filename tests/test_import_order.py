@@ -19,21 +19,28 @@ ENV = {k: v for k, v in os.environ.items() if k != "MERGEKIT_FISHER_NO_HOOK"}
 ALL_MODULES = """
 import importlib, pkgutil
 import mergekit_fisher
-MODULES = sorted(m.name for m in pkgutil.walk_packages(mergekit_fisher.__path__, "mergekit_fisher."))
+MODULES = sorted(
+    m.name for m in pkgutil.walk_packages(mergekit_fisher.__path__, "mergekit_fisher.")
+)
 """
 
 
 def _python(code: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-c", textwrap.dedent(code)],
-        capture_output=True, text=True, env=ENV, timeout=600,
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=600,
     )
 
 
 def test_any_module_imported_first_leaves_the_methods_registered():
     """For every module of the package: a fresh mergekit, that module imported first, then
     mergekit's registry and planner must know the Fisher methods."""
-    result = _python(ALL_MODULES + """
+    result = _python(
+        ALL_MODULES
+        + """
 import sys
 def purge():
     for name in list(sys.modules):
@@ -51,7 +58,8 @@ for name in MODULES:
     if not ({"fisher", "fisher_ties", "fisher_della_linear"} <= known and patched):
         bad.append(name)
 print("checked", len(MODULES), "bad", bad)
-""")
+"""
+    )
     assert result.returncode == 0, result.stderr
     assert "could not hook" not in result.stderr, result.stderr
     assert "bad []" in result.stdout and "checked" in result.stdout, result.stdout
@@ -60,10 +68,14 @@ print("checked", len(MODULES), "bad", bad)
 
 def test_every_module_imported_then_a_stock_merge(tmp_path):
     world = World(str(tmp_path / "world"), n_models=2)
-    recipe = write_recipe(world.recipe("fisher_ties", base=world.base, shared={"density": 0.5}),
-                          str(tmp_path / "r.yml"))
+    recipe = write_recipe(
+        world.recipe("fisher_ties", base=world.base, shared={"density": 0.5}),
+        str(tmp_path / "r.yml"),
+    )
     out = str(tmp_path / "out")
-    result = _python(ALL_MODULES + f"""
+    result = _python(
+        ALL_MODULES
+        + f"""
 for name in MODULES:
     importlib.import_module(name)
 import yaml
@@ -74,7 +86,8 @@ with open({recipe!r}) as fp:
     config = MergeConfiguration.model_validate(yaml.safe_load(fp))
 run_merge(config, {out!r}, MergeOptions(quiet=True, write_model_card=False))
 print("merged")
-""")
+"""
+    )
     assert result.returncode == 0, result.stderr
     assert "could not hook" not in result.stderr
     assert os.path.isfile(os.path.join(out, "model.safetensors"))
@@ -88,7 +101,9 @@ def _package_imports() -> dict:
             if not file.endswith(".py"):
                 continue
             path = os.path.join(folder, file)
-            relative = os.path.relpath(path, os.path.join(ROOT, os.pardir))[:-3].replace(os.sep, ".")
+            relative = os.path.relpath(path, os.path.join(ROOT, os.pardir))[:-3].replace(
+                os.sep, "."
+            )
             name = relative[: -len(".__init__")] if relative.endswith(".__init__") else relative
             targets = set()
             for node in ast.walk(ast.parse(open(path, encoding="utf-8").read())):
@@ -115,7 +130,11 @@ def test_the_package_has_no_import_cycle():
                 parts = target.split(".")
                 for depth in range(1, len(parts) + 1):
                     prefix = ".".join(parts[:depth])
-                    if importer.startswith(prefix + ".") or importer == prefix and depth < len(parts):
+                    if (
+                        importer.startswith(prefix + ".")
+                        or importer == prefix
+                        and depth < len(parts)
+                    ):
                         continue
                     if prefix not in seen:
                         seen.add(prefix)

@@ -3,7 +3,12 @@
 import pytest
 import torch
 
-from mergekit_fisher.math import fisher_task_arithmetic, fisher_weighted_average, normalize_fisher, fisher_element_weights
+from mergekit_fisher.math import (
+    fisher_element_weights,
+    fisher_task_arithmetic,
+    fisher_weighted_average,
+    normalize_fisher,
+)
 
 
 def test_weighted_average_by_hand():
@@ -23,7 +28,9 @@ def test_zero_or_equal_fishers_fall_back_to_weighted_average():
 
 def test_scalar_fisher_broadcasts_as_uniform():
     a, b = torch.tensor([[1.0, 2.0]]), torch.tensor([[3.0, 6.0]])
-    merged = fisher_weighted_average([a, b], [torch.tensor(1.0), torch.tensor([[1.0, 3.0]])], [1.0, 1.0])
+    merged = fisher_weighted_average(
+        [a, b], [torch.tensor(1.0), torch.tensor([[1.0, 3.0]])], [1.0, 1.0]
+    )
     torch.testing.assert_close(merged, torch.tensor([[2.0, (2.0 + 18.0) / 4.0]]))
 
 
@@ -63,7 +70,9 @@ def test_unknown_normalization_is_refused():
 
 
 def test_element_weights_average_to_the_recipe_weights():
-    out = fisher_element_weights([torch.tensor([1.0, 0.0]), torch.tensor([3.0, 0.0])], [1.0, 2.0], (2,))
+    out = fisher_element_weights(
+        [torch.tensor([1.0, 0.0]), torch.tensor([3.0, 0.0])], [1.0, 2.0], (2,)
+    )
     # factors [0.5, 1] and [1.5, 1] (an all-zero element gets factor 1), times weights 1 and 2
     torch.testing.assert_close(out, torch.tensor([[0.5, 1.0], [3.0, 2.0]]))
     # a scalar (uniform) Fisher broadcasts: [1, 3] vs 2 -> means [1.5, 2.5]
@@ -78,8 +87,11 @@ def test_task_arithmetic_by_hand():
     # relative factors: [0.5, 1], [1.5, 1]; no normalize: base + Σ w·r·δ
     out = fisher_task_arithmetic(base, [a, b], [fa, fb], [1.0, 1.0])
     torch.testing.assert_close(out, torch.tensor([0.5 * 1 + 1.5 * 3, -2.0 + 2.0]))
-    # TIES sum consensus, normalized: element 1 weighted deltas -2 and 2 -> sum 0 -> sign +, only b agrees
-    out = fisher_task_arithmetic(base, [a, b], [fa, fb], [1.0, 1.0], consensus="sum", normalize=True)
+    # TIES sum consensus, normalized: element 1 weighted deltas -2 and 2 -> sum 0 -> sign +,
+    # only b agrees
+    out = fisher_task_arithmetic(
+        base, [a, b], [fa, fb], [1.0, 1.0], consensus="sum", normalize=True
+    )
     torch.testing.assert_close(out, torch.tensor([(0.5 * 1 + 1.5 * 3) / 2.0, 2.0]))
 
 
@@ -98,7 +110,9 @@ def test_l2_merge_of_large_skewed_fishers_is_not_a_plain_average():
         floored.append(normalize_fisher(fisher, "l2", global_mean=mean, global_l2=l2, floor=1e-6))
     merged = fisher_weighted_average(thetas, floored, [1.0, 1.0])
     # reference: θ* = F̃₁ / (F̃₀ + F̃₁) with F̃ᵢ = (Fᵢ + 1e-6·meanᵢ) / l2ᵢ, in float64
-    ref = [(f.double() + 1e-6 * f.double().mean()) / f.double().square().sum().sqrt() for f in fishers]
+    ref = [
+        (f.double() + 1e-6 * f.double().mean()) / f.double().square().sum().sqrt() for f in fishers
+    ]
     torch.testing.assert_close(merged.double(), ref[1] / (ref[0] + ref[1]), rtol=1e-4, atol=1e-6)
     near_plain = ((merged - 0.5).abs() < 0.01).double().mean()
     assert float(near_plain) < 0.05

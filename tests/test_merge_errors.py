@@ -1,4 +1,5 @@
-"""Bad input: one clear message naming the model, file, tensor and fix; non-zero exit; no model shards.
+"""Bad input: one clear message naming the model, file, tensor and fix; non-zero exit; no model
+shards.
 
 Runs the stock `mergekit-yaml` click command in-process (the `.pth` hook registered our methods)."""
 
@@ -8,11 +9,11 @@ import glob
 import os
 
 import pytest
+import tiny
 import torch
 from click.testing import CliRunner
-
-import tiny
 from merge_world import World, run_recipe, write_recipe
+
 from mergekit_fisher.fisher_file import FisherConfig, write_fisher
 
 TARGET = "model.layers.1.mlp.up_proj.weight"
@@ -39,7 +40,8 @@ def run_stock_cli(recipe: dict, tmp_path):
 def assert_clean_failure(result, shards, *needles):
     assert result.exit_code != 0, result.output
     assert not shards, f"partial output written: {shards}"
-    assert isinstance(result.exception, SystemExit), repr(result.exception)  # a clean exit, not a crash
+    # a clean exit, not a crash
+    assert isinstance(result.exception, SystemExit), repr(result.exception)
     message = result.output
     assert message.count("Error:") == 1, message
     for needle in needles:
@@ -57,12 +59,16 @@ def fisher_with(world, tmp_path, label, edit):
 
 def test_missing_fisher_file(world, tmp_path):
     missing = str(tmp_path / "nowhere")
-    result, shards = run_stock_cli(world.recipe("fisher", fishers=[world.fishers[0], missing]), tmp_path)
+    result, shards = run_stock_cli(
+        world.recipe("fisher", fishers=[world.fishers[0], missing]), tmp_path
+    )
     assert_clean_failure(result, shards, missing, world.models[1], "does not exist")
 
 
 def test_model_without_fisher_parameter(world, tmp_path):
-    result, shards = run_stock_cli(world.recipe("fisher", fishers=[world.fishers[0], None]), tmp_path)
+    result, shards = run_stock_cli(
+        world.recipe("fisher", fishers=[world.fishers[0], None]), tmp_path
+    )
     assert_clean_failure(result, shards, world.models[1], "no Fisher file", "fisher:")
 
 
@@ -78,7 +84,9 @@ def test_pickle_file_is_refused_and_never_unpickled(world, tmp_path):
 
     with open(path, "wb") as fp:
         pickle.dump({"x": Boom()}, fp)
-    result, shards = run_stock_cli(world.recipe("fisher", fishers=[world.fishers[0], path]), tmp_path)
+    result, shards = run_stock_cli(
+        world.recipe("fisher", fishers=[world.fishers[0], path]), tmp_path
+    )
     assert_clean_failure(result, shards, path, "pickle", "mergekit-fisher convert")
     assert not marker.exists()
 
@@ -87,7 +95,9 @@ def test_corrupt_safetensors(world, tmp_path):
     path = str(tmp_path / "broken.safetensors")
     with open(path, "wb") as fp:
         fp.write(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all")
-    result, shards = run_stock_cli(world.recipe("fisher", fishers=[world.fishers[0], path]), tmp_path)
+    result, shards = run_stock_cli(
+        world.recipe("fisher", fishers=[world.fishers[0], path]), tmp_path
+    )
     assert_clean_failure(result, shards, path, "not a valid safetensors")
 
 
@@ -97,26 +107,38 @@ def test_shape_mismatch(world, tmp_path, tokenizer_dir):
     state = tiny.state_dict_from_dir(other)
     path = str(tmp_path / "wide_fisher")
     write_fisher({k: torch.ones_like(v) for k, v in state.items()}, path, FisherConfig(model=other))
-    result, shards = run_stock_cli(world.recipe("fisher", fishers=[world.fishers[0], path]), tmp_path)
+    result, shards = run_stock_cli(
+        world.recipe("fisher", fishers=[world.fishers[0], path]), tmp_path
+    )
     assert_clean_failure(result, shards, path, "does not match the model tensor", world.models[1])
 
 
 @pytest.mark.parametrize(
     "label,value,needle",
-    [("nan", float("nan"), "non-finite"), ("inf", float("inf"), "non-finite"), ("neg", -1.0, "negative")],
+    [
+        ("nan", float("nan"), "non-finite"),
+        ("inf", float("inf"), "non-finite"),
+        ("neg", -1.0, "negative"),
+    ],
 )
 def test_bad_values(world, tmp_path, label, value, needle):
     def edit(values):
         values[TARGET][3, 5] = value
 
     path = fisher_with(world, tmp_path, label, edit)
-    result, shards = run_stock_cli(world.recipe("fisher", fishers=[world.fishers[0], path]), tmp_path)
+    result, shards = run_stock_cli(
+        world.recipe("fisher", fishers=[world.fishers[0], path]), tmp_path
+    )
     assert_clean_failure(result, shards, path, TARGET, needle, world.models[1])
 
 
 def test_bad_values_are_caught_at_load_time_with_header_validation(world, tmp_path):
-    path = fisher_with(world, tmp_path, "nan_late", lambda v: v[TARGET].__setitem__((0, 0), float("nan")))
-    recipe = world.recipe("fisher", fishers=[world.fishers[0], path], shared={"fisher_validate": "headers"})
+    path = fisher_with(
+        world, tmp_path, "nan_late", lambda v: v[TARGET].__setitem__((0, 0), float("nan"))
+    )
+    recipe = world.recipe(
+        "fisher", fishers=[world.fishers[0], path], shared={"fisher_validate": "headers"}
+    )
     result, _shards = run_stock_cli(recipe, tmp_path)
     assert result.exit_code != 0
     assert "non-finite" in result.output and TARGET in result.output and path in result.output
@@ -124,24 +146,32 @@ def test_bad_values_are_caught_at_load_time_with_header_validation(world, tmp_pa
 
 def test_missing_tensor_is_an_error_by_default(world, tmp_path):
     path = fisher_with(world, tmp_path, "holey", lambda v: v.pop(TARGET))
-    result, shards = run_stock_cli(world.recipe("fisher", fishers=[world.fishers[0], path]), tmp_path)
+    result, shards = run_stock_cli(
+        world.recipe("fisher", fishers=[world.fishers[0], path]), tmp_path
+    )
     assert_clean_failure(result, shards, path, TARGET, "missing_fisher: uniform", world.models[1])
 
 
 def test_missing_tensor_uniform_uses_the_files_mean_level(world, tmp_path):
     path = fisher_with(world, tmp_path, "holey", lambda v: v.pop(TARGET))
-    recipe = world.recipe("fisher", fishers=[world.fishers[0], path], shared={"missing_fisher": "uniform"})
+    recipe = world.recipe(
+        "fisher", fishers=[world.fishers[0], path], shared={"missing_fisher": "uniform"}
+    )
     merged = run_recipe(recipe, str(tmp_path / "out"))
     m0, m1 = world.models
     values0 = world.fisher_values[m0]
     mean0 = torch.cat([v.double().flatten() for v in values0.values()]).mean()
     f0 = values0[TARGET].double() / mean0 + 1e-6
     f1 = 1.0 + 1e-6  # uniform at the file's mean level -> 1 after mean normalization
-    expected = (f0 * world.states[m0][TARGET].double() + f1 * world.states[m1][TARGET].double()) / (f0 + f1)
+    expected = (f0 * world.states[m0][TARGET].double() + f1 * world.states[m1][TARGET].double()) / (
+        f0 + f1
+    )
     torch.testing.assert_close(merged[TARGET].double(), expected, rtol=2e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("parameter,value", [("fisher_normalize", "median"), ("missing_fisher", "skip")])
+@pytest.mark.parametrize(
+    "parameter,value", [("fisher_normalize", "median"), ("missing_fisher", "skip")]
+)
 def test_unknown_shared_values(world, tmp_path, parameter, value):
     result, shards = run_stock_cli(world.recipe("fisher", shared={parameter: value}), tmp_path)
     assert_clean_failure(result, shards, parameter, repr(value))
@@ -155,17 +185,27 @@ def test_provenance_mismatch_is_a_warning_not_an_error(world, tmp_path, caplog):
 
 
 def test_missing_lm_head_is_not_replaced_by_the_embedding_fisher(world, tmp_path):
-    """mergekit lists the embedding as a tied name of lm_head even for untied models: the Fisher lookup must
-    not fall back to it, or an untied head silently gets the embedding's Fisher (same shape)."""
+    """mergekit lists the embedding as a tied name of lm_head even for untied models: the Fisher
+    lookup must not fall back to it, or an untied head silently gets the embedding's Fisher (same
+    shape)."""
     path = fisher_with(world, tmp_path, "no_head", lambda v: v.pop("lm_head.weight"))
-    result, shards = run_stock_cli(world.recipe("fisher", fishers=[world.fishers[0], path]), tmp_path)
+    result, shards = run_stock_cli(
+        world.recipe("fisher", fishers=[world.fishers[0], path]), tmp_path
+    )
     assert_clean_failure(result, shards, path, "lm_head.weight", "missing_fisher: uniform")
-    recipe = world.recipe("fisher", fishers=[world.fishers[0], path], shared={"missing_fisher": "uniform"})
+    recipe = world.recipe(
+        "fisher", fishers=[world.fishers[0], path], shared={"missing_fisher": "uniform"}
+    )
     merged = run_recipe(recipe, str(tmp_path / "out"))
     m0, m1 = world.models
     values0 = world.fisher_values[m0]
     mean0 = torch.cat([v.double().flatten() for v in values0.values()]).mean()
     f0 = values0["lm_head.weight"].double() / mean0 + 1e-6
     f1 = 1.0 + 1e-6  # uniform, not the embedding's Fisher
-    expected = (f0 * world.states[m0]["lm_head.weight"].double() + f1 * world.states[m1]["lm_head.weight"].double())
-    torch.testing.assert_close(merged["lm_head.weight"].double(), expected / (f0 + f1), rtol=2e-5, atol=1e-6)
+    expected = (
+        f0 * world.states[m0]["lm_head.weight"].double()
+        + f1 * world.states[m1]["lm_head.weight"].double()
+    )
+    torch.testing.assert_close(
+        merged["lm_head.weight"].double(), expected / (f0 + f1), rtol=2e-5, atol=1e-6
+    )

@@ -6,12 +6,12 @@ from __future__ import annotations
 import re
 
 import pytest
-import torch
-
 import tiny
+import torch
 from merge_world import World, run_recipe, wide_fisher
-from mergekit_fisher.fisher_file import FisherConfig, write_fisher
 from test_merge_methods import normalized_reference
+
+from mergekit_fisher.fisher_file import FisherConfig, write_fisher
 
 
 @pytest.fixture(scope="module")
@@ -31,14 +31,18 @@ def test_slices_with_layer_offsets(world, tmp_path):
         "merge_method": "fisher",
         "dtype": "float32",
         "slices": [
-            {"sources": [
-                {"model": m0, "layer_range": [1, 2], "parameters": {"fisher": f0}},
-                {"model": m1, "layer_range": [0, 1], "parameters": {"fisher": f1}},
-            ]},
-            {"sources": [
-                {"model": m0, "layer_range": [0, 1], "parameters": {"fisher": f0}},
-                {"model": m1, "layer_range": [1, 2], "parameters": {"fisher": f1}},
-            ]},
+            {
+                "sources": [
+                    {"model": m0, "layer_range": [1, 2], "parameters": {"fisher": f0}},
+                    {"model": m1, "layer_range": [0, 1], "parameters": {"fisher": f1}},
+                ]
+            },
+            {
+                "sources": [
+                    {"model": m0, "layer_range": [0, 1], "parameters": {"fisher": f0}},
+                    {"model": m1, "layer_range": [1, 2], "parameters": {"fisher": f1}},
+                ]
+            },
         ],
     }
     merged = run_recipe(recipe, str(tmp_path / "out"))
@@ -55,7 +59,10 @@ def test_slices_with_layer_offsets(world, tmp_path):
         else:
             n0 = n1 = name
         expected = fisher_average(
-            [world.states[m0][n0], world.states[m1][n1]], [norm[m0][n0], norm[m1][n1]], [1.0, 1.0], 1e-6
+            [world.states[m0][n0], world.states[m1][n1]],
+            [norm[m0][n0], norm[m1][n1]],
+            [1.0, 1.0],
+            1e-6,
         )
         torch.testing.assert_close(value.double(), expected, rtol=2e-5, atol=1e-6, msg=name)
         checked += 1
@@ -84,15 +91,21 @@ def test_tied_embeddings_use_the_stored_embedding_fisher(tmp_path, tokenizer_dir
     expected_head = fisher_average(
         [states[untied]["lm_head.weight"], states[tied]["model.embed_tokens.weight"]],
         [norm[untied]["lm_head.weight"], norm[tied]["model.embed_tokens.weight"]],
-        [1.0, 1.0], 1e-6,
+        [1.0, 1.0],
+        1e-6,
     )
-    torch.testing.assert_close(merged["lm_head.weight"].double(), expected_head, rtol=2e-5, atol=1e-6)
+    torch.testing.assert_close(
+        merged["lm_head.weight"].double(), expected_head, rtol=2e-5, atol=1e-6
+    )
     expected_embed = fisher_average(
         [states[untied]["model.embed_tokens.weight"], states[tied]["model.embed_tokens.weight"]],
         [norm[untied]["model.embed_tokens.weight"], norm[tied]["model.embed_tokens.weight"]],
-        [1.0, 1.0], 1e-6,
+        [1.0, 1.0],
+        1e-6,
     )
-    torch.testing.assert_close(merged["model.embed_tokens.weight"].double(), expected_embed, rtol=2e-5, atol=1e-6)
+    torch.testing.assert_close(
+        merged["model.embed_tokens.weight"].double(), expected_embed, rtol=2e-5, atol=1e-6
+    )
 
 
 def _word_tokenizer(path: str, tokens):
@@ -107,7 +120,8 @@ def _word_tokenizer(path: str, tokens):
 
 
 def test_vocabulary_rows_follow_the_tokenizer_merge(tmp_path):
-    """Two models whose tokenizers hold the same words at different ids (and one extra word each)."""
+    """Two models whose tokenizers hold the same words at different ids (and one extra word
+    each)."""
     words = [f"w{i}" for i in range(20)]
     specials = ["<pad>", "<unk>"]
     order_a = specials + words + ["only_a"]
@@ -118,7 +132,14 @@ def test_vocabulary_rows_follow_the_tokenizer_merge(tmp_path):
     for index, (label, order) in enumerate((("a", order_a), ("b", order_b))):
         path = str(tmp_path / label)
         _word_tokenizer(path, order)
-        tiny.make_llama(path, seed=index, vocab_size=len(order), pad_token_id=0, bos_token_id=None, eos_token_id=None)
+        tiny.make_llama(
+            path,
+            seed=index,
+            vocab_size=len(order),
+            pad_token_id=0,
+            bos_token_id=None,
+            eos_token_id=None,
+        )
         _word_tokenizer(path, order)
         paths[label] = path
         states[label] = tiny.state_dict_from_dir(path)
@@ -146,17 +167,23 @@ def test_vocabulary_rows_follow_the_tokenizer_merge(tmp_path):
             expected = fisher_average(
                 [states[k][name][ids[k][token]] for k in ("a", "b")],
                 [norm[k][name][ids[k][token]] for k in ("a", "b")],
-                [1.0, 1.0], 1e-6,
+                [1.0, 1.0],
+                1e-6,
             )
-            torch.testing.assert_close(merged[name][out_id].double(), expected, rtol=2e-5, atol=1e-6, msg=token)
+            torch.testing.assert_close(
+                merged[name][out_id].double(), expected, rtol=2e-5, atol=1e-6, msg=token
+            )
             checked += 1
         assert checked == len(specials) + len(words)
         # a token only one model has keeps that model's row (mergekit copies it to every input)
-        torch.testing.assert_close(merged[name][out_vocab["only_b"]], states["b"][name][ids["b"]["only_b"]])
+        torch.testing.assert_close(
+            merged[name][out_vocab["only_b"]], states["b"][name][ids["b"]["only_b"]]
+        )
 
 
 def test_lora_adapters_as_base_plus_adapter_references(tmp_path, tokenizer_dir):
-    """`base+adapter` models, merged by mergekit with --lora-merge-cache; Fisher under the base's names."""
+    """`base+adapter` models, merged by mergekit with --lora-merge-cache; Fisher under the base's
+    names."""
     from peft import LoraConfig, get_peft_model
 
     base_dir = str(tmp_path / "base")
@@ -166,11 +193,15 @@ def test_lora_adapters_as_base_plus_adapter_references(tmp_path, tokenizer_dir):
         torch.manual_seed(10 + index)
         peft_model = get_peft_model(
             tiny.make_llama(seed=0),
-            LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False),
+            LoraConfig(
+                r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False
+            ),
         )
         adapter_dir = str(tmp_path / f"adapter{index}")
         peft_model.save_pretrained(adapter_dir)
-        dense = {k: v.detach().clone() for k, v in peft_model.merge_and_unload().state_dict().items()}
+        dense = {
+            k: v.detach().clone() for k, v in peft_model.merge_and_unload().state_dict().items()
+        }
         dense_states.append(dense)
         values.append(wide_fisher(tiny.state_dict_from_dir(base_dir), seed=90 + index))
         fishers.append(str(tmp_path / f"fisher{index}"))
@@ -186,16 +217,26 @@ def test_lora_adapters_as_base_plus_adapter_references(tmp_path, tokenizer_dir):
     }
     merged = run_recipe(recipe, str(tmp_path / "out"), lora_merge_cache=str(tmp_path / "cache"))
     norm = [normalized_reference(v, "mean") for v in values]
-    name = "model.layers.1.self_attn.q_proj.weight"
-    assert not torch.allclose(dense_states[0][name], base.state_dict()[name])  # the adapters do change it
-    for name in (name, "model.layers.0.self_attn.v_proj.weight", "model.layers.0.mlp.up_proj.weight"):
-        expected = fisher_average([s[name] for s in dense_states], [n[name] for n in norm], [1.0, 1.0], 1e-6)
+    changed = "model.layers.1.self_attn.q_proj.weight"
+    # the adapters do change it
+    assert not torch.allclose(dense_states[0][changed], base.state_dict()[changed])
+    for name in (
+        changed,
+        "model.layers.0.self_attn.v_proj.weight",
+        "model.layers.0.mlp.up_proj.weight",
+    ):
+        expected = fisher_average(
+            [s[name] for s in dense_states], [n[name] for n in norm], [1.0, 1.0], 1e-6
+        )
         torch.testing.assert_close(merged[name].double(), expected, rtol=2e-5, atol=1e-6, msg=name)
 
 
-def test_unsafe_truncation_follows_the_smallest_vocabulary_including_the_base(tmp_path, tokenizer_dir):
-    """fisher_ties with --unsafe-truncate-embeddings when the base has the smallest vocabulary: the Fisher
-    rows are cut like mergekit cuts the weights; with identical Fishers the result equals mergekit's ties."""
+def test_unsafe_truncation_follows_the_smallest_vocabulary_including_the_base(
+    tmp_path, tokenizer_dir
+):
+    """fisher_ties with --unsafe-truncate-embeddings when the base has the smallest vocabulary: the
+    Fisher rows are cut like mergekit cuts the weights; with identical Fishers the result equals
+    mergekit's ties."""
     base = str(tmp_path / "base")
     tiny.make_llama(base, seed=0, vocab_size=290)
     models = []
@@ -206,13 +247,21 @@ def test_unsafe_truncation_follows_the_smallest_vocabulary_including_the_base(tm
     same = str(tmp_path / "fisher")
     write_fisher(wide_fisher(tiny.state_dict_from_dir(models[0]), seed=5), same)
     recipe = lambda method, with_fisher: {  # noqa: E731
-        "merge_method": method, "dtype": "float32", "base_model": base,
+        "merge_method": method,
+        "dtype": "float32",
+        "base_model": base,
         "parameters": {"density": 1.0},
-        "models": [{"model": m, "parameters": {"weight": 1.0, **({"fisher": same} if with_fisher else {})}}
-                   for m in models],
+        "models": [
+            {"model": m, "parameters": {"weight": 1.0, **({"fisher": same} if with_fisher else {})}}
+            for m in models
+        ],
     }
-    ours = run_recipe(recipe("fisher_ties", True), str(tmp_path / "ours"), unsafe_truncate_embeddings=True)
-    theirs = run_recipe(recipe("ties", False), str(tmp_path / "theirs"), unsafe_truncate_embeddings=True)
+    ours = run_recipe(
+        recipe("fisher_ties", True), str(tmp_path / "ours"), unsafe_truncate_embeddings=True
+    )
+    theirs = run_recipe(
+        recipe("ties", False), str(tmp_path / "theirs"), unsafe_truncate_embeddings=True
+    )
     assert ours["model.embed_tokens.weight"].shape[0] == 290
     for name in theirs:
         torch.testing.assert_close(ours[name], theirs[name], rtol=1e-5, atol=1e-6, msg=name)

@@ -9,10 +9,10 @@ import shutil
 
 import pytest
 import torch
-
 from merge_world import World, run_recipe
-from mergekit_fisher.fisher_file import FisherConfig, write_fisher
 from test_merge_errors import assert_clean_failure, run_stock_cli
+
+from mergekit_fisher.fisher_file import FisherConfig, write_fisher
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +30,13 @@ def _edit(recipe, where, key, value):
 
 BAD_PARAMETERS = [
     # (method, where, key, value, needles in the one Error: line)
-    ("fisher", "shared", "fisher_normalise", "l2", ["`fisher_normalise`", "did you mean `fisher_normalize`"]),
+    (
+        "fisher",
+        "shared",
+        "fisher_normalise",
+        "l2",
+        ["`fisher_normalise`", "did you mean `fisher_normalize`"],
+    ),
     ("fisher", "shared", "fisher_flor", 0.1, ["`fisher_flor`", "did you mean `fisher_floor`"]),
     ("fisher", 1, "wieght", 2.0, ["`wieght`", "did you mean `weight`", "parameters of model"]),
     ("fisher", "shared", "density", 0.5, ["`density`", "fisher takes"]),
@@ -43,8 +49,11 @@ BAD_PARAMETERS = [
 ]
 
 
-@pytest.mark.parametrize("method,where,key,value,needles", BAD_PARAMETERS,
-                         ids=[f"{m}-{k}-{v}" for m, _w, k, v, _n in BAD_PARAMETERS])
+@pytest.mark.parametrize(
+    "method,where,key,value,needles",
+    BAD_PARAMETERS,
+    ids=[f"{m}-{k}-{v}" for m, _w, k, v, _n in BAD_PARAMETERS],
+)
 def test_bad_recipe_parameter_is_refused(world, tmp_path, method, where, key, value, needles):
     base = world.base if method != "fisher" else None
     recipe = _edit(world.recipe(method, base=base), where, key, value)
@@ -67,9 +76,13 @@ def test_negative_weights_with_the_opt_in_merge_as_task_negation(world, tmp_path
     """fisher_task_arithmetic with identical Fishers and weight -1 is mergekit's task negation."""
     same = [world.fishers[0]] * 2
     kwargs = dict(weights=[-1.0, 0.5], base=world.base, fishers=same)
-    ours = run_recipe(world.recipe("fisher_task_arithmetic", shared={"allow_negative_weights": True}, **kwargs),
-                      str(tmp_path / "ours"))
-    theirs = run_recipe(world.recipe("task_arithmetic", **{**kwargs, "fishers": False}), str(tmp_path / "theirs"))
+    ours = run_recipe(
+        world.recipe("fisher_task_arithmetic", shared={"allow_negative_weights": True}, **kwargs),
+        str(tmp_path / "ours"),
+    )
+    theirs = run_recipe(
+        world.recipe("task_arithmetic", **{**kwargs, "fishers": False}), str(tmp_path / "theirs")
+    )
     for name, value in theirs.items():
         torch.testing.assert_close(ours[name], value, rtol=1e-5, atol=1e-6, msg=name)
 
@@ -94,15 +107,23 @@ def _recorded(path: str) -> dict:
 def test_stats_that_disagree_with_the_values_are_an_error(world, tmp_path, factor):
     recorded = _recorded(world.fishers[1])
     assert recorded["sum"] > 0  # the writer records them: the check has something to compare
-    doctored = _doctored_copy(world.fishers[1], str(tmp_path / "doctored"), sum=recorded["sum"] * factor)
-    result, shards = run_stock_cli(world.recipe("fisher", fishers=[world.fishers[0], doctored]), tmp_path)
-    assert_clean_failure(result, shards, "global statistics", "doctored", str(recorded["sum"] * factor))
+    doctored = _doctored_copy(
+        world.fishers[1], str(tmp_path / "doctored"), sum=recorded["sum"] * factor
+    )
+    result, shards = run_stock_cli(
+        world.recipe("fisher", fishers=[world.fishers[0], doctored]), tmp_path
+    )
+    assert_clean_failure(
+        result, shards, "global statistics", "doctored", str(recorded["sum"] * factor)
+    )
 
 
 def test_impossible_stats_are_an_error_without_a_scan(world, tmp_path):
     recorded = _recorded(world.fishers[1])
     doctored = _doctored_copy(world.fishers[1], str(tmp_path / "doctored"), sum=-recorded["sum"])
-    recipe = world.recipe("fisher", fishers=[world.fishers[0], doctored], shared={"fisher_validate": "headers"})
+    recipe = world.recipe(
+        "fisher", fishers=[world.fishers[0], doctored], shared={"fisher_validate": "headers"}
+    )
     result, shards = run_stock_cli(recipe, tmp_path)
     assert_clean_failure(result, shards, "impossible global statistics", "doctored")
 
@@ -111,16 +132,17 @@ def test_adapter_space_fisher_in_a_dense_merge_is_an_error(world, tmp_path):
     adapter = str(tmp_path / "adapter_space")
     values = {k: v.clone() for k, v in world.fisher_values[world.models[1]].items()}
     write_fisher(values, adapter, FisherConfig(model=world.models[1], space="adapter"))
-    result, shards = run_stock_cli(world.recipe("fisher", fishers=[world.fishers[0], adapter]), tmp_path)
+    result, shards = run_stock_cli(
+        world.recipe("fisher", fishers=[world.fishers[0], adapter]), tmp_path
+    )
     assert_clean_failure(result, shards, "adapter space", "adapter_space", "--space dense")
 
 
 def _run_yaml(recipe, tmp_path, *extra):
     """Like run_stock_cli, but with mergekit-yaml's own options (model card on by default)."""
     from click.testing import CliRunner
-    from mergekit.scripts.run_yaml import main as mergekit_yaml
-
     from merge_world import write_recipe
+    from mergekit.scripts.run_yaml import main as mergekit_yaml
 
     path = write_recipe(recipe, str(tmp_path / "recipe.yml"))
     out = tmp_path / "out"
@@ -153,8 +175,13 @@ def test_relative_model_path_with_a_model_card(world, tmp_path, monkeypatch):
     monkeypatch.chdir(os.path.dirname(world.models[0]))
     recipe = world.recipe("fisher", models=[os.path.basename(m) for m in world.models])
     result, shards = _run_yaml(recipe, tmp_path)
-    assert_clean_failure(result, shards, "relative model path", "--no-write-model-card",
-                         f"write it as '{os.path.dirname(os.path.abspath(world.models[0]))}{os.sep}model")
+    assert_clean_failure(
+        result,
+        shards,
+        "relative model path",
+        "--no-write-model-card",
+        f"write it as '{os.path.dirname(os.path.abspath(world.models[0]))}{os.sep}model",
+    )
     # without a card, the relative paths merge as mergekit resolves them
     result, shards = _run_yaml(recipe, tmp_path, "--no-write-model-card")
     assert result.exit_code == 0, result.output

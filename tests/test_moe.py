@@ -10,13 +10,13 @@ from __future__ import annotations
 import os
 
 import pytest
+import tiny
 import torch
+from estimator_helpers import assert_fisher_close, compute, lm_reference_examples
+from merge_world import run_recipe, wide_fisher
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-import tiny
-from estimator_helpers import assert_fisher_close, compute, lm_reference_examples
-from merge_world import run_recipe, wide_fisher, write_recipe
 from mergekit_fisher.fisher_file import FisherConfig, write_fisher
 
 ROWS = [{"text": text} for text in tiny.CORPUS[:5]]
@@ -33,15 +33,25 @@ FAMILIES = {
     ),
     "qwen3_moe": (
         "Qwen3MoeConfig",
-        dict(intermediate_size=48, moe_intermediate_size=24, num_experts=EXPERTS, num_experts_per_tok=2),
+        dict(
+            intermediate_size=48,
+            moe_intermediate_size=24,
+            num_experts=EXPERTS,
+            num_experts_per_tok=2,
+        ),
         "model.layers.{l}.mlp.experts.{e}.{part}.weight",
         {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"},
         ("model.layers.{l}.mlp.gate.weight", "model.layers.{l}.mlp.gate.weight"),
     ),
     "qwen2_moe": (
         "Qwen2MoeConfig",
-        dict(intermediate_size=48, moe_intermediate_size=24, shared_expert_intermediate_size=40,
-             num_experts=EXPERTS, num_experts_per_tok=2),
+        dict(
+            intermediate_size=48,
+            moe_intermediate_size=24,
+            shared_expert_intermediate_size=40,
+            num_experts=EXPERTS,
+            num_experts_per_tok=2,
+        ),
         "model.layers.{l}.mlp.experts.{e}.{part}.weight",
         {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"},
         ("model.layers.{l}.mlp.gate.weight", "model.layers.{l}.mlp.gate.weight"),
@@ -56,8 +66,14 @@ def make_moe(family: str, out_dir: str, tokenizer_dir: str, seed: int = 0):
     config_name, extra, *_ = FAMILIES[family]
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     config = getattr(transformers, config_name)(
-        vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=LAYERS, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=128, pad_token_id=tokenizer.pad_token_id, **extra,
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        pad_token_id=tokenizer.pad_token_id,
+        **extra,
     )
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config)
@@ -111,8 +127,15 @@ def test_compute_writes_stored_expert_tensors_equal_to_brute_force(family, tmp_p
     model_dir = str(tmp_path / family)
     make_moe(family, model_dir, tokenizer_dir)
     data = tiny.write_jsonl(str(tmp_path / "d.jsonl"), ROWS)
-    got = compute(model_dir, str(tmp_path / "f"), data, fisher_type="empirical", batch_size=2,
-                  dtype="float64", accumulator_dtype="float64")
+    got = compute(
+        model_dir,
+        str(tmp_path / "f"),
+        data,
+        fisher_type="empirical",
+        batch_size=2,
+        dtype="float64",
+        accumulator_dtype="float64",
+    )
     with safe_open(os.path.join(model_dir, "model.safetensors"), "pt") as handle:
         stored = set(handle.keys())
     assert set(got) == stored  # exactly the checkpoint's names, no fused in-memory name
@@ -200,8 +223,12 @@ def test_moe_fisher_without_an_expert_is_a_plan_time_error(tmp_path, tokenizer_d
     recipe = {
         "merge_method": "fisher",
         "dtype": "float32",
-        "models": [{"model": models[0], "parameters": {"fisher": fishers[0]}},
-                   {"model": models[1], "parameters": {"fisher": str(tmp_path / "holey")}}],
+        "models": [
+            {"model": models[0], "parameters": {"fisher": fishers[0]}},
+            {"model": models[1], "parameters": {"fisher": str(tmp_path / "holey")}},
+        ],
     }
     result, shards = run_stock_cli(recipe, tmp_path)
-    assert_clean_failure(result, shards, "model.layers.1.mlp.experts.gate_up_proj", "checkpoint conversion")
+    assert_clean_failure(
+        result, shards, "model.layers.1.mlp.experts.gate_up_proj", "checkpoint conversion"
+    )

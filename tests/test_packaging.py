@@ -18,7 +18,9 @@ def wheel(tmp_path_factory):
     out = tmp_path_factory.mktemp("wheel")
     result = subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(out), ROOT],
-        capture_output=True, text=True, timeout=600,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert result.returncode == 0, result.stderr
     (path,) = [p for p in out.iterdir() if p.suffix == ".whl"]
@@ -27,7 +29,11 @@ def wheel(tmp_path_factory):
 
 def test_wheel_ships_recipes_licenses_and_the_hook(wheel):
     names = set(zipfile.ZipFile(wheel).namelist())
-    shipped = sorted(f for f in os.listdir(os.path.join(ROOT, "mergekit_fisher", "recipes")) if f.endswith(".yml"))
+    shipped = sorted(
+        f
+        for f in os.listdir(os.path.join(ROOT, "mergekit_fisher", "recipes"))
+        if f.endswith(".yml")
+    )
     assert shipped and all(f"mergekit_fisher/recipes/{f}" in names for f in shipped)
     assert "mergekit_fisher.pth" in names
     licenses = {n.rsplit("/", 1)[-1] for n in names if "/licenses/" in n}
@@ -37,8 +43,20 @@ def test_wheel_ships_recipes_licenses_and_the_hook(wheel):
 def test_recipes_command_from_the_installed_wheel(wheel, tmp_path):
     site = tmp_path / "site"
     install = subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(site), str(wheel)],
-        capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--no-deps",
+            "-q",
+            "--target",
+            str(site),
+            str(wheel),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert install.returncode == 0, install.stderr
     env = {**os.environ, "PYTHONPATH": str(site), "MERGEKIT_FISHER_NO_HOOK": "1"}
@@ -47,11 +65,19 @@ def test_recipes_command_from_the_installed_wheel(wheel, tmp_path):
         "mergekit_fisher.__file__; from mergekit_fisher.cli import main; "
         "main(['recipes', 'fisher_ties', '--out', sys.argv[2]])"
     )
-    run = subprocess.run([sys.executable, "-c", code, str(site), str(tmp_path / "out")],
-                         capture_output=True, text=True, env=env, timeout=120, cwd=str(tmp_path))
+    run = subprocess.run(
+        [sys.executable, "-c", code, str(site), str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+        cwd=str(tmp_path),
+    )
     assert run.returncode == 0, run.stderr
     written = (tmp_path / "out" / "fisher_ties.yml").read_text()
-    with open(os.path.join(ROOT, "mergekit_fisher", "recipes", "fisher_ties.yml"), encoding="utf-8") as fp:
+    with open(
+        os.path.join(ROOT, "mergekit_fisher", "recipes", "fisher_ties.yml"), encoding="utf-8"
+    ) as fp:
         assert written == fp.read()
 
 
@@ -60,7 +86,11 @@ def test_recipes_command_lists_prints_and_refuses(tmp_path):
 
     from mergekit_fisher.cli import main
 
-    shipped = sorted(f[:-4] for f in os.listdir(os.path.join(ROOT, "mergekit_fisher", "recipes")) if f.endswith(".yml"))
+    shipped = sorted(
+        f[:-4]
+        for f in os.listdir(os.path.join(ROOT, "mergekit_fisher", "recipes"))
+        if f.endswith(".yml")
+    )
     listing = CliRunner().invoke(main, ["recipes"])
     assert listing.exit_code == 0
     assert [line.split()[0] for line in listing.output.splitlines()] == shipped

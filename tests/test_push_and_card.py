@@ -9,8 +9,8 @@ import pytest
 import torch
 import yaml
 from click.testing import CliRunner
-
 from merge_world import World, run_recipe
+
 from mergekit_fisher.fisher_file import FisherConfig, write_fisher
 
 
@@ -32,8 +32,14 @@ def test_card_front_matter_and_its_recipe_merges_as_written(world, tmp_path):
     from mergekit_fisher.fisher_file import open_fisher
     from mergekit_fisher.fisher_file.card import render_card
 
-    config = FisherConfig(model="meta-llama/Llama-3.2-1B", dataset="org/math-data", fisher_type="empirical",
-                          num_examples=512, num_tokens=90_000, seed=3)
+    config = FisherConfig(
+        model="meta-llama/Llama-3.2-1B",
+        dataset="org/math-data",
+        fisher_type="empirical",
+        num_examples=512,
+        num_tokens=90_000,
+        seed=3,
+    )
     card = render_card(config, "my-org/llama-math-fisher")
     meta = _front_matter(card)
     assert meta["library_name"] == "mergekit-fisher"
@@ -44,8 +50,14 @@ def test_card_front_matter_and_its_recipe_merges_as_written(world, tmp_path):
     # the card of a real Fisher: its snippet, with only the placeholder model filled in, merges
     local = open_fisher(world.fishers[0])
     recipe = _snippet(render_card(local.config, world.fishers[0]))
-    assert recipe["models"][0] == {"model": world.models[0], "parameters": {"weight": 1.0, "fisher": world.fishers[0]}}
-    recipe["models"][1] = {"model": world.models[1], "parameters": {"weight": 1.0, "fisher": world.fishers[1]}}
+    assert recipe["models"][0] == {
+        "model": world.models[0],
+        "parameters": {"weight": 1.0, "fisher": world.fishers[0]},
+    }
+    recipe["models"][1] = {
+        "model": world.models[1],
+        "parameters": {"weight": 1.0, "fisher": world.fishers[1]},
+    }
     recipe["dtype"] = "float32"
     merged = run_recipe(recipe, str(tmp_path / "out"))
     expected = run_recipe(world.recipe("fisher"), str(tmp_path / "expected"))
@@ -84,8 +96,19 @@ def test_push_sends_every_file_and_a_card(world, tmp_path, monkeypatch):
 
     hub = FakeHub().install(monkeypatch)
     before = sorted(os.listdir(world.fishers[0]))
-    result = CliRunner().invoke(main, ["push", world.fishers[0], "my-org/fishers", "--revision", "v1",
-                                       "--path-in-repo", "math", "--private"])
+    result = CliRunner().invoke(
+        main,
+        [
+            "push",
+            world.fishers[0],
+            "my-org/fishers",
+            "--revision",
+            "v1",
+            "--path-in-repo",
+            "math",
+            "--private",
+        ],
+    )
     assert result.exit_code == 0, result.output
     names = [name for name, _a, _k in hub.calls]
     assert names == ["create_repo", "create_branch", "create_commit"]
@@ -109,7 +132,11 @@ def test_push_refuses_a_fisher_that_fails_inspect_check(world, tmp_path, monkeyp
     values = {k: v.clone() for k, v in world.fisher_values[world.models[0]].items()}
     next(iter(values.values()))[0] = float("nan")
     bad = str(tmp_path / "bad")
-    write_fisher(values, bad, FisherConfig(model=world.models[0]), )
+    write_fisher(
+        values,
+        bad,
+        FisherConfig(model=world.models[0]),
+    )
     result = CliRunner().invoke(main, ["push", bad, "my-org/fishers"])
     assert result.exit_code == 2 and result.output.count("Error:") == 1
     assert "inspect" in result.output and "nothing was uploaded" in result.output
@@ -118,6 +145,7 @@ def test_push_refuses_a_fisher_that_fails_inspect_check(world, tmp_path, monkeyp
 
 def test_compute_push_to_hub_uploads_the_new_fisher(tmp_path, tokenizer_dir, monkeypatch):
     import tiny
+
     from mergekit_fisher.cli import main
 
     hub = FakeHub().install(monkeypatch)
@@ -125,8 +153,21 @@ def test_compute_push_to_hub_uploads_the_new_fisher(tmp_path, tokenizer_dir, mon
     tiny.make_llama(model, seed=2, tokenizer_dir=tokenizer_dir)
     data = tiny.write_jsonl(str(tmp_path / "d.jsonl"), [{"text": t} for t in tiny.CORPUS[:3]])
     out = str(tmp_path / "fisher")
-    result = CliRunner().invoke(main, ["compute", model, out, "--data", data, "--fisher-type", "empirical",
-                                       "--no-progress", "--push-to-hub", "my-org/lm-fisher"])
+    result = CliRunner().invoke(
+        main,
+        [
+            "compute",
+            model,
+            out,
+            "--data",
+            data,
+            "--fisher-type",
+            "empirical",
+            "--no-progress",
+            "--push-to-hub",
+            "my-org/lm-fisher",
+        ],
+    )
     assert result.exit_code == 0, result.output
     _n, args, kwargs = hub.calls[-1]
     assert args == ("my-org/lm-fisher",)

@@ -1,4 +1,5 @@
-"""Recipes parse and name known methods/parameters; the start-up hook and the CLIs work as installed."""
+"""Recipes parse and name known methods/parameters; the start-up hook and the CLIs work as
+installed."""
 
 from __future__ import annotations
 
@@ -9,7 +10,6 @@ import sys
 
 import pytest
 import yaml
-
 from merge_world import World, write_recipe
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -21,8 +21,11 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 def test_there_are_recipes_for_every_documented_case():
     names = {os.path.basename(p) for p in RECIPES}
     assert {
-        "fisher_two_finetunes.yml", "fisher_ties.yml", "fisher_dare_ties.yml",
-        "fisher_lora_adapters.yml", "fisher_robust_finetuning.yml",
+        "fisher_two_finetunes.yml",
+        "fisher_ties.yml",
+        "fisher_dare_ties.yml",
+        "fisher_lora_adapters.yml",
+        "fisher_robust_finetuning.yml",
     } <= names
 
 
@@ -52,11 +55,19 @@ def test_every_recipe_loads(path):
 
 
 def _python(code: str, **env):
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**ENV, **env}, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env={**ENV, **env},
+        timeout=300,
+    )
 
 
 def test_hook_imports_nothing_heavy_at_startup():
-    result = _python("import sys; print(sorted(m for m in ('torch', 'mergekit', 'click') if m in sys.modules))")
+    result = _python(
+        "import sys; print(sorted(m for m in ('torch', 'mergekit', 'click') if m in sys.modules))"
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
 
@@ -71,16 +82,19 @@ def test_hook_registers_methods_when_mergekit_is_imported():
 
 
 def test_hook_can_be_turned_off():
-    result = _python("from mergekit import merge_methods; merge_methods.get('fisher')", MERGEKIT_FISHER_NO_HOOK="1")
+    result = _python(
+        "from mergekit import merge_methods; merge_methods.get('fisher')",
+        MERGEKIT_FISHER_NO_HOOK="1",
+    )
     assert result.returncode != 0
     assert "Unimplemented merge method fisher" in result.stderr
 
 
 def _merge_spying_on_the_planner(recipe: dict, out: str, monkeypatch):
-    """Run mergekit's own `run_merge` with two spies: on the task constructor its planner calls for each
-    output tensor (`mergekit.plan.ExecuteMergeMethodTask`, our hook once registered) and on
-    `MergePlanner._plan` (which `explain` calls to plan without executing). Returns (calls, planned):
-    [(constructor kwargs, task built)] and the planner's `_tensors` after `_plan()`."""
+    """Run mergekit's own `run_merge` with two spies: on the task constructor its planner calls for
+    each output tensor (`mergekit.plan.ExecuteMergeMethodTask`, our hook once registered) and on
+    `MergePlanner._plan` (which `explain` calls to plan without executing). Returns (calls,
+    planned): [(constructor kwargs, task built)] and the planner's `_tensors` after `_plan()`."""
     from mergekit import plan
     from mergekit.config import MergeConfiguration
     from mergekit.merge import run_merge
@@ -105,25 +119,35 @@ def _merge_spying_on_the_planner(recipe: dict, out: str, monkeypatch):
     with monkeypatch.context() as patch:
         patch.setattr(plan, "ExecuteMergeMethodTask", spy_constructor)
         patch.setattr(plan.MergePlanner, "_plan", spy_plan)
-        run_merge(MergeConfiguration.model_validate(recipe), out, MergeOptions(quiet=True, write_model_card=False))
+        run_merge(
+            MergeConfiguration.model_validate(recipe),
+            out,
+            MergeOptions(quiet=True, write_model_card=False),
+        )
     return calls, planned
 
 
-def test_planner_builds_each_merge_task_through_the_hook_with_what_it_needs(world, tmp_path, monkeypatch):
-    """What the planner hook relies on in mergekit, observed in a real merge: the planner builds one merge
-    task per output tensor through `mergekit.plan.ExecuteMergeMethodTask` (which the hook replaces), by
-    keyword, with the method, each input's tensor (`gather_tensors.weight_info`), the model order, the
-    base, the shared and per-input parameters and the output weight; Fisher methods get a task with one
-    more graph dependency than mergekit's own, other methods mergekit's own task; and `_plan()` leaves
-    (WeightInfo, task) pairs in `_tensors` -- the very tasks built -- for `explain`."""
-    from mergekit.merge_methods.task_adapter import ExecuteMergeMethodTask
-
+def test_planner_builds_each_merge_task_through_the_hook_with_what_it_needs(
+    world, tmp_path, monkeypatch
+):
+    """What the planner hook relies on in mergekit, observed in a real merge: the planner builds one
+    merge task per output tensor through `mergekit.plan.ExecuteMergeMethodTask` (which the hook
+    replaces), by keyword, with the method, each input's tensor (`gather_tensors.weight_info`), the
+    model order, the base, the shared and per-input parameters and the output weight; Fisher methods
+    get a task with one more graph dependency than mergekit's own, other methods mergekit's own
+    task; and `_plan()` leaves (WeightInfo, task) pairs in `_tensors` -- the very tasks built -- for
+    `explain`."""
     import tiny
+    from mergekit.merge_methods.task_adapter import ExecuteMergeMethodTask
 
     names = set(tiny.state_dict_from_dir(world.base))
     weights = dict(zip(world.models, [0.3, 0.7]))
-    recipe = world.recipe("fisher_ties", weights=list(weights.values()), base=world.base,
-                          shared={"density": 0.5, "fisher_normalize": "l2"})
+    recipe = world.recipe(
+        "fisher_ties",
+        weights=list(weights.values()),
+        base=world.base,
+        shared={"density": 0.5, "fisher_normalize": "l2"},
+    )
     calls, planned = _merge_spying_on_the_planner(recipe, str(tmp_path / "fisher"), monkeypatch)
     assert glob.glob(str(tmp_path / "fisher" / "*.safetensors"))  # the merge ran to the end
     assert sorted(kwargs["output_weight"].name for kwargs, _task in calls) == sorted(names)
@@ -133,21 +157,36 @@ def test_planner_builds_each_merge_task_through_the_hook_with_what_it_needs(worl
         assert kwargs["method_name"] == "fisher_ties"
         assert str(kwargs["base_model"].model.path) == world.base
         assert {str(m.model.path) for m in kwargs["model_order"]} == everyone
-        gathered = {str(m.model.path): info.name for m, info in kwargs["gather_tensors"].weight_info.items()}
+        gathered = {
+            str(m.model.path): info.name for m, info in kwargs["gather_tensors"].weight_info.items()
+        }
         assert gathered == {path: name for path in everyone}
         assert kwargs["parameters"]["fisher_normalize"] == "l2"
         per_input = {str(m.model.path): dict(p) for m, p in kwargs["input_parameters"].items()}
         for model, fisher in zip(world.models, world.fishers):
-            assert per_input[model]["weight"] == weights[model] and per_input[model]["fisher"] == fisher
+            assert (
+                per_input[model]["weight"] == weights[model]
+                and per_input[model]["fisher"] == fisher
+            )
         assert isinstance(task, ExecuteMergeMethodTask) and type(task) is not ExecuteMergeMethodTask
     assert sorted((info.name, id(task)) for info, task in planned) == sorted(
         (kwargs["output_weight"].name, id(task)) for kwargs, task in calls
     )
 
-    plain, _ = _merge_spying_on_the_planner(world.recipe("ties", weights=list(weights.values()), base=world.base,
-                                                         fishers=False, shared={"density": 0.5}),
-                                            str(tmp_path / "ties"), monkeypatch)
-    assert len(plain) == len(names) and all(type(task) is ExecuteMergeMethodTask for _kwargs, task in plain)
+    plain, _ = _merge_spying_on_the_planner(
+        world.recipe(
+            "ties",
+            weights=list(weights.values()),
+            base=world.base,
+            fishers=False,
+            shared={"density": 0.5},
+        ),
+        str(tmp_path / "ties"),
+        monkeypatch,
+    )
+    assert len(plain) == len(names) and all(
+        type(task) is ExecuteMergeMethodTask for _kwargs, task in plain
+    )
     mergekit_dependencies = set(plain[0][1].arguments())
     assert all(set(task.arguments()) > mergekit_dependencies for _kwargs, task in calls)
 
@@ -181,7 +220,10 @@ def test_direct_call_without_any_fisher_is_the_namesake_method(caplog):
     generator = torch.Generator().manual_seed(0)
     models = [{"w": torch.randn(4, 6, generator=generator)} for _ in range(3)]
     for ours, theirs, base in (("fisher", "linear", None), ("fisher_ties", "ties", 0)):
-        kwargs = {"base": base, "parameters": {"weight": [0.2, 0.3, 0.5][: 3 if base is None else 2]}}
+        kwargs = {
+            "base": base,
+            "parameters": {"weight": [0.2, 0.3, 0.5][: 3 if base is None else 2]},
+        }
         if base is not None:
             kwargs["parameters"]["density"] = 0.7
         with caplog.at_level("WARNING"):
@@ -202,7 +244,10 @@ def test_fisher_tensors_reach_the_kernel_as_its_fisher_parameter():
     register()
     a, b = torch.tensor([0.0, 10.0]), torch.tensor([4.0, 20.0])
     group = TensorGroup.from_tensors([a, b], name="x")
-    parameters = {"fisher": [torch.tensor([3.0, 1.0]), torch.tensor([1.0, 1.0])], "weight": [1.0, 2.0]}
+    parameters = {
+        "fisher": [torch.tensor([3.0, 1.0]), torch.tensor([1.0, 1.0])],
+        "weight": [1.0, 2.0],
+    }
     (merged,) = merge_methods.get("fisher")((group,), parameters=parameters)
     # (1·3·0 + 2·1·4) / (3 + 2) = 1.6 ; (1·10 + 2·20) / 3
     torch.testing.assert_close(merged, torch.tensor([1.6, 50.0 / 3.0]))
@@ -214,10 +259,16 @@ def world(tmp_path_factory):
 
 
 def test_stock_mergekit_yaml_subprocess_and_model_card(world, tmp_path):
-    recipe = write_recipe(world.recipe("fisher_ties", base=world.base, shared={"density": 0.5}), str(tmp_path / "r.yml"))
+    recipe = write_recipe(
+        world.recipe("fisher_ties", base=world.base, shared={"density": 0.5}),
+        str(tmp_path / "r.yml"),
+    )
     out = str(tmp_path / "out")
     result = subprocess.run(
-        [os.path.join(BIN, "mergekit-yaml"), recipe, out, "--quiet"], capture_output=True, text=True, env=ENV,
+        [os.path.join(BIN, "mergekit-yaml"), recipe, out, "--quiet"],
+        capture_output=True,
+        text=True,
+        env=ENV,
         timeout=300,
     )
     assert result.returncode == 0, result.stderr
@@ -235,8 +286,20 @@ def test_mergekit_fisher_merge_works_without_the_pth_hook(world, tmp_path):
     out = str(tmp_path / "out")
     env = {"MERGEKIT_FISHER_NO_HOOK": "1"}
     result = subprocess.run(
-        [sys.executable, "-m", "mergekit_fisher", "merge", recipe, out, "--quiet", "--no-write-model-card"],
-        capture_output=True, text=True, env={**ENV, **env}, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "mergekit_fisher",
+            "merge",
+            recipe,
+            out,
+            "--quiet",
+            "--no-write-model-card",
+        ],
+        capture_output=True,
+        text=True,
+        env={**ENV, **env},
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr
     merged = tiny.state_dict_from_dir(out)

@@ -17,21 +17,40 @@ POSITIVE_INT, POSITIVE_FLOAT = click.IntRange(min=1), FiniteFloatRange(min=0, mi
 
 
 def _option(name: str, help_text: str, **extra):
-    """A size or rate of the demo: default None, so --tiny's value applies unless the option is given."""
+    """A size or rate of the demo: default None, so --tiny's value applies unless the option is
+    given."""
     default = getattr(DEFAULTS, name)
     kind = POSITIVE_INT if isinstance(default, int) else POSITIVE_FLOAT
-    return click.option(f"--{name.replace('_', '-')}", name, type=kind, default=None,
-                        help=f"{help_text} [default: {default}; --tiny: {TINY.get(name, default)}]", **extra)
+    return click.option(
+        f"--{name.replace('_', '-')}",
+        name,
+        type=kind,
+        default=None,
+        help=f"{help_text} [default: {default}; --tiny: {TINY.get(name, default)}]",
+        **extra,
+    )
 
 
 @click.command("demo")
 @verbosity_options
 @click.argument("workdir", default="fisher-demo", type=click.Path(file_okay=False))
-@click.option("--seed", type=int, default=DEFAULTS.seed, show_default=True, help="one seed for data split, training, Fisher and DARE")
-@click.option("--domains", type=CommaList(EnumChoice(Domain)), multiple=True, callback=flatten,
-              default=[str(name) for name in DEFAULTS.domains], show_default=True,
-              help="two or more of: docs (Python reference manual prose), asyncio, email (stdlib source); "
-              "comma-separated or repeated")
+@click.option(
+    "--seed",
+    type=int,
+    default=DEFAULTS.seed,
+    show_default=True,
+    help="one seed for data split, training, Fisher and DARE",
+)
+@click.option(
+    "--domains",
+    type=CommaList(EnumChoice(Domain)),
+    multiple=True,
+    callback=flatten,
+    default=[str(name) for name in DEFAULTS.domains],
+    show_default=True,
+    help="two or more of: docs (Python reference manual prose), asyncio, email (stdlib source); "
+    "comma-separated or repeated",
+)
 @_option("train_examples", "training examples per domain")
 @_option("heldout_examples", "held-out examples per domain")
 @_option("chunk_chars", "characters per example")
@@ -45,25 +64,67 @@ def _option(name: str, help_text: str, **extra):
 @_option("pretrain_lr", "pre-training learning rate")
 @_option("finetune_lr", "fine-tuning learning rate")
 @_option("fisher_examples", "examples per Fisher (compute --num-examples)")
-@click.option("--fisher-type", type=EnumChoice(FisherType, [FisherType.SAMPLED, FisherType.EMPIRICAL]),
-              default=str(DEFAULTS.fisher_type), show_default=True, help="compute --fisher-type")
-@click.option("--density", type=FiniteFloatRange(0.0, 1.0, min_open=True), default=DEFAULTS.density,
-              show_default=True, help="density of the TIES-family merges")
-@click.option("--fisher-normalize", type=EnumChoice(Normalization), default=str(DEFAULTS.fisher_normalize),
-              show_default=True)
-@click.option("--fisher-floor", type=FiniteFloatRange(min=0.0), default=DEFAULTS.fisher_floor, show_default=True)
-@click.option("--device", default=DEFAULTS.device, show_default=True, help="cpu | cuda | auto (training, merging, evaluation)")
-@click.option("--jobs", type=POSITIVE_INT, default=DEFAULTS.jobs, show_default=True,
-              help="subprocesses (compute, mergekit-yaml) run at once")
-@click.option("--threads", type=POSITIVE_INT, default=DEFAULTS.threads, show_default=True,
-              help="torch threads per process (training, compute, merges)")
-@click.option("--tiny", is_flag=True, help="a seconds-long run at toy sizes (for tests and a first look)")
-@click.option("--plot/--no-plot", default=True, show_default=True, help="write chart.png (needs matplotlib: the `plot` extra)")
+@click.option(
+    "--fisher-type",
+    type=EnumChoice(FisherType, [FisherType.SAMPLED, FisherType.EMPIRICAL]),
+    default=str(DEFAULTS.fisher_type),
+    show_default=True,
+    help="compute --fisher-type",
+)
+@click.option(
+    "--density",
+    type=FiniteFloatRange(0.0, 1.0, min_open=True),
+    default=DEFAULTS.density,
+    show_default=True,
+    help="density of the TIES-family merges",
+)
+@click.option(
+    "--fisher-normalize",
+    type=EnumChoice(Normalization),
+    default=str(DEFAULTS.fisher_normalize),
+    show_default=True,
+)
+@click.option(
+    "--fisher-floor",
+    type=FiniteFloatRange(min=0.0),
+    default=DEFAULTS.fisher_floor,
+    show_default=True,
+)
+@click.option(
+    "--device",
+    default=DEFAULTS.device,
+    show_default=True,
+    help="cpu | cuda | auto (training, merging, evaluation)",
+)
+@click.option(
+    "--jobs",
+    type=POSITIVE_INT,
+    default=DEFAULTS.jobs,
+    show_default=True,
+    help="subprocesses (compute, mergekit-yaml) run at once",
+)
+@click.option(
+    "--threads",
+    type=POSITIVE_INT,
+    default=DEFAULTS.threads,
+    show_default=True,
+    help="torch threads per process (training, compute, merges)",
+)
+@click.option(
+    "--tiny", is_flag=True, help="a seconds-long run at toy sizes (for tests and a first look)"
+)
+@click.option(
+    "--plot/--no-plot",
+    default=True,
+    show_default=True,
+    help="write chart.png (needs matplotlib: the `plot` extra)",
+)
 @click.option("--overwrite", is_flag=True, help="rebuild every demo output already in WORKDIR")
 def demo_command(workdir, domains, tiny, overwrite, **options):
     """Pre-train a tiny Llama on text that ships with Python, fine-tune one specialist per domain,
-    compute each one's Fisher (`mergekit-fisher compute`), merge them with `mergekit-yaml` (linear, ties, dare_ties,
-    fisher, fisher_ties, fisher_dare_ties), and print / write held-out loss per domain and a chart.
+    compute each one's Fisher (`mergekit-fisher compute`), merge them with `mergekit-yaml` (linear,
+    ties, dare_ties, fisher, fisher_ties, fisher_dare_ties), and print / write held-out loss per
+    domain and a chart.
 
     Everything goes under WORKDIR (default ./fisher-demo): data, tokenizer, models, fisher, recipes,
     merges, results.json, results.md, chart.png.

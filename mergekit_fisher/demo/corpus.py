@@ -1,6 +1,7 @@
 """The demo's data: "domains" made of text that ships with Python itself (no download).
 
-* ``docs``: the Python reference manual's prose, as embedded in ``pydoc_data.topics`` (English text);
+* ``docs``: the Python reference manual's prose, as embedded in ``pydoc_data.topics`` (English
+  text);
 * ``asyncio`` / ``email``: the source code of those standard-library packages.
 
 Prose and code differ clearly, so a specialist fine-tuned on one loses the other -- the setting of
@@ -32,7 +33,8 @@ def _package_dir(package: str) -> str:
 
 
 def _package_sources(package: str) -> List[str]:
-    """Every `.py` file of a stdlib package (sub-packages included, tests excluded), in a fixed order."""
+    """Every `.py` file of a stdlib package (sub-packages included, tests excluded), in a fixed
+    order."""
     root = _package_dir(package)
     texts = []
     for folder, subfolders, files in os.walk(root):
@@ -45,7 +47,8 @@ def _package_sources(package: str) -> List[str]:
 
 
 def _reference_manual() -> List[str]:
-    """The language reference's prose; some distributions strip `pydoc_data`, then docstrings stand in."""
+    """The language reference's prose; some distributions strip `pydoc_data`, then docstrings stand
+    in."""
     try:
         from pydoc_data.topics import topics
     except ImportError:
@@ -56,7 +59,9 @@ def _reference_manual() -> List[str]:
     for package in ("email", "json", "asyncio", "unittest", "collections"):
         for source in _package_sources(package):
             for node in ast.walk(ast.parse(source)):
-                if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                if isinstance(
+                    node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
+                ):
                     docstring = ast.get_docstring(node)
                     if docstring and len(docstring) > 200:
                         texts.append(docstring)
@@ -101,7 +106,9 @@ class DomainData:
     heldout: List[str]
 
 
-def load_domain(name: str, *, num_train: int, num_heldout: int, chunk_chars: int, seed: int) -> DomainData:
+def load_domain(
+    name: str, *, num_train: int, num_heldout: int, chunk_chars: int, seed: int
+) -> DomainData:
     """`num_train` + `num_heldout` disjoint examples of one domain, chosen by `seed`."""
     if name not in DOMAINS:
         raise FisherInputError(

@@ -34,7 +34,17 @@ from mergekit_fisher.errors import FisherInputError
 
 log = logging.getLogger(__name__)
 
-OUTPUTS = ("data", "tokenizer", "models", "fisher", "recipes", "merges", "results.json", "results.md", "chart.png")
+OUTPUTS = (
+    "data",
+    "tokenizer",
+    "models",
+    "fisher",
+    "recipes",
+    "merges",
+    "results.json",
+    "results.md",
+    "chart.png",
+)
 
 
 @dataclass(frozen=True)
@@ -73,8 +83,17 @@ class DemoSettings:
 
 
 TINY = dict(
-    chunk_chars=120, train_examples=24, heldout_examples=8, vocab_size=300, hidden=16, layers=1,
-    max_length=32, batch_size=8, pretrain_steps=40, finetune_steps=40, fisher_examples=8,
+    chunk_chars=120,
+    train_examples=24,
+    heldout_examples=8,
+    vocab_size=300,
+    hidden=16,
+    layers=1,
+    max_length=32,
+    batch_size=8,
+    pretrain_steps=40,
+    finetune_steps=40,
+    fisher_examples=8,
 )
 
 
@@ -136,8 +155,10 @@ def check_settings(workdir: str, settings: DemoSettings, overwrite: bool) -> Non
         )
     # sizes, counts and --density: ranges checked by the command line (click.IntRange / FloatRange)
     if settings.hidden % 16 and settings.hidden > 16:
-        raise FisherInputError(f"--hidden must be a multiple of 16 (heads of 16 dims), got {settings.hidden}",
-                               fix="use e.g. --hidden 64")
+        raise FisherInputError(
+            f"--hidden must be a multiple of 16 (heads of 16 dims), got {settings.hidden}",
+            fix="use e.g. --hidden 64",
+        )
     resolve_device(settings.device)
     if settings.plot and importlib.util.find_spec("matplotlib") is None:
         raise FisherInputError(
@@ -177,7 +198,8 @@ def child_env(settings: DemoSettings) -> Dict[str, str]:
 
 
 def run_commands(commands: Dict[str, List[str]], settings: DemoSettings, log: StageLog) -> None:
-    """Run named commands, `settings.jobs` at a time; on a failure show its output's tail and stop."""
+    """Run named commands, `settings.jobs` at a time; on a failure show its output's tail and
+    stop."""
     env = child_env(settings)
     jobs = settings.jobs
 
@@ -208,7 +230,8 @@ def write_jsonl(path: str, texts: Sequence[str]) -> str:
 
 
 def build_models(workdir: str, settings: DemoSettings, log: StageLog) -> dict:
-    """Data, tokenizer, base model and one specialist per domain; returns paths and training losses."""
+    """Data, tokenizer, base model and one specialist per domain; returns paths and training
+    losses."""
     import copy
 
     from mergekit_fisher.demo.corpus import load_domain
@@ -219,45 +242,94 @@ def build_models(workdir: str, settings: DemoSettings, log: StageLog) -> dict:
     domains = {}
     for name in settings.domains:
         domains[name] = load_domain(
-            name, num_train=settings.train_examples, num_heldout=settings.heldout_examples,
-            chunk_chars=settings.chunk_chars, seed=settings.seed,
+            name,
+            num_train=settings.train_examples,
+            num_heldout=settings.heldout_examples,
+            chunk_chars=settings.chunk_chars,
+            seed=settings.seed,
         )
         write_jsonl(os.path.join(workdir, "data", f"{name}.train.jsonl"), domains[name].train)
         write_jsonl(os.path.join(workdir, "data", f"{name}.heldout.jsonl"), domains[name].heldout)
     mixture = [text for data in domains.values() for text in data.train]
-    tokenizer = train_tokenizer(mixture, os.path.join(workdir, "tokenizer"), vocab_size=settings.vocab_size)
-    encoded = {name: encode_examples(tokenizer, data.train, settings.max_length) for name, data in domains.items()}
+    tokenizer = train_tokenizer(
+        mixture, os.path.join(workdir, "tokenizer"), vocab_size=settings.vocab_size
+    )
+    encoded = {
+        name: encode_examples(tokenizer, data.train, settings.max_length)
+        for name, data in domains.items()
+    }
 
-    base = build_model(vocab_size=len(tokenizer), hidden=settings.hidden, layers=settings.layers,
-                       max_length=settings.max_length, seed=settings.seed)
+    base = build_model(
+        vocab_size=len(tokenizer),
+        hidden=settings.hidden,
+        layers=settings.layers,
+        max_length=settings.max_length,
+        seed=settings.seed,
+    )
     pretrain = TrainSettings(settings.pretrain_steps, settings.batch_size, settings.pretrain_lr)
-    losses = {"base": train(base, [ids for ids in encoded.values() for ids in ids], pretrain,
-                            seed=settings.seed, device=settings.device, desc="pre-train base")}
+    losses = {
+        "base": train(
+            base,
+            [ids for ids in encoded.values() for ids in ids],
+            pretrain,
+            seed=settings.seed,
+            device=settings.device,
+            desc="pre-train base",
+        )
+    }
     paths = {"base": save_model(base, tokenizer, os.path.join(workdir, "models", "base"))}
-    log.echo(f"  base: pre-trained {settings.pretrain_steps} steps, last loss {losses['base'][-1]:.3f}")
+    log.echo(
+        f"  base: pre-trained {settings.pretrain_steps} steps, last loss {losses['base'][-1]:.3f}"
+    )
     finetune = TrainSettings(settings.finetune_steps, settings.batch_size, settings.finetune_lr)
     for index, name in enumerate(settings.domains, start=1):
         specialist = copy.deepcopy(base)
-        losses[name] = train(specialist, encoded[name], finetune, seed=settings.seed + index,
-                             device=settings.device, desc=f"fine-tune {name}")
+        losses[name] = train(
+            specialist,
+            encoded[name],
+            finetune,
+            seed=settings.seed + index,
+            device=settings.device,
+            desc=f"fine-tune {name}",
+        )
         paths[name] = save_model(specialist, tokenizer, os.path.join(workdir, "models", name))
-        log.echo(f"  {name} specialist: fine-tuned {settings.finetune_steps} steps, last loss {losses[name][-1]:.3f}")
+        log.echo(
+            f"  {name} specialist: fine-tuned {settings.finetune_steps} steps, "
+            f"last loss {losses[name][-1]:.3f}"
+        )
         del specialist
-    return {"paths": paths, "losses": losses, "heldout": {name: d.heldout for name, d in domains.items()}}
+    return {
+        "paths": paths,
+        "losses": losses,
+        "heldout": {name: d.heldout for name, d in domains.items()},
+    }
 
 
-def compute_fishers(workdir: str, settings: DemoSettings, models: Dict[str, str], log: StageLog) -> Dict[str, str]:
+def compute_fishers(
+    workdir: str, settings: DemoSettings, models: Dict[str, str], log: StageLog
+) -> Dict[str, str]:
     fishers, commands = {}, {}
     for name in settings.domains:
         fishers[name] = os.path.join(workdir, "fisher", name)
         commands[f"compute {name}"] = [
-            sys.executable, "-m", "mergekit_fisher", "compute", models[name], fishers[name],
-            "--data", os.path.join(workdir, "data", f"{name}.train.jsonl"),
-            "--fisher-type", FisherType(settings.fisher_type).value,
-            "--num-examples", str(settings.fisher_examples),
-            "--max-length", str(settings.max_length),
-            "--batch-size", str(min(settings.batch_size, 8)),
-            "--seed", str(settings.seed),
+            sys.executable,
+            "-m",
+            "mergekit_fisher",
+            "compute",
+            models[name],
+            fishers[name],
+            "--data",
+            os.path.join(workdir, "data", f"{name}.train.jsonl"),
+            "--fisher-type",
+            FisherType(settings.fisher_type).value,
+            "--num-examples",
+            str(settings.fisher_examples),
+            "--max-length",
+            str(settings.max_length),
+            "--batch-size",
+            str(min(settings.batch_size, 8)),
+            "--seed",
+            str(settings.seed),
             "--no-progress",
         ]
     os.makedirs(os.path.join(workdir, "fisher"), exist_ok=True)
@@ -265,7 +337,9 @@ def compute_fishers(workdir: str, settings: DemoSettings, models: Dict[str, str]
     return fishers
 
 
-def write_recipes(workdir: str, settings: DemoSettings, models: Dict[str, str], fishers: Dict[str, str]) -> Dict[str, str]:
+def write_recipes(
+    workdir: str, settings: DemoSettings, models: Dict[str, str], fishers: Dict[str, str]
+) -> Dict[str, str]:
     import yaml
 
     from mergekit_fisher.demo.recipes import MERGE_METHODS, recipe_for
@@ -276,8 +350,13 @@ def write_recipes(workdir: str, settings: DemoSettings, models: Dict[str, str], 
     paths = {}
     for method in MERGE_METHODS:
         recipe = recipe_for(
-            method, base=models["base"], specialists=specialists, fishers=fishers, density=settings.density,
-            fisher_normalize=settings.fisher_normalize, fisher_floor=settings.fisher_floor,
+            method,
+            base=models["base"],
+            specialists=specialists,
+            fishers=fishers,
+            density=settings.density,
+            fisher_normalize=settings.fisher_normalize,
+            fisher_floor=settings.fisher_floor,
         )
         paths[method] = os.path.join(folder, f"{method}.yml")
         with open(paths[method], "w", encoding="utf-8") as fp:
@@ -285,12 +364,21 @@ def write_recipes(workdir: str, settings: DemoSettings, models: Dict[str, str], 
     return paths
 
 
-def run_merges(workdir: str, settings: DemoSettings, recipes: Dict[str, str], log: StageLog) -> Dict[str, str]:
+def run_merges(
+    workdir: str, settings: DemoSettings, recipes: Dict[str, str], log: StageLog
+) -> Dict[str, str]:
     executable = mergekit_yaml_executable()
     merges, commands = {}, {}
     for method, recipe in recipes.items():
         merges[method] = os.path.join(workdir, "merges", method)
-        command = [executable, recipe, merges[method], "--random-seed", str(settings.seed), "--quiet"]
+        command = [
+            executable,
+            recipe,
+            merges[method],
+            "--random-seed",
+            str(settings.seed),
+            "--quiet",
+        ]
         if settings.device.startswith("cuda"):
             command.append("--cuda")
         commands[f"mergekit-yaml {method}"] = command
@@ -298,12 +386,17 @@ def run_merges(workdir: str, settings: DemoSettings, recipes: Dict[str, str], lo
     return merges
 
 
-def run_demo(workdir: str, settings: DemoSettings, *, overwrite: bool = False,
-             echo: Optional[Callable[[str], None]] = None) -> dict:
+def run_demo(
+    workdir: str,
+    settings: DemoSettings,
+    *,
+    overwrite: bool = False,
+    echo: Optional[Callable[[str], None]] = None,
+) -> dict:
     """All five stages; returns what results.json holds.
 
-    The held-out table and the verdict are the command's output (stdout); stage lines are log messages.
-    `echo`, when given, receives both (tests, notebooks)."""
+    The held-out table and the verdict are the command's output (stdout); stage lines are log
+    messages. `echo`, when given, receives both (tests, notebooks)."""
     import torch
 
     from mergekit_fisher.demo.evaluate import resolve_device
@@ -320,7 +413,8 @@ def run_demo(workdir: str, settings: DemoSettings, *, overwrite: bool = False,
     try:
         report = _run_stages(workdir, settings, StageLog(echo=echo or log.info))
     finally:
-        torch.set_num_threads(threads_before)  # a calling process (tests, notebooks) keeps its own setting
+        # a calling process (tests, notebooks) keeps its own setting
+        torch.set_num_threads(threads_before)
     results = report["results"]
     output = echo or click.echo
     output("")
@@ -341,10 +435,16 @@ def _run_stages(workdir: str, settings: DemoSettings, log: StageLog) -> dict:
     from mergekit_fisher.demo.report import fisher_verdict, plot_chart, results_markdown
 
     started = time.perf_counter()
-    with log.stage(1, 5, f"pre-train a tiny Llama on {' + '.join(settings.domains)}, fine-tune one specialist each"):
+    with log.stage(
+        1,
+        5,
+        f"pre-train a tiny Llama on {' + '.join(settings.domains)}, fine-tune one specialist each",
+    ):
         built = build_models(workdir, settings, log)
     models = built["paths"]
-    with log.stage(2, 5, "mergekit-fisher compute: each specialist's Fisher on its own training text"):
+    with log.stage(
+        2, 5, "mergekit-fisher compute: each specialist's Fisher on its own training text"
+    ):
         fishers = compute_fishers(workdir, settings, models, log)
     with log.stage(3, 5, "mergekit-yaml: " + ", ".join(MERGE_METHODS)):
         recipes = write_recipes(workdir, settings, models, fishers)
@@ -353,12 +453,23 @@ def _run_stages(workdir: str, settings: DemoSettings, log: StageLog) -> dict:
         labelled = {"base": models["base"]}
         labelled.update({f"{name} specialist": models[name] for name in settings.domains})
         labelled.update(merges)
-        results = evaluate_models(labelled, built["heldout"], max_length=settings.max_length,
-                                  batch_size=settings.batch_size, device=settings.device)
-    with log.stage(5, 5, "write results.json, results.md" + (", chart.png" if settings.plot else "")):
+        results = evaluate_models(
+            labelled,
+            built["heldout"],
+            max_length=settings.max_length,
+            batch_size=settings.batch_size,
+            device=settings.device,
+        )
+    with log.stage(
+        5, 5, "write results.json, results.md" + (", chart.png" if settings.plot else "")
+    ):
         verdict = fisher_verdict(results)
         if settings.plot:
-            plot_chart(results, os.path.join(workdir, "chart.png"), f"held-out loss per domain (seed {settings.seed})")
+            plot_chart(
+                results,
+                os.path.join(workdir, "chart.png"),
+                f"held-out loss per domain (seed {settings.seed})",
+            )
         with open(os.path.join(workdir, "results.md"), "w", encoding="utf-8") as fp:
             fp.write(results_markdown(workdir, settings, results, verdict))
     report = {

@@ -24,7 +24,8 @@ def recipe_for(
     fisher_normalize: str = "mean",
     fisher_floor: float = 1e-6,
 ) -> dict:
-    """A mergekit recipe (as a dict ready for YAML) merging `specialists` (domain -> model dir) with `method`.
+    """A mergekit recipe (as a dict ready for YAML) merging `specialists` (domain -> model dir)
+    with `method`.
 
     linear / fisher average the specialists themselves (the paper's setting, no base); the TIES
     family merges their deltas from `base`, each specialist with weight 1 and `density`.
@@ -49,6 +50,8 @@ def recipe_for(
         recipe["base_model"] = base
     if uses_fisher:
         # plain values for YAML (an enum member would not dump)
-        recipe["parameters"] = {"fisher_normalize": getattr(fisher_normalize, "value", str(fisher_normalize)),
-                                "fisher_floor": float(fisher_floor)}
+        recipe["parameters"] = {
+            "fisher_normalize": getattr(fisher_normalize, "value", str(fisher_normalize)),
+            "fisher_floor": float(fisher_floor),
+        }
     return recipe

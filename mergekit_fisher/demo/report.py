@@ -15,8 +15,13 @@ def plot_chart(results: dict, path: str, title: str) -> str:
 
     models = list(results)
     columns = list(next(iter(results.values()))) + ["mean"]
-    values = {column: [results[m][column]["loss"] if column != "mean" else mean_loss(results[m]) for m in models]
-              for column in columns}
+    values = {
+        column: [
+            results[m][column]["loss"] if column != "mean" else mean_loss(results[m])
+            for m in models
+        ]
+        for column in columns
+    }
     width = 0.8 / len(columns)
     figure = Figure(figsize=(max(8, 1.3 * len(models)), 4.5))
     axes = figure.subplots()
@@ -46,26 +51,34 @@ def fisher_verdict(results: dict) -> List[str]:
         if method in results and twin in results:
             ours, theirs = mean_loss(results[method]), mean_loss(results[twin])
             word = "beats" if ours < theirs else "does not beat"
-            lines.append(f"{method} {word} {twin}: mean loss {ours:.3f} vs {theirs:.3f} ({ours - theirs:+.3f})")
+            lines.append(
+                f"{method} {word} {twin}: mean loss {ours:.3f} vs {theirs:.3f} "
+                f"({ours - theirs:+.3f})"
+            )
     return lines
 
 
 def results_markdown(workdir: str, settings, results: dict, verdict: List[str]) -> str:
     domains = list(settings.domains)
-    heldout = " ".join(f"--data {os.path.join(workdir, 'data', f'{name}.heldout.jsonl')}" for name in domains)
-    return "\n".join([
-        f"Held-out loss in nats/token (perplexity), lower is better; {settings.heldout_examples} held-out "
-        f"examples per domain, seed {settings.seed}.",
-        "",
-        format_table(results, markdown=True),
-        "",
-        *[f"- {line}" for line in verdict],
-        "",
-        "Rerun one step by hand:",
-        "",
-        "```",
-        f"mergekit-yaml {os.path.join(workdir, 'recipes', 'fisher.yml')} OUT_DIR",
-        f"mergekit-fisher eval OUT_DIR {heldout} --max-length {settings.max_length}",
-        "```",
-        "",
-    ])
+    heldout = " ".join(
+        f"--data {os.path.join(workdir, 'data', f'{name}.heldout.jsonl')}" for name in domains
+    )
+    return "\n".join(
+        [
+            "Held-out loss in nats/token (perplexity), lower is better; "
+            f"{settings.heldout_examples} held-out "
+            f"examples per domain, seed {settings.seed}.",
+            "",
+            format_table(results, markdown=True),
+            "",
+            *[f"- {line}" for line in verdict],
+            "",
+            "Rerun one step by hand:",
+            "",
+            "```",
+            f"mergekit-yaml {os.path.join(workdir, 'recipes', 'fisher.yml')} OUT_DIR",
+            f"mergekit-fisher eval OUT_DIR {heldout} --max-length {settings.max_length}",
+            "```",
+            "",
+        ]
+    )

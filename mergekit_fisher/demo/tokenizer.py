@@ -26,7 +26,9 @@ def train_tokenizer(texts: Sequence[str], out_dir: str, *, vocab_size: int):
         show_progress=False,
     )
     tokenizer.train_from_iterator(list(texts), trainer=trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token=PAD, bos_token=BOS, eos_token=EOS)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, pad_token=PAD, bos_token=BOS, eos_token=EOS
+    )
     os.makedirs(out_dir, exist_ok=True)
     fast.save_pretrained(out_dir)
     return fast
@@ -48,14 +50,16 @@ def encode_examples(tokenizer, texts: Sequence[str], max_length: int) -> List[Li
 
 
 def encode_stream(tokenizer, text: str, max_length: int) -> List[List[int]]:
-    """One long text cut into consecutive windows of `max_length` tokens (the last may be shorter)."""
+    """One long text cut into consecutive windows of `max_length` tokens (the last may be
+    shorter)."""
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     windows = [ids[start : start + max_length] for start in range(0, len(ids), max_length)]
     return [window for window in windows if len(window) >= 2]
 
 
 def collate(batch: Sequence[Sequence[int]], pad_id: int):
-    """Right-padded input_ids / attention_mask, and labels with padding set to -100 (ignored by the loss)."""
+    """Right-padded input_ids / attention_mask, and labels with padding set to -100 (ignored by the
+    loss)."""
     import torch
 
     width = max(len(ids) for ids in batch)

@@ -23,13 +23,13 @@ class TrainSettings:
 
 
 def build_model(*, vocab_size: int, hidden: int, layers: int, max_length: int, seed: int):
-    """A randomly initialised LlamaForCausalLM; heads of 16 dimensions, MLP 4x wide, untied embeddings.
+    """A randomly initialised LlamaForCausalLM; heads of 16 dimensions, MLP 4x wide, untied
+    embeddings.
 
     Special ids 0/1/2 are pad/bos/eos, as `demo.tokenizer.train_tokenizer` assigns them.
     """
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
-
 
     heads = max(1, hidden // 16)
     config = LlamaConfig(
@@ -84,8 +84,12 @@ def train(
     if not examples:
         raise ValueError("no training examples")
     model.to(device).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _lr_factor(step, settings))
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: _lr_factor(step, settings)
+    )
     generator = torch.Generator().manual_seed(seed)
     order: List[int] = []
     losses = []
@@ -96,7 +100,9 @@ def train(
         batch, order = order[: settings.batch_size], order[settings.batch_size :]
         input_ids, attention_mask, labels = collate([examples[i] for i in batch], pad_id=0)
         loss = model(
-            input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), labels=labels.to(device)
+            input_ids=input_ids.to(device),
+            attention_mask=attention_mask.to(device),
+            labels=labels.to(device),
         ).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -1,4 +1,5 @@
-"""The Fisher model card: `README.md` beside a Fisher directory, so a published Fisher says what it is.
+"""The Fisher model card: `README.md` beside a Fisher directory, so a published Fisher says what it
+is.
 
 YAML front matter for the Hub (`library_name`, `base_model` / `datasets` where they are Hub ids,
 `tags`), then what the Fisher is, how it was computed, a recipe that uses it, and how to cite the
@@ -77,12 +78,13 @@ def render_card(config: FisherConfig, fisher_ref: str) -> str:
         ("created", config.created),
     ]
     table = "\n".join(f"| {key} | {value} |" for key, value in rows if value not in (None, ""))
+    adapter = f" with the adapter `{config.adapter}`" if config.adapter else ""
     return f"""---
 {yaml.safe_dump(meta, sort_keys=False).rstrip()}
 ---
 # Fisher information of {config.model or "a model"}
 
-The diagonal Fisher information of `{config.model}`{f" with the adapter `{config.adapter}`" if config.adapter else ""}:
+The diagonal Fisher information of `{config.model}`{adapter}:
 for every parameter, the mean over the data's examples of the squared gradient of the example's
 log-likelihood. Fisher-weighted merging trusts each model where its Fisher is high (Matena & Raffel,
 2022). Tensors are stored under the checkpoint's own names, in format v1 of

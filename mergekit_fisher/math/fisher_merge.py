@@ -11,8 +11,9 @@ would not: l2-normalized values scale like 1/√N, and at 7B parameters nearly e
 below a 1e-6 floor, turning an `l2` merge into a plain average.)
 
 The task-arithmetic family (TIES, DARE, ...) keeps every mergekit convention and only replaces each
-model's scalar weight wᵢ by the per-element weight wᵢ·F̃ᵢ/mean_j(F̃ⱼ) (`fisher_element_weights`): with equal
-Fishers the weights are exactly the recipe's, and `normalize: false` keeps task arithmetic's scale.
+model's scalar weight wᵢ by the per-element weight wᵢ·F̃ᵢ/mean_j(F̃ⱼ) (`fisher_element_weights`):
+with equal Fishers the weights are exactly the recipe's, and `normalize: false` keeps task
+arithmetic's scale.
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ from enum import Enum
 from typing import Callable, Optional, Sequence
 
 import torch
-
 
 
 class Normalization(str, Enum):
@@ -37,7 +37,8 @@ NORMALIZATIONS = tuple(mode.value for mode in Normalization)
 
 
 def working_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float64 stays float64; everything else (bf16/fp16/fp32) is computed in float32, as mergekit's linear."""
+    """float64 stays float64; everything else (bf16/fp16/fp32) is computed in float32, as
+    mergekit's linear."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
@@ -53,7 +54,8 @@ def normalize_fisher(
 
     - ``mean``:   s = m̄ = the mean over *all* elements of that model's Fisher file (`global_mean`),
                   so model size and data scale do not move the result;
-    - ``l2``:     s = the file's global L2 norm (`global_l2`; what the paper's code does), m̄ = `global_mean`;
+    - ``l2``:     s = the file's global L2 norm (`global_l2`; what the paper's code does),
+                  m̄ = `global_mean`;
     - ``tensor``: s = m̄ = this tensor's own mean (each tensor is weighted on its own);
     - ``none``:   s = 1, m̄ = `global_mean`.
     A zero scale (an all-zero Fisher) leaves the values unscaled: the floor (0 then) and the other
@@ -102,7 +104,9 @@ def fisher_weighted_average(
     empty = denominator == 0
     if bool(empty.any()):
         total_weight = float(sum(weights))
-        plain = sum(t * w for t, w in zip(tensors, weights)) / (total_weight if total_weight != 0 else 1.0)
+        plain = sum(t * w for t, w in zip(tensors, weights)) / (
+            total_weight if total_weight != 0 else 1.0
+        )
         numerator = torch.where(empty, plain, numerator)
         denominator = torch.where(empty, torch.ones_like(denominator), denominator)
     return numerator.div_(denominator).to(dtype)

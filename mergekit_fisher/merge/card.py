@@ -19,7 +19,9 @@ from mergekit_fisher.hub import origin_of, resolve_fisher_path
 from mergekit_fisher.merge.methods import PAPER_URL, FisherTaskArithmeticMerge, is_fisher_method
 from mergekit_fisher.merge.parameters import FISHER, fisher_parameter_specs
 
-PAPER = f"[Merging Models with Fisher-Weighted Averaging]({PAPER_URL}) (Matena & Raffel, NeurIPS 2022)"
+PAPER = (
+    f"[Merging Models with Fisher-Weighted Averaging]({PAPER_URL}) (Matena & Raffel, NeurIPS 2022)"
+)
 TOOL = "[mergekit-fisher](https://github.com/mergekit-fisher/mergekit-fisher)"
 
 
@@ -47,7 +49,8 @@ def _fisher_row(model: str, value: str) -> str:
     path = resolve_fisher_path(value)
     origin = origin_of(path)
     where = (
-        f"[{origin.reference}](https://huggingface.co/{origin.reference.repo_id}) @ `{origin.commit[:12]}`"
+        f"[{origin.reference}](https://huggingface.co/{origin.reference.repo_id}) "
+        f"@ `{origin.commit[:12]}`"
         if origin
         else f"`{value}`"
     )
@@ -55,7 +58,10 @@ def _fisher_row(model: str, value: str) -> str:
     kind = getattr(config, "fisher_type", None) or "?"
     examples = getattr(config, "num_examples", None)
     dataset = getattr(config, "dataset", None)
-    return f"| {model} | {where} | {kind} | {examples if examples is not None else '?'} | {dataset or '?'} |"
+    return (
+        f"| {model} | {where} | {kind} | {examples if examples is not None else '?'} "
+        f"| {dataset or '?'} |"
+    )
 
 
 def fisher_section(config: MergeConfiguration) -> str:
@@ -65,7 +71,11 @@ def fisher_section(config: MergeConfiguration) -> str:
         namesake = method.namesake.spec
         name = namesake.pretty_name or namesake.name
         cites.append(f"[{name}]({namesake.reference_url})" if namesake.reference_url else name)
-    shared = {spec.name: spec.default for spec in fisher_parameter_specs(ParameterScope.INPUT) if spec.name != FISHER}
+    shared = {
+        spec.name: spec.default
+        for spec in fisher_parameter_specs(ParameterScope.INPUT)
+        if spec.name != FISHER
+    }
     shared.update({k: v for k, v in (config.parameters or {}).items() if k in shared})
     lines: List[str] = [
         "",

@@ -1,4 +1,5 @@
-"""`mergekit-fisher merge RECIPE OUT [mergekit options]`: mergekit-yaml with the Fisher methods registered.
+"""`mergekit-fisher merge RECIPE OUT [mergekit options]`: mergekit-yaml with the Fisher methods
+registered.
 
 For environments that skip `.pth` start-up files (some embedded or frozen Pythons, `python -S`);
 every option after RECIPE and OUT is mergekit-yaml's own.
@@ -11,7 +12,11 @@ import click
 
 @click.command(
     "merge",
-    context_settings={"ignore_unknown_options": True, "allow_extra_args": True, "help_option_names": []},
+    context_settings={
+        "ignore_unknown_options": True,
+        "allow_extra_args": True,
+        "help_option_names": [],
+    },
     add_help_option=False,
 )
 @click.pass_context

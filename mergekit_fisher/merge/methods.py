@@ -16,6 +16,7 @@ from functools import cached_property
 from typing import Any, List, Mapping, Sequence
 
 import torch
+from mergekit.merge_methods import registry as mergekit_registry
 from mergekit.merge_methods.base import (
     BasePolicy,
     GroupMergeMethod,
@@ -26,7 +27,6 @@ from mergekit.merge_methods.base import (
     TensorEntry,
     TensorGroup,
 )
-from mergekit.merge_methods import registry as mergekit_registry
 from mergekit.merge_methods.generalized_task_arithmetic import GeneralizedTaskArithmeticMerge
 from mergekit.sparsify import RescaleNorm, sparsify
 
@@ -45,18 +45,19 @@ def bound_fishers(
     """Each entry's Fisher weights, as bound to the per-input `fisher` parameter.
 
     A merge from a recipe binds a normalized, floored tensor per input (`tasks.FisherMergeTask`).
-    A direct call (`merge_tensors` / `merge_state_dicts`) may pass tensors itself; one that passes no
-    Fisher at all gets a uniform Fisher -- exactly the namesake method (`fisher` = `linear`), with
-    a warning -- so every registered method works through mergekit's state-dict API. A path here
-    means a recipe merge bypassed our planner hook: refused, never merged without its Fisher.
+    A direct call (`merge_tensors` / `merge_state_dicts`) may pass tensors itself; one that passes
+    no Fisher at all gets a uniform Fisher -- exactly the namesake method (`fisher` = `linear`),
+    with a warning -- so every registered method works through mergekit's state-dict API. A path
+    here means a recipe merge bypassed our planner hook: refused, never merged without its Fisher.
     """
     values = [fishers[entry.id] for entry in entries]
     if all(value is None for value in values):
         warn_once(
             LOG,
             ("uniform", method_name),
-            "%s: no `fisher` tensors were given, so every input gets a uniform Fisher (the result is "
-            "the plain namesake method); pass each input's Fisher as its `fisher` parameter",
+            "%s: no `fisher` tensors were given, so every input gets a uniform Fisher "
+            "(the result is the plain namesake method); pass each input's Fisher as its "
+            "`fisher` parameter",
             method_name,
         )
         return [torch.ones((), dtype=torch.float32) for _entry in entries]

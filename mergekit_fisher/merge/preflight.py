@@ -38,7 +38,8 @@ def _check_path(path: str, what: str, write_card: bool) -> None:
             )
         if not os.path.isdir(local):
             raise FisherInputError(
-                f"{what} path {path!r} is not a directory", kind="recipe",
+                f"{what} path {path!r} is not a directory",
+                kind="recipe",
                 fix="point it at a Hugging Face model directory (config.json + weights)",
             )
         return

@@ -75,7 +75,9 @@ def checked_resolve_parameters(spec: MergeMethodSpec, *, tensor_name, inputs, so
             check_names(spec, settings, model)
             name = tensor_name if model is None else inputs[model]
             check_values(spec, settings, model, name, kwargs.get("t", 0))
-    return resolve_parameters(spec, tensor_name=tensor_name, inputs=inputs, sources=sources, **kwargs)
+    return resolve_parameters(
+        spec, tensor_name=tensor_name, inputs=inputs, sources=sources, **kwargs
+    )
 
 
 def check_weights(

@@ -43,6 +43,7 @@ TASK_ARITHMETIC_NAMESAKES = (
     "della_linear",
 )
 
+
 def fisher_methods() -> List[MergeMethod]:
     methods: List[MergeMethod] = [FisherMerge()]
     for name in TASK_ARITHMETIC_NAMESAKES:

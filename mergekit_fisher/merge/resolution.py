@@ -1,9 +1,10 @@
 """Fisher resolution: which Fisher file and tensor serves each input of each output tensor.
 
 The one module that turns a recipe's `fisher:` values into `FisherInput`s (file + tensor name +
-expected shape), validated at plan time. It runs while mergekit plans the merge -- after its loader cache is warm, before any tensor is merged
-or written -- once per output tensor. Everything checkable without merging is checked here, so bad
-input fails with one clear message and the output directory gets no model shards:
+expected shape), validated at plan time. It runs while mergekit plans the merge -- after its loader
+cache is warm, before any tensor is merged or written -- once per output tensor. Everything
+checkable without merging is checked here, so bad input fails with one clear message and the
+output directory gets no model shards:
 the file exists and is safetensors (pickles are refused), the tensor is there (under the input's
 name, aliases or tied names), its shape matches the model's, and -- with `fisher_validate: full`,
 the default -- every value of every Fisher file is finite and >= 0 (one streaming pass per file,
@@ -13,11 +14,11 @@ which also yields the global statistics when the file's metadata lacks them).
 from __future__ import annotations
 
 import functools
-import math
 import logging
+import math
 import os
 import threading
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
 from mergekit.common import ModelReference
 from pydantic import BaseModel
@@ -41,7 +42,8 @@ _LOCK = threading.Lock()  # values_checked is set once per opened file, from --m
 
 
 class FisherInput(BaseModel, frozen=True):
-    """Where one input's Fisher for one output tensor lives (resolved and validated at plan time)."""
+    """Where one input's Fisher for one output tensor lives (resolved and validated at plan
+    time)."""
 
     path: str
     tensor: Optional[str]  # name inside the Fisher file; None = uniform (missing_fisher: uniform)
@@ -49,8 +51,6 @@ class FisherInput(BaseModel, frozen=True):
     # set when `tensor` is not stored but built from the file's stored tensors by this model type's
     # checkpoint conversion (fused MoE experts), as mergekit's LoadTensor builds the model's
     model_type: Optional[str] = None
-
-
 
 
 def open_for_model(path: Any, model: ModelReference, method_name: str) -> FisherFile:
@@ -102,7 +102,8 @@ def check_recorded_stats(fisher_file: FisherFile, scanned, model: ModelReference
     """The global statistics in the file's config must be those of its values.
 
     `mean` and `l2` normalization divide by them: a doctored or stale `sum` would silently move one
-    model's share of the merge (x1e6: from 0.5 to 0.000), so a mismatch is an error, not a preference.
+    model's share of the merge (x1e6: from 0.5 to 0.000), so a mismatch is an error, not a
+    preference.
     """
     recorded = fisher_file.config.global_stats() if fisher_file.config is not None else None
     if recorded is None:
@@ -115,17 +116,18 @@ def check_recorded_stats(fisher_file: FisherFile, scanned, model: ModelReference
         raise FisherInputError(
             f"the global statistics in fisher_config.json (sum {recorded.sum!r}, sum_sq "
             f"{recorded.sum_sq!r}, {recorded.num_elements} elements) are not those of the file's "
-            f"values (sum {scanned.sum!r}, sum_sq {scanned.sum_sq!r}, {scanned.num_elements} elements)",
+            f"values (sum {scanned.sum!r}, sum_sq {scanned.sum_sq!r}, "
+            f"{scanned.num_elements} elements)",
             model=str(model),
             file=fisher_file.path,
-            fix="the config was edited or belongs to other values: recompute the Fisher, or rewrite "
-            "it with `mergekit-fisher convert`",
+            fix="the config was edited or belongs to other values: recompute the Fisher, or "
+            "rewrite it with `mergekit-fisher convert`",
         )
 
 
 def check_plausible_stats(fisher_file: FisherFile, model: ModelReference) -> None:
-    """Without a scan (`fisher_validate: headers`) the recorded statistics are trusted, but they must
-    at least be possible for values >= 0: sum >= 0, sum_sq >= 0 and sum² <= n·sum_sq."""
+    """Without a scan (`fisher_validate: headers`) the recorded statistics are trusted, but they
+    must at least be possible for values >= 0: sum >= 0, sum_sq >= 0 and sum² <= n·sum_sq."""
     stats = fisher_file.global_stats()
     n = stats.num_elements
     if stats.sum < 0 or stats.sum_sq < 0 or stats.sum**2 > n * stats.sum_sq * (1 + 1e-6) + 1e-300:
@@ -140,7 +142,8 @@ def check_plausible_stats(fisher_file: FisherFile, model: ModelReference) -> Non
 
 
 def check_space(fisher_file: FisherFile, model: ModelReference) -> None:
-    """An adapter-space Fisher (of LoRA's A/B) says nothing about the dense weights a merge averages."""
+    """An adapter-space Fisher (of LoRA's A/B) says nothing about the dense weights a merge
+    averages."""
     config = fisher_file.config
     if config is not None and getattr(config, "space", "dense") == "adapter":
         raise FisherInputError(
@@ -165,7 +168,8 @@ def _model_tensor_shape(model: ModelReference, name: str) -> Optional[Tuple[int,
 
 @functools.lru_cache(maxsize=256)
 def _shard_shapes(shard: str, _mtime_ns: int) -> Dict[str, Tuple[int, ...]]:
-    """Every tensor shape of one model shard: its header is parsed once, not once per output tensor."""
+    """Every tensor shape of one model shard: its header is parsed once, not once per output
+    tensor."""
     with safe_open(shard, framework="pt", device="cpu") as handle:
         return {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
 
@@ -212,15 +216,20 @@ def _model_tensor(model: ModelReference, info) -> Optional[_ModelTensor]:
     # Not stored under any of its names: transformers' conversion may build it from stored tensors
     # (fused MoE experts), exactly as LoadTensor will. Shapes only: no value is read here.
     model_type = _model_type(model)
-    built = convert_stored(model_type, meta_sources(_model_shapes(model)), [info.name, *(info.aliases or ())])
+    built = convert_stored(
+        model_type, meta_sources(_model_shapes(model)), [info.name, *(info.aliases or ())]
+    )
     if built is None:
         return None  # an optional weight this model lacks: mergekit's policy decides
     target, meta = built
     return _ModelTensor(name=target, shape=tuple(meta.shape), model_type=model_type)
 
 
-def _locate_fisher(fisher_file: FisherFile, tensor: _ModelTensor, info) -> Tuple[Optional[str], Optional[Tuple[int, ...]]]:
-    """(name in the file or conversion target, its shape), or (None, None) when the file lacks it."""
+def _locate_fisher(
+    fisher_file: FisherFile, tensor: _ModelTensor, info
+) -> Tuple[Optional[str], Optional[Tuple[int, ...]]]:
+    """(name in the file or conversion target, its shape), or (None, None) when the file lacks
+    it."""
     if tensor.model_type is not None:
         shapes = {name: fisher_file.header(name).shape for name in fisher_file.names()}
         try:
@@ -237,8 +246,8 @@ def _locate_fisher(fisher_file: FisherFile, tensor: _ModelTensor, info) -> Tuple
             ) from None
         return (tensor.name, tuple(built[1].shape)) if built else (None, None)
     # Look the Fisher up under names of the *same* tensor only. A tied name is used only when it is
-    # what the model itself stores (a tied checkpoint); an untied model's missing lm_head Fisher must
-    # never be replaced by its embedding's.
+    # what the model itself stores (a tied checkpoint); an untied model's missing lm_head Fisher
+    # must never be replaced by its embedding's.
     stored = fisher_file.find(*dict.fromkeys([tensor.name, info.name, *(info.aliases or ())]))
     return (stored, fisher_file.header(stored).shape) if stored else (None, None)
 
@@ -280,7 +289,8 @@ def resolve_fisher_inputs(
         if tensor is None and not getattr(info, "optional", False):
             # mergekit would fail on it mid-merge ("required but not present"), after writing shards
             raise FisherInputError(
-                f"the model has no tensor {info.name} (nor {', '.join(load_candidates(info)[1:]) or 'an alias'}), "
+                f"the model has no tensor {info.name} "
+                f"(nor {', '.join(load_candidates(info)[1:]) or 'an alias'}), "
                 "which mergekit's architecture for it requires: stock mergekit cannot merge this "
                 "checkpoint either (its architecture file does not match the model's config)",
                 model=str(model),
@@ -291,7 +301,8 @@ def resolve_fisher_inputs(
         if tensor is None:
             continue  # an optional weight this model lacks: no Fisher needed
         if vocabulary_axis is not None and tensor.shape is not None:
-            # mergekit truncates to the smallest vocabulary over *all* loaded inputs, the base included
+            # mergekit truncates to the smallest vocabulary over *all* loaded inputs, the base
+            # included
             model_rows.append(tensor.shape[vocabulary_axis])
         if uses_base and model == base_model:
             continue
@@ -299,33 +310,53 @@ def resolve_fisher_inputs(
         stored, fisher_shape = _locate_fisher(fisher_file, tensor, info)
         if stored is None:
             if shared_parameters["missing_fisher"] != MissingFisher.UNIFORM:
-                looked_for = tensor.name if tensor.model_type else ", ".join(
-                    dict.fromkeys([tensor.name, info.name, *(info.aliases or ())])
+                looked_for = (
+                    tensor.name
+                    if tensor.model_type
+                    else ", ".join(dict.fromkeys([tensor.name, info.name, *(info.aliases or ())]))
                 )
-                how = " (built by the checkpoint conversion from its stored tensors)" if tensor.model_type else ""
+                how = (
+                    " (built by the checkpoint conversion from its stored tensors)"
+                    if tensor.model_type
+                    else ""
+                )
                 raise FisherInputError(
                     f"tensor missing from the Fisher file (looked for {looked_for}{how})",
-                    model=str(model), file=fisher_file.path, tensor=info.name,
+                    model=str(model),
+                    file=fisher_file.path,
+                    tensor=info.name,
                     fix="recompute the Fisher for this model with `mergekit-fisher compute`, "
                     "or set `missing_fisher: uniform` to weight this tensor uniformly",
                 )
             warn_once(
                 LOG,
                 ("uniform", fisher_file.path, info.name),
-                "%s: tensor %s is not in Fisher file %s; using a uniform Fisher (missing_fisher: uniform)",
-                model, info.name, fisher_file.path,
+                "%s: tensor %s is not in Fisher file %s; using a uniform Fisher "
+                "(missing_fisher: uniform)",
+                model,
+                info.name,
+                fisher_file.path,
             )
-            inputs[model] = FisherInput(path=fisher_file.path, tensor=None, expected_shape=tensor.shape)
+            inputs[model] = FisherInput(
+                path=fisher_file.path, tensor=None, expected_shape=tensor.shape
+            )
             continue
         if tensor.shape is not None and fisher_shape != tensor.shape:
             raise FisherInputError(
-                f"Fisher shape {fisher_shape} does not match the model tensor {tensor.name} {tensor.shape}",
-                model=str(model), file=fisher_file.path, tensor=stored,
-                fix="this Fisher was computed for another model (see its fisher_config.json `model`); "
+                f"Fisher shape {fisher_shape} does not match the model tensor {tensor.name} "
+                f"{tensor.shape}",
+                model=str(model),
+                file=fisher_file.path,
+                tensor=stored,
+                fix="this Fisher was computed for another model "
+                "(see its fisher_config.json `model`); "
                 "recompute it for this model with `mergekit-fisher compute`",
             )
         inputs[model] = FisherInput(
-            path=fisher_file.path, tensor=stored, expected_shape=tensor.shape, model_type=tensor.model_type
+            path=fisher_file.path,
+            tensor=stored,
+            expected_shape=tensor.shape,
+            model_type=tensor.model_type,
         )
     truncate_rows = min(model_rows) if truncate and model_rows else None
     return inputs, truncate_rows

@@ -91,7 +91,9 @@ class LoadFisherTensors(Task[Dict[ModelReference, torch.Tensor]]):
         if spec.model_type is None:
             return fisher_file.get_tensor(spec.tensor)
         # built from stored tensors by the checkpoint conversion, as LoadTensor builds the weight
-        sources = {name: (lambda name=name: fisher_file.get_tensor(name)) for name in fisher_file.names()}
+        sources = {
+            name: (lambda name=name: fisher_file.get_tensor(name)) for name in fisher_file.names()
+        }
         return convert_stored(spec.model_type, sources, [spec.tensor])[1]
 
     def _needs_stats(self, spec: FisherInput) -> bool:
@@ -110,14 +112,19 @@ class LoadFisherTensors(Task[Dict[ModelReference, torch.Tensor]]):
             zero = torch.tensor(0.0, dtype=torch.float64)
             levels[model] = float(
                 normalize_fisher(
-                    zero, self.normalize, global_mean=stats.mean, global_l2=stats.l2, floor=self.floor
+                    zero,
+                    self.normalize,
+                    global_mean=stats.mean,
+                    global_l2=stats.l2,
+                    floor=self.floor,
                 )
             )
         return levels
 
 
 class PermuteFisherVocabulary(Task[Dict[ModelReference, torch.Tensor]]):
-    """Apply the tokenizer merge's row permutation to the Fishers, as `PermutedVocabulary` does to weights.
+    """Apply the tokenizer merge's row permutation to the Fishers, as `PermutedVocabulary` does to
+    weights.
 
     A row whose token a model does not have (or whose embedding the recipe forces) gets Fisher 0 for
     that model: the model carries no information about it, so the other models decide (where every
@@ -161,7 +168,9 @@ class PermuteFisherVocabulary(Task[Dict[ModelReference, torch.Tensor]]):
                     old_ids.append(old)
             rows = fisher.movedim(self.vocabulary_axis, 0)
             permuted = rows.new_zeros((vocab_size, *rows.shape[1:]))
-            permuted[torch.tensor(new_ids, dtype=torch.long)] = rows[torch.tensor(old_ids, dtype=torch.long)]
+            permuted[torch.tensor(new_ids, dtype=torch.long)] = rows[
+                torch.tensor(old_ids, dtype=torch.long)
+            ]
             result[model] = permuted.movedim(0, self.vocabulary_axis)
         return result
 
@@ -185,7 +194,9 @@ class FisherMergeTask(ExecuteMergeMethodTask):
         # copies, dtype handling and parameter binding stay mergekit's.
         input_parameters = ImmutableMap(
             {
-                model: ImmutableMap({**params, FISHER: fishers[model]}) if model in fishers else params
+                model: ImmutableMap({**params, FISHER: fishers[model]})
+                if model in fishers
+                else params
                 for model, params in self.input_parameters.items()
             }
         )

@@ -7,6 +7,7 @@ Module map (small, one job each):
 * `plotting`   -- matplotlib heatmap of per-layer Fisher shares (optional extra ``[plot]``).
 * `checkpoint` -- tensor names and shapes of a model checkpoint, from safetensors headers only.
 * `stats`      -- per-tensor summary statistics and their aggregation into groups.
-* `names`      -- mapping foreign tensor names (``module.``, PEFT, ``_orig_mod.``) onto checkpoint names.
+* `names`      -- mapping foreign tensor names (``module.``, PEFT, ``_orig_mod.``) onto checkpoint
+                  names.
 * `inspect`, `combine`, `convert`, `explain` -- the click commands.
 """

@@ -67,7 +67,9 @@ def push_fisher(
             reference += f"@{revision}"
         card = render_card(open_fisher(fisher).config, reference).encode("utf-8")
         operations.append(
-            CommitOperationAdd(path_in_repo=f"{sub}/{CARD_NAME}" if sub else CARD_NAME, path_or_fileobj=card)
+            CommitOperationAdd(
+                path_in_repo=f"{sub}/{CARD_NAME}" if sub else CARD_NAME, path_or_fileobj=card
+            )
         )
     api = HfApi()
     api.create_repo(repo_id, repo_type=repo_type, private=private, exist_ok=True)
@@ -76,7 +78,9 @@ def push_fisher(
     info = api.create_commit(
         repo_id,
         operations=operations,
-        commit_message=f"Upload Fisher {os.path.basename(os.path.normpath(fisher))} with mergekit-fisher",
+        commit_message=(
+            f"Upload Fisher {os.path.basename(os.path.normpath(fisher))} with mergekit-fisher"
+        ),
         revision=revision,
         repo_type=repo_type,
     )
@@ -89,8 +93,12 @@ def push_fisher(
 @click.argument("repo_id")
 @click.option("--revision", default=None, help="Branch to commit to (created if missing).")
 @click.option("--private", is_flag=True, help="Create the repository as private.")
-@click.option("--path-in-repo", default="", help="Subfolder, for several Fishers in one repository.")
-@click.option("--repo-type", type=click.Choice(["model", "dataset"]), default="model", show_default=True)
+@click.option(
+    "--path-in-repo", default="", help="Subfolder, for several Fishers in one repository."
+)
+@click.option(
+    "--repo-type", type=click.Choice(["model", "dataset"]), default="model", show_default=True
+)
 def push_command(fisher, repo_id, revision, private, path_in_repo, repo_type) -> None:
     """Upload the Fisher file or directory FISHER to the Hub repository REPO_ID, with its card.
 
@@ -99,7 +107,13 @@ def push_command(fisher, repo_id, revision, private, path_in_repo, repo_type) ->
       mergekit-fisher push /fisher/math my-org/llama-math-fisher
       # then, in anyone's recipe:  fisher: my-org/llama-math-fisher
     """
-    url = push_fisher(fisher, repo_id, revision=revision, private=private,
-                      path_in_repo=path_in_repo, repo_type=repo_type)
+    url = push_fisher(
+        fisher,
+        repo_id,
+        revision=revision,
+        private=private,
+        path_in_repo=path_in_repo,
+        repo_type=repo_type,
+    )
     log.info("uploaded %s to %s", fisher, url)
     click.echo(url)

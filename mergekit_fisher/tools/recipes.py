@@ -37,8 +37,13 @@ def _summary(text: str) -> str:
 @click.command("recipes")
 @verbosity_options
 @click.argument("name", required=False)
-@click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
-              help="Write the recipe (or, without NAME, every recipe) into this directory.")
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Write the recipe (or, without NAME, every recipe) into this directory.",
+)
 def recipes_command(name: Optional[str], out_dir: Optional[str]) -> None:
     """List the example recipes, print NAME, or write it to --out DIR.
 
@@ -52,7 +57,8 @@ def recipes_command(name: Optional[str], out_dir: Optional[str]) -> None:
     stem = name[: -len(".yml")] if name and name.endswith(".yml") else name
     if stem is not None and stem not in available:
         raise FisherInputError(
-            f"no shipped recipe named {name!r}", kind="recipe",
+            f"no shipped recipe named {name!r}",
+            kind="recipe",
             fix=f"choose one of {', '.join(available)}",
         )
     chosen = {stem: available[stem]} if stem else available
@@ -64,11 +70,15 @@ def recipes_command(name: Optional[str], out_dir: Optional[str]) -> None:
                 click.echo(f"{key:<28} {_summary(text)}")
         return
     os.makedirs(out_dir, exist_ok=True)
-    for key, text in chosen.items():
+    for key in chosen:
         target = os.path.join(out_dir, f"{key}.yml")
         if os.path.exists(target):
-            raise FisherInputError("already exists", file=target, kind="output",
-                                   fix="choose another --out directory or remove the file")
+            raise FisherInputError(
+                "already exists",
+                file=target,
+                kind="output",
+                fix="choose another --out directory or remove the file",
+            )
     for key, text in chosen.items():
         with open(os.path.join(out_dir, f"{key}.yml"), "w", encoding="utf-8") as fp:
             fp.write(text)
