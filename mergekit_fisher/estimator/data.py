@@ -35,6 +35,9 @@ class Example:
     input_ids: List[int]
     labels: Optional[List[int]] = None  # causal LM: per token, IGNORE where nothing is predicted
     label: Optional[int] = None  # seq-cls
+    # every other per-token input the tokenizer returned (token_type_ids, ...): the engine passes the ones the
+    # model's forward accepts
+    inputs: Dict[str, List[int]] = field(default_factory=dict)
 
     @property
     def num_predicted(self) -> int:
@@ -60,9 +63,14 @@ class Batch:
     attention_mask: torch.Tensor
     labels: torch.Tensor  # (B, T) token labels, or (B,) class labels
     indices: List[int]
+    inputs: Dict[str, torch.Tensor] = field(default_factory=dict)  # (B, T) each: token_type_ids, ...
 
     def to(self, device) -> "Batch":
-        return Batch(self.input_ids.to(device), self.attention_mask.to(device), self.labels.to(device), self.indices)
+        return Batch(self.input_ids.to(device), self.attention_mask.to(device), self.labels.to(device), self.indices,
+                     {name: value.to(device) for name, value in self.inputs.items()})
+
+    def model_inputs(self) -> Dict[str, torch.Tensor]:
+        return {"input_ids": self.input_ids, "attention_mask": self.attention_mask, **self.inputs}
 
 
 # ---------------------------------------------------------------- reading rows
@@ -182,11 +190,30 @@ def _check_fields(where: str, row: Dict[str, Any], task: str, strict: bool) -> D
     return {key: row[key] for key in allowed if key in row}
 
 
-def _ids(tokenizer, text: str, *, special: bool) -> List[int]:
-    return list(tokenizer(text, add_special_tokens=special)["input_ids"])
+# what a tokenizer returns that is not a model input of its own (or that collate builds itself)
+_NOT_MODEL_INPUTS = {"input_ids", "attention_mask", "offset_mapping", "special_tokens_mask", "length",
+                     "overflowing_tokens", "num_truncated_tokens", "overflow_to_sample_mapping"}
 
 
-def _chat_example(tokenizer, messages, where: str) -> Tuple[List[int], List[int]]:
+def _extend_inputs(inputs: Optional[Dict[str, List[int]]], encoded) -> None:
+    """Append the encoding's other per-token inputs (token_type_ids, ...) to `inputs`."""
+    if inputs is None:
+        return
+    length = len(encoded["input_ids"])
+    for name, value in encoded.items():
+        if name in _NOT_MODEL_INPUTS or not isinstance(value, (list, tuple)) or len(value) != length:
+            continue
+        if all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+            inputs.setdefault(name, []).extend(value)
+
+
+def _ids(tokenizer, text: str, *, special: bool, inputs: Optional[Dict[str, List[int]]] = None) -> List[int]:
+    encoded = tokenizer(text, add_special_tokens=special)
+    _extend_inputs(inputs, encoded)
+    return list(encoded["input_ids"])
+
+
+def _chat_example(tokenizer, messages, where: str, inputs=None) -> Tuple[List[int], List[int]]:
     """Render with the chat template; label the tokens that overlap an assistant turn's characters.
 
     Character spans (not token prefixes) make this robust to BPE merges across the turn boundary.
@@ -221,6 +248,7 @@ def _chat_example(tokenizer, messages, where: str) -> Tuple[List[int], List[int]
         raise DataError(f"{where}: chat masking needs a fast tokenizer (character offsets)", file=file,
                                fix="use the model's tokenizer.json (fast tokenizer), or prompt/completion rows")
     encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    _extend_inputs(inputs, encoded)
     ids = list(encoded["input_ids"])
     labels = [IGNORE] * len(ids)
     for t, (begin, end) in enumerate(encoded["offset_mapping"]):
@@ -229,8 +257,10 @@ def _chat_example(tokenizer, messages, where: str) -> Tuple[List[int], List[int]
     return ids, labels
 
 
-def tokenize_row(tokenizer, fields: Dict[str, Any], task: str, where: str, num_labels: Optional[int]):
-    """(input_ids, token labels or None, class label or None)."""
+def tokenize_row(tokenizer, fields: Dict[str, Any], task: str, where: str, num_labels: Optional[int],
+                 inputs: Optional[Dict[str, List[int]]] = None):
+    """(input_ids, token labels or None, class label or None); the tokenizer's other per-token outputs
+    (token_type_ids, ...) are appended to `inputs` when given."""
     if task == Task.SEQ_CLS:
         label = fields["label"]
         if isinstance(label, bool) or not isinstance(label, int) or not (0 <= label < (num_labels or 0)):
@@ -240,18 +270,20 @@ def tokenize_row(tokenizer, fields: Dict[str, Any], task: str, where: str, num_l
                 fix=f"use integer labels 0..{(num_labels or 1) - 1}, or a model with more labels",
             )
         pair = fields.get("text_pair")
-        ids = list(tokenizer(str(fields["text"]), pair if pair is None else str(pair))["input_ids"])
+        encoded = tokenizer(str(fields["text"]), pair if pair is None else str(pair))
+        _extend_inputs(inputs, encoded)
+        ids = list(encoded["input_ids"])
         return ids, None, label
     if "messages" in fields:
-        ids, labels = _chat_example(tokenizer, fields["messages"], where)
+        ids, labels = _chat_example(tokenizer, fields["messages"], where, inputs)
         return ids, labels, None
     if "prompt" in fields:
-        prompt = _ids(tokenizer, str(fields["prompt"]), special=True)
-        completion = _ids(tokenizer, str(fields["completion"]), special=False)
+        prompt = _ids(tokenizer, str(fields["prompt"]), special=True, inputs=inputs)
+        completion = _ids(tokenizer, str(fields["completion"]), special=False, inputs=inputs)
         if tokenizer.eos_token_id is not None:
             completion.append(tokenizer.eos_token_id)
         return prompt + completion, [IGNORE] * len(prompt) + completion, None
-    ids = _ids(tokenizer, str(fields["text"]), special=True)
+    ids = _ids(tokenizer, str(fields["text"]), special=True, inputs=inputs)
     return ids, list(ids), None
 
 
@@ -278,12 +310,16 @@ def prepare(
             break
         where, row = rows[position]
         fields = _check_fields(where, row, task, strict)
-        ids, labels, label = tokenize_row(tokenizer, fields, task, where, num_labels)
+        inputs: Dict[str, List[int]] = {}
+        ids, labels, label = tokenize_row(tokenizer, fields, task, where, num_labels, inputs)
+        # one value per token (an appended eos takes its neighbour's), cut like the ids
+        inputs = {name: (value + value[-1:] * (len(ids) - len(value)))[:max_length]
+                  for name, value in inputs.items() if value}
         if len(ids) > max_length:
             data.num_truncated += 1
             ids = ids[:max_length]
             labels = labels[:max_length] if labels is not None else None
-        example = Example(len(data.examples), ids, labels, label)
+        example = Example(len(data.examples), ids, labels, label, inputs)
         if not ids or example.num_predicted == 0:
             data.num_skipped += 1
             continue
@@ -301,16 +337,20 @@ def collate(examples: Sequence[Example], pad_id: int, task: str) -> Batch:
     """Right padding; pads get attention 0 and label IGNORE so they never reach the loss."""
     width = max(len(e.input_ids) for e in examples)
     input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    names = sorted({name for e in examples for name in e.inputs})
+    inputs = {name: torch.zeros((len(examples), width), dtype=torch.long) for name in names}
     attention = torch.zeros((len(examples), width), dtype=torch.long)
     token_labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
     for row, example in enumerate(examples):
         n = len(example.input_ids)
         input_ids[row, :n] = torch.tensor(example.input_ids)
         attention[row, :n] = 1
+        for name, value in example.inputs.items():
+            inputs[name][row, :n] = torch.tensor(value)
         if example.labels is not None:
             token_labels[row, :n] = torch.tensor(example.labels)
     if task == Task.SEQ_CLS:
         labels = torch.tensor([e.label for e in examples], dtype=torch.long)
     else:
         labels = token_labels
-    return Batch(input_ids, attention, labels, [e.index for e in examples])
+    return Batch(input_ids, attention, labels, [e.index for e in examples], inputs)

@@ -1,22 +1,36 @@
-"""Per-example gradients for a whole batch from ONE backward pass, squared and summed layer by layer.
+"""Per-example gradients for a whole batch from ONE backward pass, squared and summed layer by
+layer.
 
-A forward hook keeps each covered module's input; a tensor hook on its output receives delta = dL/d(output)
-during backward. Because the batch loss is the SUM of per-example losses and examples do not interact,
-delta[b] is example b's own output gradient, so the per-example weight gradient is
-``G_b = sum_t delta_bt^T x_bt`` (Linear), a scatter of delta rows (Embedding), ``sum_t delta_bt * x_hat_bt``
-(norms). We square G_b -- never a batch-summed gradient -- and add ``w_b * G_b**2`` to the accumulator.
+A forward hook keeps each covered module's input; a tensor hook on its output receives delta =
+dL/d(output) during backward. Because the batch loss is the SUM of per-example losses and examples
+do not interact, delta[b] is example b's own output gradient, so the per-example weight gradient is
+``G_b = sum_t delta_bt^T x_bt`` (Linear), a scatter of delta rows (Embedding), ``sum_t delta_bt *
+x_hat_bt`` (norms). We square G_b -- never a batch-summed gradient -- and add ``w_b * G_b**2`` to
+the accumulator.
 
-A parameter used by several calls (tied embeddings / lm_head, a module called twice) gets its per-example
-contributions held (in factored form, see gradient_terms) until the backward pass has delivered all of them,
-then SUMMED, and only then squared: (a+b)**2 != a**2 + b**2.
+Which calls may take that path is decided by STRUCTURE, per call (`input_form`): the module's input
+must be ``(B, ..., T, ..., features)`` -- B the batch size, T the current batch's sequence length --
+or, for a sequence-classification head the plan-time probe has seen keep examples apart, ``(B,
+features)``. Anything else (token-flattened or routed inputs such as ``expert(hidden[top_x])``,
+batch-less tables) sends the module's parameters to the exact fallback from that batch on. A hook
+never replaces or changes a module's output: the one batch-shared case kept on the fast path -- a
+``(1, T, ...)`` output such as GPT-2's / BERT's position embeddings -- is resolved in the autograd
+graph (`_resolve_shared`): when every consumer of that output is a broadcasting ``+``, the
+consumer's own ``(B, ...)`` output gradient IS the per-example gradient of the shared output. Any
+other consumer (DeBERTa's relative-position products) -> exact fallback.
 
-Parameters keep ``requires_grad=False``; the first covered module whose output does not yet require grad
-turns its output into a leaf, and ``torch.autograd.grad`` w.r.t. those leaves drives the backward pass,
-so no ``.grad`` buffers are ever allocated.
+A parameter used by several calls (tied embeddings / lm_head, a module called twice) gets its
+per-example contributions held (in factored form, see gradient_terms) until the backward pass has
+delivered all of them, then SUMMED, and only then squared: (a+b)**2 != a**2 + b**2.
+
+Parameters keep ``requires_grad=False``; each covered fast-path call whose output does not yet
+require grad turns its output into a leaf, and ``torch.autograd.grad`` w.r.t. those leaves drives
+the backward pass, so no ``.grad`` buffers are ever allocated.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional
 
@@ -26,34 +40,65 @@ from mergekit_fisher.estimator.accumulator import FisherAccumulator
 from mergekit_fisher.estimator.gradient_terms import DenseGrads, OuterGrads, RowGrads
 from mergekit_fisher.math import working_dtype
 
+log = logging.getLogger(__name__)
+
+# the forms a call's input can take (`Handler.input_form`)
+EXAMPLE = "example"  # (B, ..., T, ..., features): every row belongs to one example
+# (B, features): one row per example (pooled seq-cls heads), only where the probe allowed it
+ROWS = "rows"
+SHARED = "shared"  # (1, ..., T, ..., features) with B > 1: computed once, broadcast over the batch
+
 
 def _flat_tokens(tensor: torch.Tensor, trailing: int) -> torch.Tensor:
     """(B, ..., *trailing dims) -> (B, T, prod(trailing))."""
     batch = tensor.shape[0]
     tail = 1
-    for size in tensor.shape[tensor.dim() - trailing:]:
+    for size in tensor.shape[tensor.dim() - trailing :]:
         tail *= size
     return tensor.reshape(batch, -1, tail)
 
 
 class Handler:
-    """Knows how one module type turns (input, output gradient) into per-example parameter gradients."""
+    """How one module type turns (input, output gradient) into per-example parameter gradients."""
 
-    def __init__(self, module: torch.nn.Module, keys: Dict[str, str], params: Dict[str, torch.nn.Parameter]):
+    trailing = 1  # feature dims at the end of the input (0 for an embedding's ids)
+
+    def __init__(
+        self, module: torch.nn.Module, keys: Dict[str, str], params: Dict[str, torch.nn.Parameter]
+    ):
         self.module = module
         self.keys = keys  # role ("weight", "bias") -> accumulator key
         self.params = params  # role -> parameter
-        self.batchless = False  # set by `probe_batch_dependence`: output not indexed by example
+        self.rows_allowed = (
+            False  # set by `probe_structure`: (B, features) inputs keep examples apart
+        )
 
-    def saved_input(self, args, kwargs) -> torch.Tensor:
-        return args[0] if args else next(iter(kwargs.values()))
+    def saved_input(self, args, kwargs):
+        if args:
+            return args[0]
+        return next(iter(kwargs.values()), None)
+
+    def input_form(self, x, batch: int, seq: int) -> Optional[str]:
+        """EXAMPLE / ROWS / SHARED, or None (not structurally per-example: exact fallback)."""
+        if not isinstance(x, torch.Tensor) or x.dim() < 1 + self.trailing:
+            return None
+        tokens = x.shape[1 : x.dim() - self.trailing]
+        if x.shape[0] == batch:
+            if seq in tokens:
+                return EXAMPLE
+            if not tokens and self.trailing and self.rows_allowed:
+                return ROWS
+            return None
+        if x.shape[0] == 1 and seq in tokens:
+            return SHARED
+        return None
 
     def contribute(self, x: torch.Tensor, delta: torch.Tensor, sink: "GradientSink") -> None:
         raise NotImplementedError
 
 
 class LinearHandler(Handler):
-    """nn.Linear (weight O x I), HF Conv1D (weight I x O, `transposed`), and LoRA wrappers as dense W0+BA."""
+    """nn.Linear (weight O x I), HF Conv1D (weight I x O, `transposed`), LoRA wrappers (W0 + BA)."""
 
     def __init__(self, module, keys, params, *, transposed: bool = False):
         super().__init__(module, keys, params)
@@ -74,21 +119,32 @@ class LinearHandler(Handler):
 
 
 class EmbeddingHandler(Handler):
-    """nn.Embedding: example b's gradient row v is the sum of delta over b's positions holding token v."""
+    """nn.Embedding (times a constant `scale`, e.g. Gemma's sqrt(hidden)): example b's gradient row
+    v is scale * the sum of delta over b's positions holding token v."""
+
+    trailing = 0
+
+    def __init__(
+        self, module, keys, params, *, scale: float = 1.0, padding_idx: Optional[int] = None
+    ):
+        super().__init__(module, keys, params)
+        self.scale = scale
+        self.padding_idx = padding_idx
 
     def contribute(self, ids, delta, sink):
-        module = self.module
         key = self.keys["weight"]
         dtype = working_dtype(delta.dtype)
         batch = delta.shape[0]
-        vocab, hidden = module.weight.shape
+        vocab, hidden = self.params["weight"].shape
         ids = ids.reshape(batch, -1).to(delta.device)
         delta = delta.reshape(batch, -1, hidden).to(dtype)
+        if self.scale != 1.0:
+            delta = delta * self.scale
         example = torch.arange(batch, device=delta.device).unsqueeze(1).expand_as(ids)
         flat_keys = (example * vocab + ids).reshape(-1)
         flat_delta = delta.reshape(-1, hidden)
-        if module.padding_idx is not None:  # nn.Embedding never updates its padding row
-            keep = ids.reshape(-1) != module.padding_idx
+        if self.padding_idx is not None:  # nn.Embedding never updates its padding row
+            keep = ids.reshape(-1) != self.padding_idx
             flat_keys, flat_delta = flat_keys[keep], flat_delta[keep]
         unique, inverse = torch.unique(flat_keys, return_inverse=True)
         rows = torch.zeros(unique.numel(), hidden, dtype=dtype, device=delta.device)
@@ -97,22 +153,26 @@ class EmbeddingHandler(Handler):
 
 
 class NormHandler(Handler):
-    """Elementwise-affine norms ``out = weight * x_hat (+ bias)``; `normalize` recomputes x_hat from the input."""
+    """Elementwise-affine norms ``out = (offset + weight) * x_hat (+ bias)`` (offset 1: Gemma's ``1
+    + w``); `normalize` recomputes x_hat from the input. The weight gradient is delta * x_hat,
+    whatever the offset."""
 
     def __init__(self, module, keys, params, *, normalize: Callable[[torch.Tensor], torch.Tensor]):
         super().__init__(module, keys, params)
         self.normalize = normalize
+        self.trailing = next(iter(params.values())).dim()
 
     def contribute(self, x, delta, sink):
         dtype = working_dtype(delta.dtype)
         shape = next(iter(self.params.values())).shape
-        trailing = len(shape)
-        delta32 = _flat_tokens(delta, trailing).to(dtype)
+        delta32 = _flat_tokens(delta, self.trailing).to(dtype)
         batch = delta.shape[0]
         if "weight" in self.keys:
             with torch.no_grad():
-                x_hat = _flat_tokens(self.normalize(x), trailing).to(dtype)
-            sink.add(self.keys["weight"], DenseGrads((delta32 * x_hat).sum(1).reshape(batch, *shape)))
+                x_hat = _flat_tokens(self.normalize(x), self.trailing).to(dtype)
+            sink.add(
+                self.keys["weight"], DenseGrads((delta32 * x_hat).sum(1).reshape(batch, *shape))
+            )
         if "bias" in self.keys:
             sink.add(self.keys["bias"], DenseGrads(delta32.sum(1).reshape(batch, *shape)))
 
@@ -121,6 +181,9 @@ class NormHandler(Handler):
 class _Call:
     handler: Handler
     saved: torch.Tensor
+    output: Optional[torch.Tensor] = (
+        None  # SHARED calls only: resolved in the graph before backward
+    )
 
 
 @dataclass
@@ -131,15 +194,15 @@ class _PassState:
 
 
 class GradientSink:
-    """Routes per-example gradient terms: straight into the accumulator, or -- for a parameter used by
-    several calls -- held until the last call has delivered its term, then summed and squared."""
+    """Routes per-example gradient terms: straight into the accumulator, or -- for a parameter used
+    by several calls -- held until the last call has delivered its term, then summed and squared."""
 
     def __init__(self, capture: "PerExampleCapture"):
         self.capture = capture
 
     def add(self, key: str, term) -> None:
         capture = self.capture
-        if key in capture.broadcast:
+        if key in capture.exact:
             return
         state = capture.pass_state
         if capture.uses.get(key, 0) <= 1:
@@ -151,6 +214,10 @@ class GradientSink:
             capture.accumulator.add_terms(key, state.terms.pop(key), state.weights)
 
 
+def _is_broadcast_add(node, output: torch.Tensor) -> bool:
+    return type(node).__name__ == "AddBackward0" and getattr(node, "_saved_alpha", 1) == 1
+
+
 class PerExampleCapture:
     """Installs the hooks for `handlers`; drives one forward + several weighted backward passes."""
 
@@ -160,14 +227,21 @@ class PerExampleCapture:
         self.sink = GradientSink(self)
         self.active = False
         self.calls: List[_Call] = []
+        self.shared: List[_Call] = []
         self.leaves: List[torch.Tensor] = []
         self.uses: Dict[str, int] = {}
+        self.fired: set = set()
         self.pass_state: Optional[_PassState] = None
         self.batch_size = 0
-        # keys of calls whose output has no per-example batch dimension (e.g. GPT-2's position embedding,
-        # computed once and broadcast over the batch): their gradient is a batch sum, so the runner sends
-        # them to the exact fallback -- from the batch where this is first seen on, for good
-        self.broadcast: set = set()
+        self.seq_len = 0
+        # keys computed by the exact fallback: planned by the probe, or found at run time (a call
+        # that is
+        # not structurally per-example, a shared output with a non-additive consumer, a handler that
+        # never
+        # fired although planned) -- from the batch where this is first seen on, for good
+        self.exact: Dict[str, str] = {}  # key -> reason
+        self._node_hooks = []
+        self._resolved = False
         self._handles = []
         for handler in handlers:
             self._handles.append(
@@ -179,53 +253,149 @@ class PerExampleCapture:
             handle.remove()
         self._handles.clear()
 
+    def mark_exact(self, handler: Handler, reason: str) -> None:
+        for key in handler.keys.values():
+            if key not in self.exact:
+                log.debug("%s -> exact fallback: %s", key, reason)
+                self.exact[key] = reason
+
     # ---------------------------------------------------------------- forward
     def _forward_hook(self, handler: Handler):
         def hook(module, args, kwargs, output):
-            if not self.active or not isinstance(output, torch.Tensor):
+            if not self.active:
                 return None
-            saved = handler.saved_input(args, kwargs).detach()
-            replaced = False
-            if handler.batchless:
-                self.broadcast.update(handler.keys.values())
+            self.fired.add(id(handler))
+            if all(key in self.exact for key in handler.keys.values()):
                 return None
-            if output.dim() and output.shape[0] == 1 != self.batch_size and saved.dim() and saved.shape[0] == 1:
-                # computed once for the whole batch and broadcast (GPT-2 position embeddings): hand the
-                # model an expanded view instead, so that its gradient arrives per example
-                output = output.expand(self.batch_size, *output.shape[1:])
-                saved = saved.expand(self.batch_size, *saved.shape[1:])
-                replaced = True
-            elif output.dim() == 0 or output.shape[0] != self.batch_size:
-                self.broadcast.update(handler.keys.values())
+            x = handler.saved_input(args, kwargs)
+            form = handler.input_form(x, self.batch_size, self.seq_len)
+            lead = self.batch_size if form in (EXAMPLE, ROWS) else 1
+            if (
+                form is None
+                or not isinstance(output, torch.Tensor)
+                or output.dim() == 0
+                or output.shape[0] != lead
+            ):
+                shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+                self.mark_exact(
+                    handler,
+                    f"input {shape} is not (batch {self.batch_size}, ..., tokens "
+                    f"{self.seq_len}, ...) in {type(module).__name__}",
+                )
                 return None
-            call = _Call(handler, saved)
-            self.calls.append(call)
+            call = _Call(handler, x.detach())
             for key in handler.keys.values():
                 self.uses[key] = self.uses.get(key, 0) + 1
             if not output.requires_grad:
                 # nothing upstream needs a gradient (params are frozen): start the graph here
                 output.requires_grad_(True)
                 self.leaves.append(output)
-            output.register_hook(lambda delta, call=call: self._on_output_grad(call, delta))
-            return output if replaced else None
+            if form == SHARED:
+                call.output = output
+                self.shared.append(call)
+            else:
+                self.calls.append(call)
+                output.register_hook(lambda delta, call=call: self._on_output_grad(call, delta))
+            return None  # the output is never replaced
 
         return hook
 
-    def begin_forward(self, batch_size: int) -> None:
+    def begin_forward(self, batch_size: int, seq_len: int) -> None:
         self.batch_size = batch_size
-        self.calls.clear()
-        self.leaves.clear()
-        self.uses.clear()
+        self.seq_len = seq_len
+        self.release()
         self.active = True
 
     def end_forward(self) -> None:
+        if self.active:
+            for (
+                handler
+            ) in self.handlers:  # planned, but its module was never called: something else read it
+                if id(handler) not in self.fired:
+                    self.mark_exact(
+                        handler,
+                        f"{type(handler.module).__name__} was not called in the forward pass",
+                    )
         self.active = False
 
     def release(self) -> None:
+        for handle in self._node_hooks:
+            handle.remove()
+        self._node_hooks.clear()
         self.calls.clear()
+        self.shared.clear()
         self.leaves.clear()
         self.uses.clear()
+        self.fired.clear()
+        self._resolved = False
         self.pass_state = None
+
+    # ---------------------------------------------------------------- shared (1, T, ...) outputs
+    def _resolve_shared(self, loss: torch.Tensor) -> None:
+        """Find each shared output's consumers in the graph; all broadcasting adds: hook them."""
+        self._resolved = True
+        if not self.shared or loss.grad_fn is None:
+            return
+        by_leaf = {id(call.output): call for call in self.shared if call.output.grad_fn is None}
+        by_node = {
+            (call.output.grad_fn, call.output.output_nr): call
+            for call in self.shared
+            if call.output.grad_fn is not None
+        }
+        consumers: Dict[int, list] = {id(call): [] for call in self.shared}
+        seen, stack = {loss.grad_fn}, [loss.grad_fn]
+        while stack:
+            node = stack.pop()
+            for nxt, nr in node.next_functions:
+                if nxt is None:
+                    continue
+                variable = getattr(nxt, "variable", None)
+                call = by_leaf.get(id(variable)) if variable is not None else by_node.get((nxt, nr))
+                if call is not None:
+                    consumers[id(call)].append(node)
+                if nxt not in seen:
+                    seen.add(nxt)
+                    stack.append(nxt)
+        for call in self.shared:
+            nodes = consumers[id(call)]
+            if any(key in self.exact for key in call.handler.keys.values()):
+                continue
+            if not all(_is_broadcast_add(node, call.output) for node in nodes) or len(
+                set(nodes)
+            ) != len(nodes):
+                names = sorted({type(node).__name__ for node in nodes})
+                self.mark_exact(
+                    call.handler,
+                    f"shared {tuple(call.output.shape)} output of "
+                    f"{type(call.handler.module).__name__} is consumed by {names}",
+                )
+                continue
+            for key in call.handler.keys.values():
+                self.uses[key] = self.uses.get(key, 0) + len(nodes) - 1
+            for node in nodes:
+                self._node_hooks.append(
+                    node.register_prehook(
+                        lambda grads, call=call: self._on_consumer_grad(call, grads)
+                    )
+                )
+
+    def _on_consumer_grad(self, call: _Call, grads) -> None:
+        if self.pass_state is None:
+            return None
+        grad = grads[0] if grads else None
+        batch, shape = self.batch_size, tuple(call.output.shape)
+        if grad is None or grad.dim() != len(shape) or grad.shape[0] != batch:
+            self.mark_exact(
+                call.handler,
+                f"a consumer of the shared {shape} output has gradient "
+                f"{None if grad is None else tuple(grad.shape)}",
+            )
+            return None
+        delta = grad.detach().sum_to_size(
+            (batch, *shape[1:])
+        )  # example b's own gradient of the shared output
+        call.handler.contribute(call.saved.expand(batch, *call.saved.shape[1:]), delta, self.sink)
+        return None
 
     # ---------------------------------------------------------------- backward
     def _on_output_grad(self, call: _Call, delta: torch.Tensor) -> None:
@@ -235,48 +405,231 @@ class PerExampleCapture:
         return None
 
     def backward(self, loss: torch.Tensor, weights: torch.Tensor, *, retain_graph: bool) -> None:
-        """One weighted pass: every per-example gradient of `loss` squared, times weights[b], accumulated."""
+        """One weighted pass: each per-example gradient of `loss` squared, times weights[b]."""
         if not self.leaves:
             return
+        if not self._resolved:
+            self._resolve_shared(loss)
         self.pass_state = _PassState(weights=weights.detach())
         try:
             torch.autograd.grad(loss, self.leaves, retain_graph=retain_graph, allow_unused=True)
             # shared parameters whose other uses got no gradient (unused outputs): complete now
             for key, terms in list(self.pass_state.terms.items()):
-                self.accumulator.add_terms(key, terms, self.pass_state.weights)
+                if key not in self.exact:
+                    self.accumulator.add_terms(key, terms, self.pass_state.weights)
         finally:
             self.pass_state = None
 
 
-@torch.no_grad()
-def probe_batch_dependence(model: torch.nn.Module, handlers: List[Handler], device, vocab_size: int) -> None:
-    """Mark handlers whose outputs are not indexed by example (computed from parameters/buffers only).
+# ---------------------------------------------------------------- plan-time probe
+# tensor attributes and methods that read metadata, not values: using them is not using the
+# parameter
+_METADATA = {
+    "dtype",
+    "device",
+    "shape",
+    "requires_grad",
+    "is_cuda",
+    "is_meta",
+    "is_cpu",
+    "layout",
+    "ndim",
+    "is_leaf",
+    "grad_fn",
+    "grad",
+    "is_sparse",
+    "is_quantized",
+    "itemsize",
+    "nbytes",
+    "names",
+    "is_nested",
+    "is_mkldnn",
+    "_version",
+    "output_nr",
+    "_base",
+    "is_mps",
+    "is_xpu",
+    "size",
+    "dim",
+    "numel",
+    "stride",
+    "is_floating_point",
+    "is_complex",
+    "element_size",
+    "data_ptr",
+    "is_contiguous",
+    "get_device",
+    "storage_offset",
+    "untyped_storage",
+    "__len__",
+    "__hash__",
+    "__repr__",
+    "__format__",
+    "nelement",
+    "ndimension",
+    "_is_view",
+    "is_inference",
+}
 
-    Shapes alone cannot tell a (3, H) table from a batch of 3, so run two tiny dummy batches (2 and 3
-    examples) and watch each covered module's leading output dimension: it must follow the batch size,
-    or be 1 in both (computed once and broadcast; expanded at run time); anything else falls back.
+
+def _function_name(func) -> str:
+    name = getattr(func, "__name__", "")
+    if name == "__get__":
+        return getattr(getattr(func, "__self__", None), "__name__", name)
+    return name
+
+
+class _ParameterReads(torch.overrides.TorchFunctionMode):
+    """Records fast-path parameters whose values are read while none of their handlers' modules is
+    running (DeBERTa reads ``rel_embeddings.weight`` directly; a tied weight may be read by another
+    module)."""
+
+    def __init__(self, owners: Dict[int, List[Handler]], running: Dict[int, int]):
+        super().__init__()
+        self.owners = owners
+        self.running = running
+        self.outside: Dict[int, str] = {}  # id(handler) -> what read it
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if _function_name(func) not in _METADATA:
+            flat, _ = torch.utils._pytree.tree_flatten((args, kwargs))
+            for value in flat:
+                handlers = (
+                    self.owners.get(id(value)) if isinstance(value, torch.nn.Parameter) else None
+                )
+                if handlers and not any(self.running.get(id(h.module)) for h in handlers):
+                    for handler in handlers:
+                        self.outside.setdefault(id(handler), _function_name(func) or str(func))
+        return func(*args, **kwargs)
+
+
+@torch.no_grad()
+def probe_structure(
+    model: torch.nn.Module,
+    handlers: List[Handler],
+    forward,
+    device,
+    vocab_size: int,
+    pad_id: Optional[int],
+    *,
+    rows_allowed: bool,
+) -> Dict[int, str]:
+    """Plan-time structural check of every covered module: id(handler) -> why it must take the exact
+    path.
+
+    Three tiny dummy batches -- (2 examples, 5 tokens), (3, 7), and (3, 7) again with example 0's
+    tokens changed -- and for every call of a covered module: its input form (`Handler.input_form`);
+    whether rows of examples 1-2 stay the same when only example 0 changes (a routed or permuted
+    input mixes examples even when its shape looks right); and whether the parameter is read outside
+    its own module. Handlers whose calls were all per-example (B, features) rows and kept examples
+    apart may take ROWS inputs later (`rows_allowed`: seq-cls heads). A model that cannot run the
+    dummy batches keeps the run-time checks only.
     """
-    seen: Dict[int, List[int]] = {id(h): [] for h in handlers}
-    hooks = [h.module.register_forward_hook(
-        lambda _m, _a, out, key=id(h): seen[key].append(out.shape[0] if isinstance(out, torch.Tensor) and out.dim()
-                                                      else -1)) for h in handlers]
-    ids = torch.arange(4, device=device).remainder(max(1, vocab_size)).unsqueeze(0)
+    owners: Dict[int, List[Handler]] = {}
+    for handler in handlers:
+        for param in handler.params.values():
+            owners.setdefault(id(param), []).append(handler)
+    running: Dict[int, int] = {}
+    records: Dict[int, list] = {id(h): [] for h in handlers}
+    hooks = []
+
+    def enter(module, _args):
+        running[id(module)] = running.get(id(module), 0) + 1
+
+    def leave(module, _args, _out):
+        running[id(module)] -= 1
+
+    for module in model.modules():
+        hooks.append(module.register_forward_pre_hook(enter))
+        hooks.append(module.register_forward_hook(leave))
+    for handler in handlers:
+        hooks.append(
+            handler.module.register_forward_hook(
+                lambda _m, args, kwargs, _out, h=handler: records[id(h)].append(
+                    h.saved_input(args, kwargs)
+                ),
+                with_kwargs=True,
+            )
+        )
+    vocab = max(2, vocab_size)
+    allowed = [t for t in range(min(vocab, 64)) if t != pad_id] or [0]
+
+    def batch_ids(batch, seq, offset):
+        index = torch.arange(batch * seq).reshape(batch, seq) * 7 + offset
+        return torch.tensor(allowed, device=device)[index % len(allowed)]
+
+    reads = _ParameterReads(owners, running)
+    shapes = [(2, 5, 0), (3, 7, 1)]
+    per_batch: List[Dict[int, list]] = []
     try:
-        for batch in (2, 3):
-            model(input_ids=ids.expand(batch, -1), attention_mask=torch.ones_like(ids).expand(batch, -1))
-            for h in handlers:
-                seen[id(h)].append(-batch)  # marker: end of this batch
-    except Exception:  # a model that cannot run the dummy batch: keep the run-time shape checks only
-        return
+        with reads:
+            for batch, seq, offset in shapes + [(3, 7, 1)]:
+                ids = batch_ids(batch, seq, offset)
+                if len(per_batch) == 2:  # change example 0 only
+                    ids[0] = torch.tensor(allowed, device=device)[
+                        (torch.arange(seq) * 3 + 5) % len(allowed)
+                    ]
+                for value in records.values():
+                    value.clear()
+                forward({"input_ids": ids, "attention_mask": torch.ones_like(ids)})
+                per_batch.append(
+                    {
+                        key: [
+                            x.detach().clone() if isinstance(x, torch.Tensor) else x for x in calls
+                        ]
+                        for key, calls in records.items()
+                    }
+                )
+    except Exception as error:  # noqa: BLE001 - a model that cannot run the dummy batch
+        log.debug(
+            "structure probe skipped (%s: %s); run-time checks only", type(error).__name__, error
+        )
+        return {}
     finally:
         for handle in hooks:
             handle.remove()
-    for h in handlers:
-        dims, batch, ok = seen[id(h)], 2, True
-        for value in dims:
-            if value < -1:  # marker
-                batch = 3
-                continue
-            if value not in (batch, 1):
-                ok = False
-        h.batchless = not ok
+
+    reasons: Dict[int, str] = {}
+    for handler in handlers:
+        key = id(handler)
+        if key in reads.outside:
+            reasons[key] = (
+                f"its parameter is read outside {type(handler.module).__name__} "
+                f"({reads.outside[key]})"
+            )
+            continue
+        handler.rows_allowed = rows_allowed
+        forms = []
+        for (batch, seq, _offset), calls in zip(shapes + [shapes[1]], per_batch):
+            forms.extend(handler.input_form(x, batch, seq) for x in calls[key])
+        handler.rows_allowed = False
+        if any(form is None for form in forms):
+            reasons[key] = "an input is not (batch, ..., tokens, ..., features)"
+            continue
+        before, after = per_batch[1][key], per_batch[2][key]
+        if len(before) != len(after):
+            reasons[key] = "called a different number of times when one example changes (routed)"
+            continue
+        for x, y in zip(before, after):
+            if x.shape != y.shape:
+                reasons[key] = "its input changes shape when one example changes (routed)"
+                break
+            if x.shape[0] == shapes[1][0]:
+                rest, changed = x[1:].double(), y[1:].double()
+                scale = float(x.double().abs().max()) if x.numel() else 0.0
+                if rest.numel() and float((rest - changed).abs().max()) > 1e-3 * scale + 1e-6:
+                    reasons[key] = (
+                        "its input rows of one example depend on another example (routed / mixed)"
+                    )
+                    break
+                if (
+                    handler.input_form(x, *shapes[1][:2]) == ROWS
+                    and float((x[0].double() - y[0].double()).abs().max()) <= 1e-3 * scale + 1e-6
+                ):
+                    # a (B, features) input is one row per example only if row 0 is example 0's
+                    reasons[key] = "its (batch, features) input does not follow example 0 (routed)"
+                    break
+        if key not in reasons and rows_allowed and ROWS in forms:
+            handler.rows_allowed = True
+    return reasons

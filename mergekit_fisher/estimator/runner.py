@@ -123,22 +123,25 @@ def _plan_targets(model, opts: ComputeOptions, stored):
         aliases.setdefault(id(param), []).append(name)
         params[id(param)] = param
     wrappers = lora_mod.lora_wrappers(model) if opts.lora else {}
-    target_bases = {id(base.weight) for base, _t in wrappers.values()}
+    # with an adapter, names come from PEFT's module tree (lora.py): base names in the dense space, the
+    # adapter file's names in the adapter space; parameters the forward does not use have none
+    logical, target_bases = lora_mod.dense_names(model) if opts.lora else ({}, set())
+    if opts.lora and opts.space == Space.ADAPTER:
+        logical = lora_mod.adapter_names(model)
     keys: Dict[int, str] = {}
     names: Dict[str, List[str]] = {}
     for pid, names_in_model in aliases.items():
         first = names_in_model[0]
         if opts.lora and opts.space == Space.ADAPTER:
-            if not lora_mod.is_adapter_param(first):
+            if pid not in logical:
                 continue
-            out = [lora_mod.adapter_file_name(first)]
+            out = logical[pid]
         else:
-            if opts.lora and lora_mod.is_adapter_param(first):
+            if opts.lora and pid not in logical:
                 continue
             if opts.params == Params.ADAPTER_TARGETS and pid not in target_bases:
                 continue
-            dense = [lora_mod.dense_name(n) for n in names_in_model] if opts.lora else names_in_model
-            out = output_names(dense, stored)
+            out = output_names(logical[pid] if opts.lora else names_in_model, stored)
         keys[pid] = first
         names[first] = out
     return keys, names, params, (wrappers if opts.space == Space.DENSE else {})
