@@ -13,7 +13,9 @@ from mergekit_fisher.estimator.engine import FisherEngine
 
 
 class OffsetRMSNorm(nn.Module):
-    """Gemma-style ``x_hat * (1 + weight)``: looks like a norm, but not ``weight * x_hat`` -> must fall back."""
+    """Gemma-style ``x_hat * (1 + weight)`` with its epsilon hard-coded (no `eps` attribute): the
+    formula cannot be verified against a known normalizer -> must fall back. (Gemma's own RMSNorm,
+    with `eps`, is verified and fast: tests/test_families.py.)"""
 
     def __init__(self, hidden: int):
         super().__init__()
