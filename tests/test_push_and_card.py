@@ -174,3 +174,30 @@ def test_compute_push_to_hub_uploads_the_new_fisher(tmp_path, tokenizer_dir, mon
     uploaded = {op.path_in_repo for op in kwargs["operations"]}
     assert uploaded == set(os.listdir(out)) | {"README.md"}
     assert "fisher_config.json" in uploaded
+
+
+def test_every_written_fisher_directory_carries_its_card(world):
+    from mergekit_fisher.fisher_file import open_fisher
+
+    card = open(os.path.join(world.fishers[0], "README.md"), encoding="utf-8").read()
+    meta = _front_matter(card)
+    assert meta["library_name"] == "mergekit-fisher"
+    assert f"# Fisher information of {world.models[0]}" in card
+    assert _snippet(card)["models"][0]["parameters"]["fisher"] == world.fishers[0]
+    assert open_fisher(world.fishers[0]).names()  # the card does not disturb the reader
+
+
+def test_push_keeps_a_card_the_user_edited(world, tmp_path, monkeypatch):
+    import shutil
+
+    from mergekit_fisher.cli import main
+
+    hub = FakeHub().install(monkeypatch)
+    mine = str(tmp_path / "mine")
+    shutil.copytree(world.fishers[1], mine)
+    with open(os.path.join(mine, "README.md"), "w", encoding="utf-8") as fp:
+        fp.write("# my own words\n")
+    result = CliRunner().invoke(main, ["push", mine, "my-org/fishers"])
+    assert result.exit_code == 0, result.output
+    (card,) = [op for op in hub.calls[-1][2]["operations"] if op.path_in_repo == "README.md"]
+    assert open(card.path_or_fileobj).read() == "# my own words\n"

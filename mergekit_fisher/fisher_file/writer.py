@@ -23,6 +23,7 @@ from safetensors.torch import save_file
 
 from mergekit_fisher import __version__
 from mergekit_fisher.errors import FisherInputError
+from mergekit_fisher.fisher_file.card import CARD_NAME, render_card
 from mergekit_fisher.fisher_file.config import (
     CONFIG_FILENAME,
     HEADER_CONFIG_KEY,
@@ -168,6 +169,9 @@ class FisherWriter:
                 self._name_shards()
                 with open(os.path.join(self._tmp_dir, CONFIG_FILENAME), "w", encoding="utf-8") as fp:
                     fp.write(config_json + "\n")
+                # the Fisher's model card: a published Fisher says what it is (fisher_file/card.py)
+                with open(os.path.join(self._tmp_dir, CARD_NAME), "w", encoding="utf-8") as fp:
+                    fp.write(render_card(config, self.out_path))
                 _publish_mode(self._tmp_dir, 0o777)
                 self._replace(self._tmp_dir)
         finally:

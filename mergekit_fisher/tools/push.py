@@ -32,6 +32,11 @@ def _files(path: str) -> List[Tuple[str, str]]:
     return out
 
 
+def _read(path: str) -> str:
+    with open(path, encoding="utf-8") as fp:
+        return fp.read()
+
+
 def push_fisher(
     fisher: str,
     repo_id: str,
@@ -61,16 +66,20 @@ def push_fisher(
         CommitOperationAdd(path_in_repo=f"{sub}/{rel}" if sub else rel, path_or_fileobj=local)
         for local, rel in files
     ]
-    if os.path.isdir(fisher) and not any(rel == CARD_NAME for _local, rel in files):
-        reference = f"{repo_id}/{sub}" if sub else repo_id
-        if revision:
-            reference += f"@{revision}"
-        card = render_card(open_fisher(fisher).config, reference).encode("utf-8")
-        operations.append(
-            CommitOperationAdd(
-                path_in_repo=f"{sub}/{CARD_NAME}" if sub else CARD_NAME, path_or_fileobj=card
-            )
-        )
+    if os.path.isdir(fisher):
+        # The card `compute` wrote names the local path; the uploaded one names the Hub reference.
+        # A card the user edited (it differs from the one we would write) is uploaded as it is.
+        config = open_fisher(fisher).config
+        on_disk = os.path.join(fisher, CARD_NAME)
+        ours = not os.path.exists(on_disk) or _read(on_disk) == render_card(config, os.path.abspath(fisher))
+        if ours:
+            reference = f"{repo_id}/{sub}" if sub else repo_id
+            if revision:
+                reference += f"@{revision}"
+            card = render_card(config, reference).encode("utf-8")
+            target = f"{sub}/{CARD_NAME}" if sub else CARD_NAME
+            operations = [op for op in operations if op.path_in_repo != target]
+            operations.append(CommitOperationAdd(path_in_repo=target, path_or_fileobj=card))
     api = HfApi()
     api.create_repo(repo_id, repo_type=repo_type, private=private, exist_ok=True)
     if revision:
