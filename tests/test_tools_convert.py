@@ -105,9 +105,9 @@ def _bad_inputs(tmp_path, shapes):
     name = sorted(shapes)[0]
     cases = {}
     torch.save({"a": NotATensor()}, tmp_path / "object.pt")
-    cases["object.pt"] = "pickled object of class test_tools_convert.NotATensor, which weights_only loading refuses"
+    cases["object.pt"] = "refusing it: it holds a pickled Python object (test_tools_convert.NotATensor), not only tensors"
     (tmp_path / "junk.pt").write_text("not a torch file")
-    cases["junk.pt"] = "cannot load it safely with torch.load(weights_only=True): not a torch.save file"
+    cases["junk.pt"] = "refusing it: its pickle uses an instruction a dict of tensors does not need"
     torch.save([values[name]], tmp_path / "list.pt")
     cases["list.pt"] = "expected a dict of tensors, found a list"
     torch.save({"state_dict": {name: values[name]}}, tmp_path / "nested.pt")
@@ -144,6 +144,7 @@ def test_bad_inputs_are_refused_with_one_message_and_no_output(model, tmp_path):
         assert result.exit_code == 2, (filename, result.output)
         assert message in result.output, (filename, result.output)
         assert result.output.startswith("Error: ") and len(result.output.strip().splitlines()) == 1, result.output
+        assert "weights_only=False" not in result.output and "`False`" not in result.output  # never that advice
         assert os.listdir(outdir) == [], filename  # nothing written, no temporary leftovers
     # the error names the tensor
     result = run("convert", inputs / "negative.pt", outdir / "out", "--model", path)

@@ -285,7 +285,7 @@ def test_checkpoint_index_refuses_broken_layouts(tiny_model, tmp_path):
     shutil.copytree(sharded, missing)
     first_shard = sorted(f for f in os.listdir(missing) if f.endswith(".safetensors"))[0]
     os.remove(missing / first_shard)
-    with pytest.raises(FisherInputError, match=f"shard {first_shard} listed in model.safetensors.index.json is missing"):
+    with pytest.raises(FisherInputError, match=f"index entry '{first_shard}' names a shard that is missing \\(in model.safetensors.index.json\\)"):
         checkpoint_shapes(str(missing))
 
     pickled = tmp_path / "pickled"

@@ -45,7 +45,9 @@ def load_texts(path: str, max_examples: Optional[int] = None) -> List[str]:
     if not os.path.isfile(path):
         raise DataError("data file does not exist", file=path, fix="pass an existing .jsonl or .txt file to --data")
     if path.endswith(".txt"):
-        with open(path, encoding="utf-8") as fp:
+        from mergekit_fisher.estimator.data import open_text
+
+        with open_text(path) as fp:  # bytes that are not UTF-8: a DataError naming the line
             return [fp.read()]
     texts = []
     for where, row in read_jsonl(path, limit=max_examples):
@@ -81,7 +83,19 @@ def load_model(model_dir: str, device: str):
         )
     import torch
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    from mergekit_fisher.tools.checkpoint import checkpoint_index
+
+    # safetensors only (a pickle-only checkpoint is refused, never unpickled), every shard present and
+    # inside the directory: checked from the headers before transformers opens anything
+    checkpoint_index(model_dir)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, use_safetensors=True)
+    except Exception as error:  # SafetensorError (truncated file), OSError, ValueError (bad config)
+        text = str(error).strip()
+        raise FisherInputError(
+            f"cannot load the model ({error.__class__.__name__}: {text.splitlines()[0][:300] if text else ''})",
+            model=model_dir, fix="re-download or re-save it (a truncated or partial copy?)",
+        ) from None
     return model.to(device).eval()
 
 

@@ -35,13 +35,26 @@ def save_checkpoint(path: str, sums: Dict[str, torch.Tensor], state: dict) -> No
             os.remove(tmp)
 
 
-def load_checkpoint(path: str, fingerprint: str) -> Optional[Tuple[Dict[str, torch.Tensor], dict]]:
-    if not os.path.exists(path):
+def checkpoint_identity_state(identity: dict) -> dict:
+    """What a checkpoint records of the model it was computed for: its weights' fingerprints."""
+    return {"model_fingerprint": identity.get("model_fingerprint"),
+            "adapter_fingerprint": identity.get("adapter_fingerprint")}
+
+
+def load_checkpoint(path: str, fingerprint: str, identity: Optional[dict] = None
+                    ) -> Optional[Tuple[Dict[str, torch.Tensor], dict]]:
+    """The sums and state of a checkpoint written by the same run: the same options and data
+    (`fingerprint`) and the same weights (`identity`'s fingerprints); anything else is refused."""
+    if not os.path.lexists(path):
         return None
     try:
+        if not os.path.isfile(path):
+            raise OSError("not a regular file")
         with safe_open(path, framework="pt") as handle:
             state = json.loads((handle.metadata() or {})[STATE_KEY])
             sums = {key: handle.get_tensor(key) for key in handle.keys()}
+        if not isinstance(state, dict):
+            raise ValueError("state is not a JSON object")
     except Exception as error:
         raise FisherInputError(
             f"unreadable checkpoint ({error.__class__.__name__})", file=path, kind="checkpoint",
@@ -52,4 +65,15 @@ def load_checkpoint(path: str, fingerprint: str) -> Optional[Tuple[Dict[str, tor
             "the checkpoint was written by a run with different options or data", file=path, kind="checkpoint",
             fix="rerun with exactly the same options to resume, or delete the checkpoint file to start over",
         )
+    if identity is not None:
+        for key, what in (("model_fingerprint", "model"), ("adapter_fingerprint", "adapter")):
+            then, now = state.get(key), checkpoint_identity_state(identity)[key]
+            if then != now:
+                raise FisherInputError(
+                    f"the {what}'s weights changed since the checkpoint was written (fingerprint {then} then, "
+                    f"{now} now): resuming would mix the Fisher of two models",
+                    file=path, kind="checkpoint",
+                    fix=f"restore the {what} the run started with to resume, or delete the checkpoint file "
+                    "to start over",
+                )
     return sums, state

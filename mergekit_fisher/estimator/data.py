@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import io
 import json
 import os
 import random
@@ -84,7 +85,7 @@ def read_jsonl(path: str, limit: Optional[int] = None) -> List[Tuple[str, Dict[s
     """``("path:line", row)`` for each JSON object of a JSONL file (blank lines skipped), at most `limit`;
     a line that is not a JSON object is a DataError naming it. Also `mergekit-fisher eval`'s reader."""
     rows: List[Tuple[str, Dict[str, Any]]] = []
-    with open(path, encoding="utf-8") as fp:
+    with open_text(path) as fp:
         for number, line in enumerate(fp, 1):
             if limit is not None and len(rows) >= limit:
                 break
@@ -102,6 +103,20 @@ def read_jsonl(path: str, limit: Optional[int] = None) -> List[Tuple[str, Dict[s
                                        fix="write one JSON object per line (JSONL)")
             rows.append((f"{path}:{number}", row))
     return rows
+
+
+def open_text(path: str) -> io.StringIO:
+    """A data file as text, lines read as `open(path, encoding="utf-8")` reads them (universal newlines);
+    bytes that are not UTF-8 are a DataError naming the line."""
+    with open(path, "rb") as fp:
+        raw = fp.read()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = raw.count(b"\n", 0, error.start) + 1
+        raise DataError(f"line {line} is not UTF-8 text (byte {error.start}: {error.reason})", file=path,
+                        fix="re-save the file as UTF-8") from None
+    return io.StringIO(text, newline=None)
 
 
 def _read_dataset(path: str, *, on_disk: bool) -> Tuple[List[Tuple[str, Dict[str, Any]]], str]:
@@ -140,7 +155,7 @@ def read_rows(path: str) -> Tuple[List[Tuple[str, Dict[str, Any]]], str, bool]:
     if os.path.isfile(path):
         _hash_file(digest, path)
         if path.endswith(".txt"):
-            with open(path, encoding="utf-8") as fp:
+            with open_text(path) as fp:
                 rows = [(f"{path}:{n}", {"text": line.rstrip("\n")}) for n, line in enumerate(fp, 1) if line.strip()]
             return rows, digest.hexdigest(), True
         return read_jsonl(path), digest.hexdigest(), True
@@ -188,6 +203,17 @@ def _check_fields(where: str, row: Dict[str, Any], task: str, strict: bool) -> D
             "seq-cls reads text[/text_pair]+label)",
         )
     return {key: row[key] for key in allowed if key in row}
+
+
+def _string(fields: Dict[str, Any], key: str, where: str) -> str:
+    """A text field must be a JSON string: null, a number or a list is not text (and must not become "None")."""
+    value = fields[key]
+    if not isinstance(value, str):
+        kind = {type(None): "null", bool: "a boolean", int: "a number", float: "a number", list: "a list",
+                dict: "an object"}.get(type(value), type(value).__name__)
+        raise DataError(f'{where}: "{key}" is {kind}, not a string', file=where.rsplit(":", 1)[0],
+                        fix=f'write "{key}" as a JSON string (or drop the row)')
+    return value
 
 
 # what a tokenizer returns that is not a model input of its own (or that collate builds itself)
@@ -269,8 +295,8 @@ def tokenize_row(tokenizer, fields: Dict[str, Any], task: str, where: str, num_l
                 file=where.rsplit(":", 1)[0],
                 fix=f"use integer labels 0..{(num_labels or 1) - 1}, or a model with more labels",
             )
-        pair = fields.get("text_pair")
-        encoded = tokenizer(str(fields["text"]), pair if pair is None else str(pair))
+        pair = _string(fields, "text_pair", where) if fields.get("text_pair") is not None else None
+        encoded = tokenizer(_string(fields, "text", where), pair)
         _extend_inputs(inputs, encoded)
         ids = list(encoded["input_ids"])
         return ids, None, label
@@ -278,12 +304,12 @@ def tokenize_row(tokenizer, fields: Dict[str, Any], task: str, where: str, num_l
         ids, labels = _chat_example(tokenizer, fields["messages"], where, inputs)
         return ids, labels, None
     if "prompt" in fields:
-        prompt = _ids(tokenizer, str(fields["prompt"]), special=True, inputs=inputs)
-        completion = _ids(tokenizer, str(fields["completion"]), special=False, inputs=inputs)
+        prompt = _ids(tokenizer, _string(fields, "prompt", where), special=True, inputs=inputs)
+        completion = _ids(tokenizer, _string(fields, "completion", where), special=False, inputs=inputs)
         if tokenizer.eos_token_id is not None:
             completion.append(tokenizer.eos_token_id)
         return prompt + completion, [IGNORE] * len(prompt) + completion, None
-    ids = _ids(tokenizer, str(fields["text"]), special=True, inputs=inputs)
+    ids = _ids(tokenizer, _string(fields, "text", where), special=True, inputs=inputs)
     return ids, list(ids), None
 
 

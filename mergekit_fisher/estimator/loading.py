@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from typing import List, Optional, Set
 
@@ -27,6 +28,35 @@ def check_model_path(model: str) -> None:
                                fix="check the MODEL path (a directory saved with save_pretrained, or a hub id)")
 
 
+REMOTE_CODE_PROBLEM = ("the model's architecture is defined by Python files shipped with it (auto_map in config.json), "
+                       "which are not run by default")
+REMOTE_CODE_FIX = "read those files, then pass --trust-remote-code if you trust them"
+
+
+def check_remote_code(model: str, trust_remote_code: bool) -> None:
+    """A config with `auto_map` ships its own code: refused without --trust-remote-code, even when its
+    `model_type` is a built-in one (transformers would then quietly use the built-in class instead)."""
+    if trust_remote_code:
+        return
+    config_path = os.path.join(os.path.expanduser(model), "config.json")
+    if not os.path.isfile(config_path):
+        try:  # a Hub id: its config.json, as from_pretrained would fetch it
+            from transformers.utils import cached_file
+
+            config_path = cached_file(model, "config.json")
+        except Exception:
+            config_path = None
+        if not config_path:
+            return  # from_pretrained says what is wrong
+    try:
+        with open(config_path, encoding="utf-8") as fp:
+            config = json.load(fp)
+    except (OSError, ValueError):
+        return  # transformers reports a broken config.json when it loads the model
+    if isinstance(config, dict) and config.get("auto_map"):
+        raise FisherInputError(REMOTE_CODE_PROBLEM, model=model, fix=REMOTE_CODE_FIX)
+
+
 def load_tokenizer(model: str, *, trust_remote_code: bool, fallback: Optional[str] = None):
     from transformers import AutoTokenizer
 
@@ -45,6 +75,7 @@ def load_tokenizer(model: str, *, trust_remote_code: bool, fallback: Optional[st
 def load_model(model: str, *, task: str, dtype: str, device_map: Optional[str], trust_remote_code: bool):
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
+    check_remote_code(model, trust_remote_code)
     cls = AutoModelForSequenceClassification if task == Task.SEQ_CLS else AutoModelForCausalLM
     kwargs = {
         "dtype": DTYPES[dtype],
@@ -58,11 +89,7 @@ def load_model(model: str, *, task: str, dtype: str, device_map: Optional[str], 
         loaded = cls.from_pretrained(model, **kwargs)
     except Exception as error:
         if not trust_remote_code and ("custom code" in str(error) or "trust_remote_code" in str(error)):
-            raise FisherInputError(
-                "the model's architecture is defined by Python files shipped with it (auto_map in config.json), "
-                "which are not run by default", model=model,
-                fix="read those files, then pass --trust-remote-code if you trust them",
-            ) from None
+            raise FisherInputError(REMOTE_CODE_PROBLEM, model=model, fix=REMOTE_CODE_FIX) from None
         raise FisherInputError(
             f"cannot load the model for --task {task} ({_first_line(error)})", model=model,
             fix="check the path / hub id, --task, and --trust-remote-code for custom architectures",

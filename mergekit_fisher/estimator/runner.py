@@ -18,9 +18,16 @@ import torch
 from mergekit_fisher.choices import AccumulatorDtype, Dtype, FisherType, Params, Space, Task
 from mergekit_fisher.errors import FisherInputError
 from mergekit_fisher.fisher_file import check_output_free, parse_shard_size
+from mergekit_fisher.fisher_file.provenance import model_identity
+from mergekit_fisher.fisher_file.writer import estimated_size, output_lock
 from mergekit_fisher.naming import output_names, to_stored_layout
 from mergekit_fisher.estimator import lora as lora_mod
-from mergekit_fisher.estimator.checkpoint import checkpoint_path, load_checkpoint, save_checkpoint
+from mergekit_fisher.estimator.checkpoint import (
+    checkpoint_identity_state,
+    checkpoint_path,
+    load_checkpoint,
+    save_checkpoint,
+)
 from mergekit_fisher.estimator.data import check_data_path, collate, prepare
 from mergekit_fisher.estimator.engine import FisherEngine
 from mergekit_fisher.estimator.loading import (
@@ -105,7 +112,7 @@ def _validate(opts: ComputeOptions) -> None:
         if value is not None and value < 1:
             raise FisherInputError(f"{name} must be at least 1, got {value}")
     parse_shard_size(opts.max_shard_size)  # fail now, not after hours of computation
-    check_output_free(os.path.abspath(opts.out_dir), opts.overwrite, fix="choose another OUT_DIR or pass --overwrite")
+    _check_output(opts)
     check_model_path(opts.model)
     if opts.lora and not os.path.exists(os.path.join(opts.lora, "adapter_config.json")):
         raise FisherInputError(
@@ -113,6 +120,45 @@ def _validate(opts: ComputeOptions) -> None:
             fix="pass the PEFT adapter directory saved with `save_pretrained` to --lora",
         )
     check_data_path(opts.data)
+
+
+def _check_output(opts: ComputeOptions, needed_bytes: Optional[int] = None) -> None:
+    """OUT_DIR: free (or --overwrite), none of the inputs, writable, with room for `needed_bytes`."""
+    check_output_free(os.path.abspath(opts.out_dir), opts.overwrite, fix="choose another OUT_DIR or pass --overwrite",
+                      inputs=(opts.model, opts.lora, opts.data), needed_bytes=needed_bytes)
+
+
+def _needed_bytes(opts: ComputeOptions, keys, names, params) -> int:
+    """The output (float32, one copy per stored name) plus, when checkpointing, the accumulators."""
+    output = sum(params[pid].numel() * len(names[key]) for pid, key in keys.items())
+    needed = estimated_size(output)
+    if opts.checkpoint_every:
+        needed += estimated_size(sum(params[pid].numel() for pid in keys), DTYPES[opts.accumulator_dtype])
+    return needed
+
+
+@contextlib.contextmanager
+def _output_guard(opts: ComputeOptions, accelerator):
+    """The main process holds OUT_DIR's lock for the whole run (and re-checks OUT_DIR under it); every
+    process learns if it could not, so none waits forever in a collective."""
+    failure = None
+    lock = contextlib.ExitStack()
+    if accelerator.is_main_process:
+        try:
+            lock.enter_context(output_lock(opts.out_dir))
+            _check_output(opts)
+        except FisherInputError as error:
+            lock.close()
+            failure = error
+    if accelerator.num_processes > 1:
+        failed = _reduce(accelerator, torch.tensor([float(failure is not None)], device=accelerator.device))
+        if failure is None and float(failed.item()) > 0:
+            failure = FisherInputError("the main process could not take the output", file=opts.out_dir,
+                                       kind="output", fix="see the main process's error")
+    if failure is not None:
+        raise failure
+    with lock:
+        yield
 
 
 def _plan_targets(model, opts: ComputeOptions, stored):
@@ -179,11 +225,19 @@ def run_compute(opts: ComputeOptions, *, accelerator=None, interrupt_after_round
     """Compute and write the Fisher; returns the written FisherConfig on the main process (None elsewhere)."""
     from accelerate import Accelerator
 
-    from mergekit_fisher.fisher_file import FisherConfig, write_fisher
-
     _validate(opts)
     if accelerator is None:
         accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    with _output_guard(opts, accelerator):
+        return _run(opts, accelerator, interrupt_after_rounds)
+
+
+def _run(opts: ComputeOptions, accelerator, interrupt_after_rounds: Optional[int]):
+    from mergekit_fisher.fisher_file import FisherConfig, write_fisher
+
+    # the identity of the weights about to be loaded: recorded in the output, and a resumed
+    # checkpoint must have been written for the very same weights
+    identity = model_identity(opts.model, opts.lora)
     fisher_type = opts.resolved_fisher_type()
     acc_dtype = DTYPES[opts.accumulator_dtype]
 
@@ -220,6 +274,8 @@ def run_compute(opts: ComputeOptions, *, accelerator=None, interrupt_after_round
     if not keys:
         raise FisherInputError("no parameters selected", model=opts.model,
                                fix="check --params / --space / --lora")
+    if accelerator.is_main_process:  # read-only, OUT's parent a file, disk full: now, not after the computation
+        _check_output(opts, _needed_bytes(opts, keys, names, params))
     engine = FisherEngine(model, task=opts.task, fisher_type=fisher_type, samples=opts.samples, seed=opts.seed,
                           accumulator_dtype=acc_dtype, keys=keys, wrappers=wrappers, model_name=opts.model)
     accumulator = engine.accumulator
@@ -230,7 +286,7 @@ def run_compute(opts: ComputeOptions, *, accelerator=None, interrupt_after_round
     fingerprint = opts.fingerprint(data.dataset_hash)
     ckpt = checkpoint_path(opts.out_dir)
     done_batches, num_tokens = 0, 0
-    loaded = load_checkpoint(ckpt, fingerprint) if opts.checkpoint_every else None
+    loaded = load_checkpoint(ckpt, fingerprint, identity) if opts.checkpoint_every else None
     if loaded is not None:
         sums, state = loaded
         done_batches = int(state["done_batches"])
@@ -285,7 +341,7 @@ def run_compute(opts: ComputeOptions, *, accelerator=None, interrupt_after_round
                 progress.refresh()
             if opts.checkpoint_every and since_checkpoint >= opts.checkpoint_every and round_end < total_batches:
                 since_checkpoint = 0
-                _save_state(accelerator, accumulator, ckpt, fingerprint, round_end, num_tokens)
+                _save_state(accelerator, accumulator, ckpt, fingerprint, round_end, num_tokens, identity)
             if interrupt_after_rounds is not None and round_index + 1 >= interrupt_after_rounds:
                 raise Interrupted(f"interrupted after {round_index + 1} rounds (test hook)")
     finally:
@@ -312,7 +368,7 @@ def run_compute(opts: ComputeOptions, *, accelerator=None, interrupt_after_round
     if opts.space != Space.ADAPTER:  # fused in-memory tensors (MoE experts) -> the stored ones
         fisher = to_stored_layout(model, fisher)
     config = FisherConfig(
-        model=opts.model, adapter=opts.lora, space=opts.space, fisher_type=fisher_type, task=opts.task,
+        **{key: value for key, value in identity.items() if value is not None}, space=opts.space, fisher_type=fisher_type, task=opts.task,
         num_examples=len(examples), num_tokens=total_tokens, dataset=opts.data, dataset_hash=data.dataset_hash,
         samples_per_example=opts.samples if fisher_type == FisherType.SAMPLED else None, seed=opts.seed,
         accumulator_dtype=opts.accumulator_dtype,
@@ -331,10 +387,11 @@ def run_compute(opts: ComputeOptions, *, accelerator=None, interrupt_after_round
     return written
 
 
-def _save_state(accelerator, accumulator, path, fingerprint, done_batches, num_tokens) -> None:
+def _save_state(accelerator, accumulator, path, fingerprint, done_batches, num_tokens, identity) -> None:
     sums = {key: _reduce(accelerator, value) for key, value in accumulator.sums.items()}
     device = next(iter(sums.values())).device
     tokens = int(_reduce(accelerator, torch.tensor([num_tokens], dtype=torch.float64, device=device)).item())
     if accelerator.is_main_process:
-        save_checkpoint(path, sums, {"fingerprint": fingerprint, "done_batches": done_batches, "num_tokens": tokens})
+        save_checkpoint(path, sums, {"fingerprint": fingerprint, "done_batches": done_batches, "num_tokens": tokens,
+                                     **checkpoint_identity_state(identity)})
     accelerator.wait_for_everyone()

@@ -58,7 +58,14 @@ class FisherConfig(BaseModel):
     format: str = FORMAT_NAME
     format_version: int = FORMAT_VERSION
     model: Optional[str] = Field(None, description="model the Fisher was computed for (path or hub id)")
+    model_path: Optional[str] = Field(None, description="`model` resolved: absolute, symlinks followed")
+    model_revision: Optional[str] = Field(None, description="Hub revision (commit) of `model`, for a Hub id")
+    model_fingerprint: Optional[str] = Field(
+        None, description="identity of the model's weights (`tools.checkpoint.model_fingerprint`)"
+    )
     adapter: Optional[str] = Field(None, description="PEFT adapter applied on top of `model`, if any")
+    adapter_path: Optional[str] = None
+    adapter_fingerprint: Optional[str] = None
     space: Space = Field(
         Space.DENSE.value, description="dense: names/shapes of the (merged) checkpoint; adapter: lora_A/lora_B names"
     )

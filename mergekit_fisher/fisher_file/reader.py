@@ -30,6 +30,7 @@ from mergekit_fisher.fisher_file.config import (
     FisherConfig,
     GlobalStats,
 )
+from mergekit_fisher.fisher_file.paths import check_regular_file, contained_shard
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 ALLOWED_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
@@ -37,6 +38,7 @@ ALLOWED_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.flo
 # memory map: a long merge then keeps only the tensors in use resident, not every page it touched.
 _PREAD = hasattr(os, "preadv") and sys.byteorder == "little"
 CONVERT_HINT = "convert it to a Fisher file with `mergekit-fisher convert IN OUT --model MODEL`"
+REPAIR_FIX = "recompute the Fisher file, or restore it from its source"
 
 
 @dataclass(frozen=True)
@@ -53,15 +55,16 @@ def _safetensors_error(path: str, error: Exception) -> FisherInputError:
     )
 
 
-def load_weight_map(index_path: str) -> Dict[str, str]:
+def load_weight_map(index_path: str) -> Dict[str, object]:
     """The `weight_map` of a Fisher directory's `fisher.safetensors.index.json`; ValueError if broken.
+    Its values are not checked here: `paths.contained_shard` checks each before anything is opened.
 
     (Model checkpoints are read by mergekit's `ShardedTensorIndex`, see `tools.checkpoint`; it only knows
     `model.safetensors*` names and does not check the index, which a Fisher file must.)"""
     try:
         with open(index_path, encoding="utf-8") as fp:
             weight_map = json.load(fp)["weight_map"]
-    except (ValueError, KeyError, TypeError) as error:
+    except (ValueError, KeyError, TypeError, OSError) as error:  # UnicodeDecodeError is a ValueError
         raise ValueError(repr(error)) from None
     if not isinstance(weight_map, dict):
         raise ValueError("weight_map is not a mapping")
@@ -115,6 +118,7 @@ class FisherFile:
                 file=path,
                 fix=CONVERT_HINT,
             )
+        check_regular_file(path, fix=REPAIR_FIX)
         self.tensor_paths = {name: path for name in self._shard_names(path)}
         with self._open_raw(path) as handle:
             metadata = handle.metadata() or {}
@@ -123,28 +127,27 @@ class FisherFile:
 
     def _resolve_directory(self, path: str) -> None:
         config_path = os.path.join(path, CONFIG_FILENAME)
-        if os.path.exists(config_path):
-            with open(config_path, encoding="utf-8") as fp:
-                self.config = self._parse_config(fp.read(), config_path)
+        if os.path.lexists(config_path):
+            self.config = self._parse_config(self._read_text(config_path), config_path)
         index_path = os.path.join(path, INDEX_FILENAME)
         single_path = os.path.join(path, SINGLE_FILENAME)
-        if os.path.exists(index_path):
+        if os.path.lexists(index_path):
+            check_regular_file(index_path, fix=REPAIR_FIX)
             try:
                 weight_map = load_weight_map(index_path)
             except ValueError as error:
                 raise FisherInputError(
-                    f"broken shard index ({error})", file=index_path,
-                    fix="recompute the Fisher file, or restore the index from its source",
+                    f"broken shard index ({error})", file=index_path, fix=REPAIR_FIX,
                 ) from None
+            # every entry is checked (contained, regular) before any shard -- or any other file -- is opened
             for name, shard in weight_map.items():
-                shard_path = os.path.join(path, shard)
-                if not os.path.exists(shard_path):
-                    raise FisherInputError(
-                        f"shard {shard} listed in the index is missing", file=path, tensor=name,
-                        fix="copy the complete Fisher directory (all shards)",
-                    )
-                self.tensor_paths[name] = shard_path
-        elif os.path.exists(single_path):
+                self.tensor_paths[name] = contained_shard(
+                    path, shard, index_name=INDEX_FILENAME, tensor=name,
+                    fix="a Fisher directory's index names only its own shard files: "
+                    "copy the complete Fisher directory (all shards), or recompute it",
+                )
+        elif os.path.lexists(single_path):
+            check_regular_file(single_path, fix=REPAIR_FIX)
             self.tensor_paths = {name: single_path for name in self._shard_names(single_path)}
         else:
             pickles = [f for f in sorted(os.listdir(path)) if f.lower().endswith(PICKLE_SUFFIXES)]
@@ -155,6 +158,22 @@ class FisherFile:
                 file=path,
                 fix="point `fisher:` at the output directory of `mergekit-fisher compute`",
             )
+
+    @staticmethod
+    def _read_text(path: str) -> str:
+        """A small JSON file of the directory (config, index): a regular file, valid UTF-8."""
+        check_regular_file(path, fix="restore it from the `mergekit-fisher compute` output")
+        try:
+            with open(path, encoding="utf-8") as fp:
+                return fp.read()
+        except UnicodeDecodeError as error:
+            raise FisherInputError(
+                f"not UTF-8 text (byte {error.start}: {error.reason})", file=path,
+                fix="restore it from the `mergekit-fisher compute` output (JSON, UTF-8)",
+            ) from None
+        except OSError as error:
+            raise FisherInputError(f"cannot read it ({error.strerror or error})", file=path,
+                                   fix="check its permissions") from None
 
     @staticmethod
     def _parse_config(text: str, where: str) -> FisherConfig:

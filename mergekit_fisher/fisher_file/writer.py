@@ -10,13 +10,14 @@ in float64, from the values as stored.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
 import shutil
 import tempfile
 import uuid
-from typing import Dict, List, Mapping, Optional, Union
+from typing import Dict, Iterable, Iterator, List, Mapping, Optional, Union
 
 import torch
 from safetensors.torch import save_file
@@ -32,6 +33,7 @@ from mergekit_fisher.fisher_file.config import (
     FisherConfig,
     GlobalStats,
 )
+from mergekit_fisher.fisher_file.paths import is_inside
 
 DEFAULT_MAX_SHARD_SIZE = "5GB"
 
@@ -58,10 +60,155 @@ def parse_shard_size(value: Union[int, str]) -> int:
     return int(size)
 
 
-def check_output_free(path: str, overwrite: bool, *, fix: str = "choose another path or pass --overwrite") -> None:
-    """Refuse an existing output unless --overwrite; callers check early, before any expensive work."""
-    if os.path.exists(path) and not overwrite:
+def check_output_free(
+    path: str,
+    overwrite: bool,
+    *,
+    fix: str = "choose another path or pass --overwrite",
+    inputs: Iterable[Optional[str]] = (),
+    needed_bytes: Optional[int] = None,
+) -> None:
+    """The one place for output checks; callers call it early, before any expensive work.
+
+    * an existing `path` needs `overwrite`;
+    * `path` must not be, contain or lie inside any of `inputs` (compared as realpaths, after symlinks):
+      replacing it would delete the model, the data or the Fisher being read -- with or without --overwrite;
+    * its parent must be a directory we can write (or creatable in one), with `needed_bytes` free.
+    """
+    out_real = os.path.realpath(path)
+    for given in inputs:
+        if not given or not os.path.lexists(given):
+            continue  # a hub id, an unset option
+        real = os.path.realpath(given)
+        if is_inside(out_real, real) or is_inside(real, out_real):
+            relation = ("is" if out_real == real else "lies inside" if is_inside(out_real, real) else "contains")
+            raise FisherInputError(
+                f"the output {relation} the input {given}; writing it would "
+                + ("overwrite" if relation != "lies inside" else "change") + " that input",
+                file=path, kind="output",
+                fix="choose an OUT outside every input (model, adapter, data, Fisher files)",
+            )
+    if os.path.lexists(path) and not overwrite:
         raise FisherInputError("output already exists", file=path, kind="output", fix=fix)
+    check_output_writable(path, needed_bytes)
+
+
+def _existing_ancestor(path: str) -> str:
+    parent = os.path.dirname(os.path.abspath(path)) or os.sep
+    while not os.path.lexists(parent):
+        parent = os.path.dirname(parent)
+    return parent
+
+
+def _human_bytes(count: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if count < 1000 or unit == "TB":
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1000
+    return f"{count:.1f} TB"  # unreachable
+
+
+def check_output_writable(path: str, needed_bytes: Optional[int] = None) -> None:
+    """Before any computation: OUT's parent is (or can be made) a directory we can write, on a filesystem
+    with `needed_bytes` free -- the errors a write would otherwise raise only at the very end."""
+    ancestor = _existing_ancestor(path)
+    if not os.path.isdir(ancestor):
+        raise FisherInputError(
+            f"its parent {ancestor} is not a directory", file=path, kind="output",
+            fix="choose an OUT whose parent is a directory",
+        )
+    try:  # really create a file: os.access says yes to root on a read-only filesystem
+        fd, probe = tempfile.mkstemp(prefix=".mergekit-fisher-probe-", dir=ancestor)
+        os.close(fd)
+        os.remove(probe)
+    except OSError as error:
+        raise FisherInputError(
+            f"cannot write in {ancestor} ({error.strerror or error})", file=path, kind="output",
+            fix="choose an OUT in a directory you can write, or fix its permissions",
+        ) from None
+    if needed_bytes is not None:
+        free = shutil.disk_usage(ancestor).free
+        if free < needed_bytes:
+            raise FisherInputError(
+                f"not enough free space in {ancestor}: the output needs about {_human_bytes(needed_bytes)}, "
+                f"{_human_bytes(free)} are free",
+                file=path, kind="output", fix="free some space, or choose an OUT on another filesystem",
+            )
+
+
+def estimated_size(num_elements: int, dtype: torch.dtype = torch.float32) -> int:
+    """Bytes a Fisher of `num_elements` values takes on disk (headers and config are noise)."""
+    return int(num_elements) * torch.empty((), dtype=dtype).element_size() + 64 * 1024
+
+
+LOCK_SUFFIX = ".lock"
+_LOCK_SIGNATURE = b"mergekit-fisher output lock"
+
+
+def lock_path(path: str) -> str:
+    return os.path.abspath(path).rstrip(os.sep) + LOCK_SUFFIX
+
+
+@contextlib.contextmanager
+def output_lock(path: str) -> Iterator[str]:
+    """Hold `OUT.lock` (an exclusive `fcntl.flock`) while a run writes OUT, its checkpoint and temporaries:
+    a second run on the same OUT fails at once instead of racing the first. The kernel releases a
+    killed run's lock, so a leftover file never blocks a rerun (or a resume); the file is removed on exit.
+    Parents of OUT that do not exist are created, and removed again on exit if they stay empty."""
+    import fcntl
+
+    target = lock_path(path)
+    created = []
+    parent = os.path.dirname(target)
+    while not os.path.lexists(parent):
+        created.append(parent)
+        parent = os.path.dirname(parent)
+    try:
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+    except OSError as error:
+        raise FisherInputError(f"cannot create the output's parent ({error.strerror or error})", file=path,
+                               kind="output", fix="choose an OUT in a directory you can write") from None
+    try:
+        while True:
+            fd = os.open(target, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                os.close(fd)
+                raise FisherInputError(
+                    f"another run is writing this output (it holds {target})", file=path, kind="output",
+                    fix="wait for it to finish, or choose another OUT",
+                ) from None
+            try:
+                same = os.fstat(fd).st_ino == os.stat(target).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)  # the previous holder removed the file we locked: lock the new one
+        content = os.pread(fd, 256, 0)
+        if content and not content.startswith(_LOCK_SIGNATURE):
+            os.close(fd)
+            raise FisherInputError(
+                f"{target} exists and is not a mergekit-fisher lock file", file=path, kind="output",
+                fix=f"move {target} away, or choose another OUT",
+            )
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, _LOCK_SIGNATURE + f" (pid {os.getpid()})\n".encode(), 0)
+        try:
+            yield target
+        finally:
+            try:
+                os.remove(target)
+            except OSError:
+                pass
+            os.close(fd)
+    finally:
+        for directory in created:  # innermost first
+            try:
+                os.rmdir(directory)
+            except OSError:
+                break
 
 
 def _umask() -> int:

@@ -10,12 +10,16 @@ mergekit's own `ShardedTensorIndex` (the index the merge itself uses) and safete
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import struct
 from typing import Dict, Iterable, Optional, Tuple
 
 from safetensors import safe_open
 
 from mergekit_fisher.errors import FisherInputError
+from mergekit_fisher.fisher_file.paths import check_regular_file, contained_shard
 from mergekit_fisher.fisher_file.reader import PICKLE_SUFFIXES
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -36,6 +40,7 @@ def _header_error(path: str, model: str, error: Exception) -> FisherInputError:
 def _file_index(path: str, model: str):
     from mergekit.io import ShardedTensorIndex
 
+    check_regular_file(path, kind="checkpoint file", model=model, fix="re-download or re-save the checkpoint")
     try:
         return ShardedTensorIndex.from_file(path)
     except Exception as error:  # SafetensorError, OSError: truncated or not safetensors
@@ -56,11 +61,18 @@ def checkpoint_index(model: str, path: Optional[str] = None):
     if os.path.isfile(path):
         return _file_index(path, model)
     if any(os.path.exists(os.path.join(path, name)) for name in (SINGLE_NAME, INDEX_NAME)):
+        for name in (INDEX_NAME, SINGLE_NAME):  # what mergekit opens first: never a FIFO or a directory
+            if os.path.lexists(os.path.join(path, name)):
+                check_regular_file(os.path.join(path, name), kind="checkpoint file", model=model,
+                                   fix="re-download or re-save the checkpoint")
+                break
         try:
             index = ShardedTensorIndex.from_disk(path)
         except FisherInputError:
             raise
         except Exception as error:  # broken JSON, no weight_map, a weight_map that is not a mapping
+            if not os.path.lexists(os.path.join(path, INDEX_NAME)):  # model.safetensors alone: its header
+                raise _header_error(os.path.join(path, SINGLE_NAME), model, error) from None
             raise FisherInputError(
                 f"broken {INDEX_NAME} ({error!r})", model=model, fix="re-download or re-save the checkpoint"
             ) from None
@@ -85,12 +97,9 @@ def checkpoint_index(model: str, path: Optional[str] = None):
         index = ShardedTensorIndex(base_path=path, is_safetensors=True, tensor_paths=tensor_paths,
                                    shards=[ShardInfo(part.shards[0].filename, part.shards[0].contained_keys)
                                            for part in parts])
-    for shard in index.shards:
-        if not os.path.exists(os.path.join(index.base_path, shard.filename)):
-            raise FisherInputError(
-                f"shard {shard.filename} listed in {INDEX_NAME} is missing", model=model,
-                fix="copy the complete checkpoint",
-            )
+    for shard in index.shards:  # contained, regular files: checked before any shard is opened
+        contained_shard(index.base_path, shard.filename, index_name=INDEX_NAME, model=model,
+                        fix="copy the complete checkpoint (its index names only its own shard files)")
     return index
 
 
@@ -183,3 +192,77 @@ def checkpoint_shapes(model: str) -> Dict[str, Tuple[int, ...]]:
     raise FisherInputError(
         "model path does not exist", model=str(model), fix="pass the checkpoint directory (absolute path)"
     )
+
+
+# ---------------------------------------------------------------- fingerprint
+FINGERPRINT_VERSION = "w1"
+_SAMPLE_BYTES = 64  # per sample; three samples (start, middle, end) of every tensor's data
+
+
+def _read_header(fd: int, shard_path: str, model: str) -> Tuple[dict, int]:
+    """A safetensors file's JSON header and where its data starts (u64 little-endian size, JSON, data)."""
+    try:
+        (size,) = struct.unpack("<Q", os.pread(fd, 8, 0))
+        if size > 100_000_000:
+            raise ValueError(f"header of {size} bytes")
+        header = json.loads(os.pread(fd, size, 8))
+        if not isinstance(header, dict):
+            raise ValueError("header is not a JSON object")
+    except (struct.error, ValueError) as error:
+        raise _header_error(shard_path, model, error) from None
+    return header, 8 + size
+
+
+def model_fingerprint(model: str, path: Optional[str] = None) -> str:
+    """The identity of a local checkpoint's weights, cheap enough to take before every compute, resume
+    and merge: sha256 over the sorted (tensor name, dtype, shape) of its safetensors headers plus three
+    64-byte samples (start, middle, end) of every tensor's data -- a few KB read in all, no tensor loaded.
+
+    The same weights give the same fingerprint wherever they are copied and however they are sharded;
+    a replaced, fine-tuned or LoRA-merged model of the same architecture gives another (its weights differ
+    everywhere). It is not a hash of every byte: a change confined to a few rows can go unseen.
+    The one fingerprint function: `compute` records it, resume, `combine` and the merge compare it.
+    """
+    index = checkpoint_index(model, path)
+    entries = []
+    for shard in sorted(index.shards, key=lambda s: s.filename):
+        shard_path = os.path.join(index.base_path, shard.filename)
+        fd = os.open(shard_path, os.O_RDONLY)
+        try:
+            header, start = _read_header(fd, shard_path, model)
+            for name in shard.contained_keys:
+                info = header.get(name)
+                if not isinstance(info, dict):
+                    raise _header_error(shard_path, model, ValueError(f"no header entry for {name}"))
+                try:
+                    begin, end = (start + int(offset) for offset in info["data_offsets"])
+                    record = [name, str(info["dtype"]), [int(n) for n in info["shape"]]]
+                except (KeyError, TypeError, ValueError) as error:
+                    raise _header_error(shard_path, model, error) from None
+                length = end - begin
+                offsets = [begin] if length <= 3 * _SAMPLE_BYTES else [
+                    begin, begin + (length // 2) - (length // 2) % _SAMPLE_BYTES, end - _SAMPLE_BYTES]
+                size = length if length <= 3 * _SAMPLE_BYTES else _SAMPLE_BYTES
+                samples = b"".join(os.pread(fd, size, offset) for offset in offsets)
+                entries.append((name, json.dumps(record).encode(), samples))
+        finally:
+            os.close(fd)
+    digest = hashlib.sha256(f"mergekit-fisher weights {FINGERPRINT_VERSION}\n".encode())
+    for _name, record, samples in sorted(entries):
+        digest.update(len(record).to_bytes(8, "little") + record)
+        digest.update(len(samples).to_bytes(8, "little") + samples)
+    return f"{FINGERPRINT_VERSION}:{digest.hexdigest()}"
+
+
+def cached_snapshot(repo_id: str, revision: Optional[str] = None) -> Optional[str]:
+    """The local snapshot directory of a Hub model in the cache (its name is the commit), or None."""
+    if os.path.exists(os.path.expanduser(repo_id)) or repo_id.count("/") != 1 or repo_id.startswith((".", "/", "~")):
+        return None
+    try:
+        import huggingface_hub
+
+        return huggingface_hub.snapshot_download(
+            repo_id, revision=revision, allow_patterns=["*.safetensors", "*.json"], local_files_only=True
+        )
+    except Exception:  # not cached, not a valid id, no huggingface_hub
+        return None

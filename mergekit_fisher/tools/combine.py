@@ -9,6 +9,7 @@ Inputs are read one tensor at a time and accumulated in float64; the output is f
 from __future__ import annotations
 
 import logging
+import math
 import os
 from typing import List, Optional, Sequence
 
@@ -25,6 +26,8 @@ from mergekit_fisher.fisher_file import (
     open_fisher,
     parse_shard_size,
 )
+from mergekit_fisher.fisher_file.provenance import IDENTITY_KEYS, compare_identity, describe, identity_of
+from mergekit_fisher.fisher_file.writer import estimated_size, output_lock
 
 log = logging.getLogger(__name__)
 # a weight: positive and finite (click refuses anything else before any file is opened)
@@ -88,6 +91,31 @@ def _check_compatible(files: Sequence[FisherFile]) -> None:
             )
 
 
+def _check_same_model(files: Sequence[FisherFile], allow_different_models: bool) -> None:
+    """Fishers of different models (or adapters) average into the Fisher of neither: refused, unless asked."""
+    recorded = [(f, identity_of(f.config) if f.config is not None else {}) for f in files]
+    unknown = [f.path for f, identity in recorded if not identity.get("model")]
+    if unknown and len(unknown) < len(files):  # (none records a model: nothing to compare, as before)
+        log.warning("cannot check that these Fisher files belong to the same model as the others (they record "
+                    "no model): %s", ", ".join(unknown))
+    known = [(f, identity) for f, identity in recorded if identity.get("model")]
+    for fisher, identity in known[1:]:
+        first, first_identity = known[0]
+        differs = compare_identity(first_identity, identity)
+        if differs is None:
+            continue
+        if allow_different_models:
+            log.warning("combining Fisher files of different models (--allow-different-models): %s is for %s, "
+                        "%s is for %s", first.path, describe(first_identity), fisher.path, describe(identity))
+            return
+        raise FisherInputError(
+            f"the Fisher files are for different models: {first.path} is for {describe(first_identity)}, "
+            f"this one for {describe(identity)} (the {differs} differ{'s' if ' and ' not in differs else ''})",
+            file=fisher.path,
+            fix="combine only Fisher files of one model, or pass --allow-different-models if you mean it",
+        )
+
+
 def _merged_config(files: Sequence[FisherFile], weights: Sequence[float]) -> FisherConfig:
     configs = [f.config or FisherConfig() for f in files]
 
@@ -101,7 +129,9 @@ def _merged_config(files: Sequence[FisherFile], weights: Sequence[float]) -> Fis
 
     datasets = [c.dataset for c in configs if c.dataset]
     models = sorted({c.model for c in configs if c.model})
+    identity = {key: same(key) for key in IDENTITY_KEYS if key not in ("model", "adapter")}
     return FisherConfig(
+        **{key: value for key, value in identity.items() if value is not None},
         model=models[0] if len(models) == 1 else None,
         adapter=same("adapter"),
         space=same("space") or "dense",
@@ -114,7 +144,8 @@ def _merged_config(files: Sequence[FisherFile], weights: Sequence[float]) -> Fis
         combined_from=[
             {
                 "path": f.path, "weight": w, "num_examples": c.num_examples, "num_tokens": c.num_tokens,
-                "model": c.model, "dataset": c.dataset, "dataset_hash": c.dataset_hash, "seed": c.seed,
+                "model": c.model, "model_fingerprint": c.model_fingerprint, "adapter": c.adapter,
+                "dataset": c.dataset, "dataset_hash": c.dataset_hash, "seed": c.seed,
             }
             for f, c, w in zip(files, configs, weights)
         ],
@@ -125,22 +156,28 @@ def _merged_config(files: Sequence[FisherFile], weights: Sequence[float]) -> Fis
 
 def combine_fishers(
     paths: Sequence[str], out: str, *, weights: Optional[Sequence[float]] = None, overwrite: bool = False,
-    max_shard_size="5GB",
+    max_shard_size="5GB", allow_different_models: bool = False,
 ) -> FisherConfig:
     """F = sum_i w_i F_i / sum_i w_i, w_i = num_examples of file i unless `weights` are given."""
     if len(paths) < 2:
         raise FisherInputError("combine needs at least two Fisher files", fix="mergekit-fisher combine A B ... OUT")
     out_abs = os.path.abspath(out)
     parse_shard_size(max_shard_size)  # a bad --max-shard-size fails before any work
-    check_output_free(out_abs, overwrite)
+    check_output_free(out_abs, overwrite, inputs=paths)  # OUT must not be (or hold) an input: before any read
     files = [open_fisher(p) for p in paths]
-    if out_abs in {f.path for f in files}:
-        raise FisherInputError("the output would overwrite one of the inputs", file=out_abs, kind="output", fix="choose another OUT")
     _check_compatible(files)
+    _check_same_model(files, allow_different_models)
     weights = list(weights) if weights is not None else _example_weights(files)
     norm = sum(weights)
     for fisher, weight in zip(files, weights):
         log.debug("%s: weight %g of %g", fisher.path, weight, norm)
+    needed = estimated_size(sum(math.prod(files[0].header(name).shape) for name in files[0].names()))
+    with output_lock(out_abs):
+        check_output_free(out_abs, overwrite, inputs=paths, needed_bytes=needed)
+        return _write_combined(files, weights, norm, out_abs, max_shard_size, overwrite)
+
+
+def _write_combined(files, weights, norm, out_abs, max_shard_size, overwrite) -> FisherConfig:
     # Streamed: one output tensor (and one shard) in memory at a time; a bad value aborts the
     # writer, so nothing is published.
     with FisherWriter(out_abs, _merged_config(files, weights), max_shard_size=max_shard_size,
@@ -167,8 +204,11 @@ def combine_fishers(
     "repeated (--weights 1000 --weights 250) or comma-separated (--weights 1000,250).",
 )
 @click.option("--max-shard-size", default="5GB", show_default=True, help="Shard size of a directory output.")
-@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
-def combine_command(inputs, weights: Sequence[float], max_shard_size: str, overwrite: bool) -> None:
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists (never an input).")
+@click.option("--allow-different-models", is_flag=True,
+              help="Combine Fisher files recorded for different models or adapters (refused by default).")
+def combine_command(inputs, weights: Sequence[float], max_shard_size: str, overwrite: bool,
+                    allow_different_models: bool) -> None:
     """Combine Fisher files FISHER... of one model, computed on different data shards, into OUT.
 
     The result is the example-weighted mean: what a single run over all the shards would give.
@@ -180,7 +220,8 @@ def combine_command(inputs, weights: Sequence[float], max_shard_size: str, overw
         )
     *paths, out = inputs
     parsed = _check_weights(weights, len(paths))
-    config = combine_fishers(paths, out, weights=parsed, overwrite=overwrite, max_shard_size=max_shard_size)
+    config = combine_fishers(paths, out, weights=parsed, overwrite=overwrite, max_shard_size=max_shard_size,
+                             allow_different_models=allow_different_models)
     used = parsed or [f.config.num_examples for f in map(open_fisher, paths)]
     log.info(
         "combined %d Fisher files (weights %s; %s elements, num_examples %s) -> %s", len(paths),

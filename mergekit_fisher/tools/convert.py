@@ -8,8 +8,12 @@ Every check runs before anything is written; the output is written atomically by
 
 from __future__ import annotations
 
+import logging
+import math
 import os
+import pickle
 import re
+import warnings
 from typing import Callable, Dict, List, Optional
 
 import click
@@ -21,35 +25,48 @@ from mergekit_fisher.cli import EnumChoice, verbosity_options
 from mergekit_fisher.errors import FisherInputError
 from mergekit_fisher.fisher_file import FisherConfig, check_output_free, parse_shard_size, write_fisher
 from mergekit_fisher.fisher_file.config import CONFIG_FILENAME, HEADER_CONFIG_KEY
+from mergekit_fisher.fisher_file.paths import check_regular_file
+from mergekit_fisher.fisher_file.provenance import compare_identity, describe, identity_of, model_identity
+from mergekit_fisher.fisher_file.writer import estimated_size, output_lock
 from mergekit_fisher.tools.checkpoint import checkpoint_shapes
 from mergekit_fisher.tools.names import match_names
 
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 SHOW = 10  # names listed per category in the report
 # provenance kept when IN is a Fisher file of another naming scheme (options override it)
+log = logging.getLogger(__name__)
 CARRIED = ("fisher_type", "task", "num_examples", "num_tokens", "dataset", "dataset_hash", "samples_per_example", "seed")
 
 
 def _why_not_loaded(error: Exception) -> str:
-    """The useful part of torch.load's error: which global was refused (its advice to set
-    weights_only=False is exactly what we must not do), else the first line."""
+    """What made torch.load(weights_only=True) stop, in our words. Its own message advises retrying with
+    weights_only=False -- exactly what must not be done with an untrusted file -- so it is never repeated."""
     text = str(error)
-    match = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+    match = re.search(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) ([\w.]+)", text)
     if match:
-        return f"it holds a pickled object of class {match.group(1)}, which weights_only loading refuses"
-    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
-    return f"not a torch.save file ({error.__class__.__name__}: {lines[0] if lines else ''})"
+        return f"it holds a pickled Python object ({match.group(1)}), not only tensors"
+    match = re.search(r"Unsupported operand (\d+)", text)
+    if match:
+        return f"its pickle uses an instruction a dict of tensors does not need (opcode {match.group(1)})"
+    if isinstance(error, pickle.UnpicklingError) or "Weights only load failed" in text:
+        return "its pickle holds something other than a dict of tensors"
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip() and "weights_only" not in line]
+    return f"it is not a torch.save file ({error.__class__.__name__}: {lines[0] if lines else ''})"
 
 
 def _load_torch(path: str) -> Dict[str, torch.Tensor]:
     try:
-        obj = torch.load(path, weights_only=True, map_location="cpu")
+        with warnings.catch_warnings():  # torch's "pickle protocol 4" warning: noise above our one line
+            warnings.simplefilter("ignore")
+            obj = torch.load(path, weights_only=True, map_location="cpu")
     except Exception as error:  # UnpicklingError (disallowed globals), RuntimeError/KeyError (not a torch file)
         raise FisherInputError(
-            f"cannot load it safely with torch.load(weights_only=True): {_why_not_loaded(error)}",
-            file=path,
-            fix="save a plain dict of tensors (`torch.save({name: tensor}, path)`) or a .safetensors file; "
-            "files that need arbitrary classes unpickled are never loaded",
+            f"refusing it: {_why_not_loaded(error)}. By design, convert reads a torch.save file only as a "
+            "plain dict of tensors (torch.load with weights_only=True) and never unpickles anything else: "
+            "unpickling can run arbitrary code",
+            file=path, kind="input file",
+            fix="export the tensors as a .safetensors file, or as a plain dict "
+            "(`torch.save({name: tensor}, path)`), with the tool that made it",
         ) from None
     if not isinstance(obj, dict):
         raise FisherInputError(
@@ -75,6 +92,9 @@ class Source:
         self.path = os.path.abspath(path)
         self.loaders: Dict[str, Callable[[], torch.Tensor]] = {}
         self.provenance: Dict[str, object] = {}  # carried over when IN is itself a mergekit-fisher file
+        self.identity: Dict[str, object] = {}  # the model IN records, when it is a mergekit-fisher file
+        self.formats: Dict[str, str] = {}  # file -> "safetensors" | "torch.save"
+        self.recorded_format: Optional[str] = None  # "mergekit-fisher v1" when IN is one
         if not os.path.exists(self.path):
             raise FisherInputError("input does not exist", file=self.path, fix="check the IN path")
         files = (
@@ -88,11 +108,18 @@ class Source:
                 fix="point IN at the file (or directory of files) holding the Fisher tensors",
             )
         for file in files:
+            check_regular_file(file, kind="input file", fix="point IN at regular files (not a FIFO or device)")
+        for file in files:
             self._add(file)
         config_path = os.path.join(self.path, CONFIG_FILENAME)
-        if os.path.isdir(self.path) and os.path.exists(config_path):
-            with open(config_path, encoding="utf-8") as fp:
-                self._remember(fp.read())
+        if os.path.isdir(self.path) and os.path.lexists(config_path):
+            try:
+                check_regular_file(config_path, kind="input file", fix="")
+                with open(config_path, encoding="utf-8") as fp:
+                    self._remember(fp.read())
+            except (FisherInputError, OSError, UnicodeDecodeError) as error:
+                log.warning("ignoring %s, which cannot be read (%s): no provenance carried over", config_path,
+                            getattr(error, "problem", None) or error.__class__.__name__)
 
     def _remember(self, text: str) -> None:
         try:
@@ -100,6 +127,23 @@ class Source:
         except ValueError:
             return  # provenance is a courtesy here; the tensors are what is converted
         self.provenance = {k: getattr(config, k) for k in CARRIED if getattr(config, k) is not None}
+        self.identity = identity_of(config)
+        self.recorded_format = f"{config.format} v{config.format_version}"
+
+    def origin(self) -> Dict[str, object]:
+        """What `convert` was given: recorded in the output's config (`origin`)."""
+        formats = sorted(set(self.formats.values()))
+        origin: Dict[str, object] = {
+            "path": self.path,
+            "format": self.recorded_format or " + ".join(formats),
+            "files": [os.path.relpath(f, self.path) if f != self.path else os.path.basename(f)
+                      for f in sorted(self.formats)],
+        }
+        if self.identity.get("model"):
+            origin["model"] = self.identity["model"]
+            if self.identity.get("model_fingerprint"):
+                origin["model_fingerprint"] = self.identity["model_fingerprint"]
+        return origin
 
     def _add(self, file: str) -> None:
         if file.endswith(".safetensors"):
@@ -113,8 +157,10 @@ class Source:
                 raise FisherInputError(f"not a valid safetensors file ({error})", file=file, kind="input file",
                                        fix="re-download or re-export it") from None
             loaders = {name: (lambda f=file, n=name: _safetensors_tensor(f, n)) for name in names}
+            self.formats[file] = "safetensors"
         else:
             tensors = _load_torch(file)
+            self.formats[file] = "torch.save"
             loaders = {name: (lambda t=tensor: t) for name, tensor in tensors.items()}
         for name, loader in loaders.items():
             if name in self.loaders:
@@ -181,7 +227,7 @@ def convert(
     """Convert; returns the report lines. Raises FisherInputError (nothing written) on any problem."""
     out_abs = os.path.abspath(out)
     parse_shard_size(max_shard_size)  # a bad --max-shard-size fails before any work
-    check_output_free(out_abs, overwrite)
+    check_output_free(out_abs, overwrite, inputs=(source_path, model))  # never IN or MODEL: before any read
     model_shapes = checkpoint_shapes(model)
     source = Source(source_path)
     match = match_names(source.names(), model_shapes)
@@ -200,16 +246,27 @@ def convert(
             fix="check that IN was computed for this model; names must be the checkpoint's (wrappers such as "
             "`module.`, `base_model.model.`, `_orig_mod.` are stripped automatically)",
         )
-    tensors = {}
-    for name, target in match.mapping.items():
-        tensors[target] = _checked(source.get(name), name, target, model_shapes[target], source.path)
-    overrides = {"fisher_type": fisher_type, "num_examples": num_examples}
-    config = FisherConfig(
-        **{**source.provenance, **{k: v for k, v in overrides.items() if v is not None}},
-        model=model, space=Space.DENSE, converted_from=source.path,
-        renamed=match.renamed or None,
-    )
-    write_fisher(tensors, out_abs, config, max_shard_size=max_shard_size, overwrite=overwrite)
+    identity = model_identity(model)
+    if source.identity.get("model"):
+        differs = compare_identity(source.identity, identity)
+        if differs is not None:
+            log.warning("%s records %s, but is converted for %s (the %s differ); check that --model is the "
+                        "model it was computed for", source.path, describe(source.identity), describe(identity),
+                        differs)
+    needed = estimated_size(sum(math.prod(model_shapes[target]) for target in match.mapping.values()))
+    with output_lock(out_abs):
+        check_output_free(out_abs, overwrite, inputs=(source_path, model), needed_bytes=needed)
+        tensors = {}
+        for name, target in match.mapping.items():
+            tensors[target] = _checked(source.get(name), name, target, model_shapes[target], source.path)
+        overrides = {"fisher_type": fisher_type, "num_examples": num_examples}
+        config = FisherConfig(
+            **{**source.provenance, **{k: v for k, v in overrides.items() if v is not None}},
+            **{key: value for key, value in identity.items() if value is not None},
+            space=Space.DENSE, converted_from=source.path, origin=source.origin(),
+            renamed=match.renamed or None,
+        )
+        write_fisher(tensors, out_abs, config, max_shard_size=max_shard_size, overwrite=overwrite)
     uncovered = [name for name in model_shapes if name not in tensors]
     lines = [
         f"converted {source.path} -> {out_abs}",
@@ -236,7 +293,7 @@ def convert(
 @click.option("--fisher-type", type=EnumChoice(FisherType), default=None,
               help="How the source tool computed it, recorded in the provenance.")
 @click.option("--max-shard-size", default="5GB", show_default=True, help="Shard size of a directory output.")
-@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists (never IN or MODEL).")
 def convert_command(source, out, model, num_examples, fisher_type, max_shard_size, overwrite) -> None:
     """Convert Fisher/importance tensors IN (torch.save dict, .safetensors, or a directory) to format v1 at OUT."""
     lines = convert(source, out, model, overwrite=overwrite, num_examples=num_examples,

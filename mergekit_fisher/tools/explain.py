@@ -72,19 +72,42 @@ def plan_recipe(recipe_path: str, lora_merge_cache: Optional[str] = None, trust_
     from mergekit.merge import _model_out_config, get_architecture_info
     from mergekit.options import MergeOptions
     from mergekit.plan import MergePlanner
+    from pydantic import ValidationError
 
     from mergekit_fisher.errors import FisherInputError
     from mergekit_fisher.merge.registry import ensure_registered
 
     ensure_registered()
+
+    def refuse(problem: str) -> FisherInputError:
+        return FisherInputError(problem, file=recipe_path, kind="recipe",
+                                fix="check the path and the YAML (mergekit's recipe format)")
+
     try:
         with open(recipe_path, encoding="utf-8") as fp:
-            config = MergeConfiguration.model_validate(yaml.safe_load(fp))
-    except (OSError, ValueError) as error:
-        raise FisherInputError(
-            f"cannot read the recipe ({str(error).splitlines()[0]})", file=recipe_path, kind="recipe",
-            fix="check the path and the YAML (mergekit's recipe format)",
-        ) from None
+            document = yaml.safe_load(fp)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise refuse(f"not valid YAML{where} ({problem})") from None
+    except UnicodeDecodeError as error:
+        raise refuse(f"not UTF-8 text (byte {error.start}: {error.reason})") from None
+    except OSError as error:
+        raise refuse(f"cannot read the recipe ({error.strerror or error})") from None
+    if not isinstance(document, dict):
+        kind = {type(None): "empty", str: "a string", list: "a list", int: "a number", float: "a number",
+                bool: "a boolean"}.get(type(document), type(document).__name__)
+        raise refuse(f"the recipe is {kind}, not a YAML mapping with `merge_method` and `models`")
+    try:
+        config = MergeConfiguration.model_validate(document)
+    except ValidationError as error:
+        first = error.errors()[0]
+        where = ".".join(str(part) for part in first.get("loc", ())) or "recipe"
+        raise refuse(f"invalid recipe: {where}: {first.get('msg')} ({error.error_count()} error(s))") from None
+    except (ValueError, RuntimeError) as error:  # mergekit's own checks ("Exactly one of 'models', ...")
+        text = str(error).strip()
+        raise refuse(f"invalid recipe: {text.splitlines()[0] if text else error.__class__.__name__}") from None
     options = MergeOptions(lora_merge_cache=lora_merge_cache, trust_remote_code=trust_remote_code, quiet=True)
     arch_info = get_architecture_info(config, options)
     LoaderCache().setup(options=options)
