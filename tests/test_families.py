@@ -1,24 +1,23 @@
 """The family matrix: every model family transformers builds from a config and mergekit 0.1.5 ships
 an architecture file for, as a tiny random-init model (hidden 32, 2 layers, vocabulary 300, 8 short
-examples).
+examples). Run: ``pytest tests/test_families.py``.
 
 Per family:
-* `compute --fisher-type empirical` (float64) equals the brute-force batch-1 autograd loop for every
-  stored tensor, is written under exactly the checkpoint's stored names, and its exact-fallback list
-  is the one documented in the README (empty but for DeBERTa-v2's relative-position tensors);
+
+* `compute --fisher-type empirical` equals the brute-force batch-1 autograd loop (float64) for every
+  stored tensor, to 1e-5 relative, is written under exactly the checkpoint's stored names, and its
+  exact-fallback list is the one the README documents (empty but for DeBERTa-v2's relative-position
+  tensors and the MoE experts / routers). MoE families run the model in float32 (transformers 5's
+  grouped expert kernels have no float64): 1e-4 elementwise, 1e-5 per tensor;
 * stock mergekit's `fisher` and `fisher_ties` (base + two perturbed copies, Fishers from `compute`)
   equal the formulas computed here -- or, where stock mergekit cannot merge the family even with
-  `linear` (Falcon), the merge fails with one clear `Error:` line;
+  `linear` (Falcon, GPT-NeoX), the merge fails with one clear `Error:` line;
 * `compute --lora` (LoRA on the attention projections; seq-cls adapters also train the head through
   peft's modules_to_save) equals the brute-force Fisher of the merged dense model W0 + BA, head
-  included, under the base checkpoint's names. Plus regressions: BERT pair rows with token_type_ids,
-  DeBERTa-v2 at batch 1 and 4, token-routed Linears.
+  included, under the base checkpoint's names (dense families).
 
-MoE families (Mixtral, Qwen2-MoE, Qwen3-MoE) are not in this matrix yet: their stored per-expert
-names wait for the naming authority, and transformers 5's grouped expert kernels do not run in
-float64.
-
-Run: ``pytest tests/test_families.py``.
+Plus regressions: BERT pair rows with token_type_ids, DeBERTa-v2 at batch 1 and 4, token-routed
+Linears.
 """
 
 from __future__ import annotations
@@ -34,7 +33,9 @@ from merge_world import run_recipe, write_recipe
 
 from mergekit_fisher.fisher_file import open_fisher
 
-FAMILIES = [f for f in tiny.FAMILIES if f not in ("mixtral", "qwen2_moe", "qwen3_moe")]
+MOE = ("mixtral", "qwen2_moe", "qwen3_moe")
+FAMILIES = list(tiny.FAMILIES)
+DENSE = [f for f in FAMILIES if f not in MOE]
 LM_ROWS = [{"text": t} for t in tiny.CORPUS[:5]] + [
     {"prompt": "q: what merges?", "completion": " fisher"},
     {"text": "short"},
@@ -108,11 +109,35 @@ class Family:
         self.stored = tiny.state_dict_from_dir(self.dir)
         self.memory_name = stored_to_memory(self.stored, self.model)
 
+    def both_layouts(self, values: dict) -> dict:
+        """Tensors by stored name, plus by in-memory name (MoE experts fused as transformers 5 holds
+        them, renamed tensors under their in-memory name too)."""
+        shapes = {n: p.shape for n, p in self.model.named_parameters()}
+        out = dict(values)
+        fused = {}
+        for name, (memory, index) in self.memory_name.items():
+            if index == ():
+                out.setdefault(memory, values[name])
+                continue
+            if memory not in fused:
+                fused[memory] = torch.zeros(shapes[memory], dtype=values[name].dtype)
+            fused[memory][index] = values[name]
+        out.update(fused)
+        return out
+
+    def merged_names(self) -> set:
+        """What stock mergekit writes: the stored names, or for MoE the in-memory ones."""
+        if self.family not in MOE:
+            return set(self.stored)
+        return set(dict(self.model.named_parameters()))
+
     def fresh(self, model_dir=None):
         import transformers
 
         cls = getattr(transformers, type(self.model).__name__)
-        return cls.from_pretrained(model_dir or self.dir, dtype=torch.float64)
+        # transformers' grouped expert kernels have no float64: the reference runs the eager loop
+        extra = {"experts_implementation": "eager"} if self.family in MOE else {}
+        return cls.from_pretrained(model_dir or self.dir, dtype=torch.float64, **extra)
 
     def examples(self):
         from transformers import AutoTokenizer
@@ -132,7 +157,7 @@ class Family:
         full = tiny.brute_force_fisher(
             model if model is not None else self.fresh(), self.examples(), task=self.task
         )
-        return {stored: full[memory] for stored, memory in self.memory_name.items()}
+        return {stored: full[memory][index] for stored, (memory, index) in self.memory_name.items()}
 
 
 def assert_matches(actual: dict, expected: dict, rtol: float = 1e-5):
@@ -154,17 +179,30 @@ def assert_matches(actual: dict, expected: dict, rtol: float = 1e-5):
 
 
 def stored_to_memory(stored: dict, model) -> dict:
-    """Checkpoint name -> the in-memory parameter holding the same values (random init: unique)."""
-    params = dict(model.named_parameters())
+    """Checkpoint name -> (in-memory parameter, index) with the same values (random init: unique).
+
+    The index is () for a whole parameter, or (expert, row block) for a per-expert tensor that
+    transformers 5 fuses in memory (Mixtral's w1/w3 -> experts.gate_up_proj[e], w2 -> down_proj[e]):
+    found by value, independently of the plugin's naming authority."""
+    params = {n: p.detach().float() for n, p in model.named_parameters()}
     out = {}
     for name, value in stored.items():
         if not value.is_floating_point():
             continue
+        value = value.float()
         hits = [
-            n
-            for n, p in params.items()
-            if p.shape == value.shape and torch.equal(p.detach().float(), value.float())
+            (n, ()) for n, p in params.items() if p.shape == value.shape and torch.equal(p, value)
         ]
+        if not hits and value.dim() == 2:
+            rows = value.shape[0]
+            for n, p in params.items():
+                if p.dim() != 3 or p.shape[2] != value.shape[1] or p.shape[1] % rows:
+                    continue
+                for e in range(p.shape[0]):
+                    for start in range(0, p.shape[1], rows):
+                        index = (e, slice(start, start + rows))
+                        if torch.equal(p[index], value):
+                            hits.append((n, index))
         assert len(hits) == 1, (name, hits)
         out[name] = hits[0]
     return out
@@ -197,16 +235,45 @@ def worlds(tmp_path_factory, tokenizers):
     return get
 
 
+def _assert_moe_exact(fallback, family):
+    """MoE: the fused experts and the router take the exact path (README), and Qwen2-MoE's shared
+    expert too (its block flattens tokens to (B*T, H) first); nothing else."""
+    parts = ["experts", "gate"] + (
+        ["shared_expert", "shared_expert_gate"] if family == "qwen2_moe" else []
+    )
+    for i in range(2):
+        for part in parts:
+            prefix = f"model.layers.{i}.mlp.{part}"
+            assert any(f == prefix or f.startswith(prefix + ".") for f in fallback), (
+                prefix,
+                fallback,
+            )
+    assert all(".mlp." in f for f in fallback), fallback
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_compute_equals_brute_force(worlds, tmp_path, family):
     world = worlds(family)
     out = str(tmp_path / "fisher")
-    got = compute(world.dir, out, world.data, task=world.task, batch_size=3, **F64)
-    assert set(got) == set(
-        world.stored
-    )  # exactly the checkpoint's stored names, tied ones as stored
-    assert open_fisher(out).config.fallback_tensors == EXACT.get(family, [])
-    assert_matches(got, world.reference())
+    if family in MOE:  # a float32 model (grouped expert kernels); float64 sums and reference
+        options = dict(fisher_type="empirical", accumulator_dtype="float64")
+    else:
+        options = F64
+    got = compute(world.dir, out, world.data, task=world.task, batch_size=3, **options)
+    # exactly the checkpoint's stored names, tied ones as stored, MoE experts one by one
+    assert set(got) == set(world.stored)
+    fallback = open_fisher(out).config.fallback_tensors
+    if family not in MOE:
+        assert fallback == EXACT.get(family, [])
+        assert_matches(got, world.reference())
+        return
+    _assert_moe_exact(fallback, family)
+    reference = world.reference()
+    # float32 round-off: batched and batch-1 kernels differ -- elementwise 1e-4, per tensor 1e-5
+    assert_matches(got, reference, rtol=1e-4)
+    for name, value in reference.items():
+        error = float((got[name].double() - value).norm() / max(float(value.norm()), 1e-300))
+        assert error < 1e-5 or float(value.norm()) < 1e-30, (name, error)
 
 
 # ---------------------------------------------------------------- merges
@@ -281,19 +348,19 @@ def test_stock_merge(worlds, tmp_path, family):
         assert linear.exit_code != 0  # stock mergekit itself cannot merge this family
         result, shards = _run_stock_cli(_recipe("fisher", models, fishers, [1.0, 1.0]), tmp_path)
         assert result.exit_code != 0 and not shards
-        assert isinstance(result.exception, SystemExit), repr(
-            result.exception
-        )  # a clean exit, not a crash
+        # a clean exit, not a crash
+        assert isinstance(result.exception, SystemExit), repr(result.exception)
         assert result.output.count("Error:") == 1, result.output
         assert "stock mergekit cannot merge" in result.output, result.output
         return
-    states = {m: tiny.state_dict_from_dir(m) for m in [world.dir] + models}
-    normalized = [_mean_normalized(f) for f in fishers]
+    # stock mergekit writes MoE experts in transformers' fused in-memory layout: look up either way
+    states = {m: world.both_layouts(tiny.state_dict_from_dir(m)) for m in [world.dir] + models}
+    normalized = [world.both_layouts(_mean_normalized(f)) for f in fishers]
     floor = 1e-6
 
     weights = [1.0, 2.0]
     merged = run_recipe(_recipe("fisher", models, fishers, weights), str(tmp_path / "fisher_out"))
-    assert set(merged) == set(world.stored), sorted(set(merged) ^ set(world.stored))
+    assert set(merged) == world.merged_names(), sorted(set(merged) ^ world.merged_names())
     for name, value in merged.items():
         coefficients = [w * (f[name] + floor) for w, f in zip(weights, normalized)]
         expected = sum(c * states[m][name].double() for c, m in zip(coefficients, models)) / sum(
@@ -307,7 +374,7 @@ def test_stock_merge(worlds, tmp_path, family):
         ),
         str(tmp_path / "ties_out"),
     )
-    assert set(merged) == set(world.stored), sorted(set(merged) ^ set(world.stored))
+    assert set(merged) == world.merged_names(), sorted(set(merged) ^ world.merged_names())
     base = states[world.dir]
     for name, value in merged.items():
         fisher = torch.stack([f[name] + floor for f in normalized])
@@ -349,7 +416,7 @@ def _adapter(world, targets):
     return path, merged
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", DENSE)
 def test_lora_equals_dense_merged_brute_force(worlds, tmp_path, family):
     world = worlds(family)
     adapter, merged = _adapter(world, LORA_TARGETS.get(family, ["q_proj", "v_proj"]))
@@ -432,7 +499,7 @@ def test_bert_pair_rows_pass_token_type_ids(worlds, tmp_path):
     assert float(got[name][1].abs().sum()) > 0  # segment 1 is used by the pair rows
     assert float(without[name][1].abs().sum()) == 0
     worst = max(
-        float((got[n].double() - without[world.memory_name[n]]).norm() / got[n].double().norm())
+        float((got[n].double() - without[world.memory_name[n][0]]).norm() / got[n].double().norm())
         for n in got
     )
     assert worst > 0.1, worst
