@@ -30,21 +30,30 @@ def lm_reference_examples(tokenizer, rows):
             out.append((ids, list(ids)))
         else:
             prompt = tokenizer(row["prompt"])["input_ids"]
-            completion = tokenizer(row["completion"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+            completion = tokenizer(row["completion"], add_special_tokens=False)["input_ids"] + [
+                tokenizer.eos_token_id
+            ]
             out.append((prompt + completion, [IGNORE] * len(prompt) + completion))
     return out
 
 
-def assert_fisher_close(actual: Dict[str, torch.Tensor], expected: Dict[str, torch.Tensor], rtol: float = 1e-5):
+def assert_fisher_close(
+    actual: Dict[str, torch.Tensor], expected: Dict[str, torch.Tensor], rtol: float = 1e-5
+):
     """Every tensor: |a - e| <= rtol * |e| + rtol * 1e-3 * max|e| (the tiny absolute part only absorbs
     float32 storage of values ~1e-3 of the tensor's largest)."""
-    assert set(actual) == set(expected), (sorted(set(actual) ^ set(expected)))
+    assert set(actual) == set(expected), sorted(set(actual) ^ set(expected))
     for name, value in expected.items():
         value = value.double()
         scale = float(value.abs().max())
         assert scale > 0, name
-        torch.testing.assert_close(actual[name].double(), value, rtol=rtol, atol=rtol * 1e-3 * scale,
-                                   msg=lambda m, name=name: f"{name}: {m}")
+        torch.testing.assert_close(
+            actual[name].double(),
+            value,
+            rtol=rtol,
+            atol=rtol * 1e-3 * scale,
+            msg=lambda m, name=name: f"{name}: {m}",
+        )
 
 
 def exists(path: str) -> bool:

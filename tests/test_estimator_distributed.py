@@ -12,15 +12,21 @@ import subprocess
 import sys
 
 import pytest
-import torch
-
 import tiny
+import torch
 from estimator_helpers import compute
+
 from mergekit_fisher.fisher_file import open_fisher
 
 ROWS = [{"text": t} for t in tiny.CORPUS] + [{"prompt": "odd one", "completion": " out"}]
 TESTS = os.path.dirname(os.path.abspath(__file__))
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "ACCELERATE_USE_CPU": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+ENV = {
+    **os.environ,
+    "HF_HUB_OFFLINE": "1",
+    "ACCELERATE_USE_CPU": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "OMP_NUM_THREADS": "1",
+}
 
 
 def _worker(options_dict, interrupt):
@@ -30,7 +36,9 @@ def _worker(options_dict, interrupt):
 
     accelerator = Accelerator(cpu=True)
     assert accelerator.num_processes == 2
-    run_compute(ComputeOptions(**options_dict), accelerator=accelerator, interrupt_after_rounds=interrupt)
+    run_compute(
+        ComputeOptions(**options_dict), accelerator=accelerator, interrupt_after_rounds=interrupt
+    )
 
 
 def launch_debug(options_json: str, interrupt) -> None:
@@ -48,15 +56,35 @@ def world(tmp_path_factory, tokenizer_dir):
     return {"model": model, "data": tiny.write_jsonl(str(root / "d.jsonl"), ROWS)}
 
 
-COMMON = dict(fisher_type="sampled", samples=2, seed=5, batch_size=2, dtype="float64", accumulator_dtype="float64",
-              shuffle=True)
+COMMON = dict(
+    fisher_type="sampled",
+    samples=2,
+    seed=5,
+    batch_size=2,
+    dtype="float64",
+    accumulator_dtype="float64",
+    shuffle=True,
+)
 
 
 LAUNCHERS = {
     # `accelerate launch --cpu` goes through mpirun; --multi_gpu goes through torchrun and works on CPUs too
-    "accelerate launch": ["-m", "accelerate.commands.accelerate_cli", "launch", "--multi_gpu", "--num_processes", "2",
-                          "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-                          "--main_process_port", "29518"],
+    "accelerate launch": [
+        "-m",
+        "accelerate.commands.accelerate_cli",
+        "launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        "29518",
+    ],
     "torchrun": ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517"],
 }
 
@@ -64,15 +92,38 @@ LAUNCHERS = {
 # plain torchrun in the default suite (one 2-process run, seconds); the rest are marked slow
 @pytest.mark.parametrize(
     "launcher",
-    [pytest.param(name, marks=pytest.mark.slow) if name != "torchrun" else name for name in sorted(LAUNCHERS)],
+    [
+        pytest.param(name, marks=pytest.mark.slow) if name != "torchrun" else name
+        for name in sorted(LAUNCHERS)
+    ],
 )
 def test_two_launched_processes_equal_one(world, tmp_path, launcher):
     one = compute(world["model"], str(tmp_path / "one"), world["data"], **COMMON)
     two_dir = str(tmp_path / "two")
-    command = [sys.executable, *LAUNCHERS[launcher],
-               "-m", "mergekit_fisher", "compute", world["model"], two_dir, "--data", world["data"],
-               "--fisher-type", "sampled", "--samples", "2", "--seed", "5", "--batch-size", "2",
-               "--dtype", "float64", "--accumulator-dtype", "float64", "--no-progress"]
+    command = [
+        sys.executable,
+        *LAUNCHERS[launcher],
+        "-m",
+        "mergekit_fisher",
+        "compute",
+        world["model"],
+        two_dir,
+        "--data",
+        world["data"],
+        "--fisher-type",
+        "sampled",
+        "--samples",
+        "2",
+        "--seed",
+        "5",
+        "--batch-size",
+        "2",
+        "--dtype",
+        "float64",
+        "--accumulator-dtype",
+        "float64",
+        "--no-progress",
+    ]
     result = subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     two = open_fisher(two_dir)
@@ -88,10 +139,21 @@ def test_interrupted_two_process_run_resumes_with_one(world, tmp_path):
 
     whole = compute(world["model"], str(tmp_path / "whole"), world["data"], **COMMON)
     out = str(tmp_path / "resumed")
-    options = dict(model=world["model"], out_dir=out, data=world["data"], checkpoint_every=4, progress=False, **COMMON)
-    code = (f"import sys; sys.path.insert(0, {TESTS!r}); import test_estimator_distributed as t; "
-            f"t.launch_debug({json.dumps(options)!r}, 2)")
-    result = subprocess.run([sys.executable, "-c", code], env=ENV, capture_output=True, text=True, timeout=300)
+    options = dict(
+        model=world["model"],
+        out_dir=out,
+        data=world["data"],
+        checkpoint_every=4,
+        progress=False,
+        **COMMON,
+    )
+    code = (
+        f"import sys; sys.path.insert(0, {TESTS!r}); import test_estimator_distributed as t; "
+        f"t.launch_debug({json.dumps(options)!r}, 2)"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], env=ENV, capture_output=True, text=True, timeout=300
+    )
     assert result.returncode != 0 and "Interrupted" in result.stderr, result.stderr[-3000:]
     assert not os.path.exists(out) and os.path.exists(out + ".checkpoint.safetensors")
     run_compute(ComputeOptions(**options))  # resume with ONE process
@@ -110,6 +172,7 @@ def _oom_on_rank_one_worker(options_dict):
 
     accelerator = Accelerator(cpu=True)
     if accelerator.process_index == 1:
+
         def fail(self, batch):
             raise _torch.OutOfMemoryError("CUDA out of memory (simulated)")
 
@@ -133,9 +196,13 @@ def test_out_of_memory_on_one_process_stops_every_process(world, tmp_path):
     """No process may wait forever in a collective for one that already failed."""
     out = str(tmp_path / "oom")
     options = dict(model=world["model"], out_dir=out, data=world["data"], progress=False, **COMMON)
-    code = (f"import sys; sys.path.insert(0, {TESTS!r}); import test_estimator_distributed as t; "
-            f"t.launch_oom({json.dumps(options)!r})")
-    result = subprocess.run([sys.executable, "-c", code], env=ENV, capture_output=True, text=True, timeout=120)
+    code = (
+        f"import sys; sys.path.insert(0, {TESTS!r}); import test_estimator_distributed as t; "
+        f"t.launch_oom({json.dumps(options)!r})"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], env=ENV, capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "rank 1: " in result.stdout and "--batch-size" in result.stdout
     assert "rank 0: another process ran out of memory" in result.stdout

@@ -7,11 +7,10 @@ round-off (batched vs batch-1 kernels) cannot blur a 1e-5 relative check; a floa
 from __future__ import annotations
 
 import pytest
-import torch
-from transformers import AutoTokenizer, LlamaForCausalLM, LlamaForSequenceClassification
-
 import tiny
+import torch
 from estimator_helpers import assert_fisher_close, compute, lm_reference_examples
+from transformers import AutoTokenizer, LlamaForCausalLM, LlamaForSequenceClassification
 
 LM_ROWS = [
     {"text": tiny.CORPUS[0]},
@@ -52,8 +51,15 @@ def _cls_examples(tokenizer):
 @pytest.mark.parametrize("tie,batch_size", [(False, 1), (False, 4), (True, 4)])
 def test_empirical_lm_equals_brute_force(world, tmp_path, tie, batch_size):
     model_dir = world[f"lm_tie{tie}"]
-    got = compute(model_dir, str(tmp_path / "f"), world["lm_data"], fisher_type="empirical",
-                  batch_size=batch_size, dtype="float64", accumulator_dtype="float64")
+    got = compute(
+        model_dir,
+        str(tmp_path / "f"),
+        world["lm_data"],
+        fisher_type="empirical",
+        batch_size=batch_size,
+        dtype="float64",
+        accumulator_dtype="float64",
+    )
     reference = tiny.brute_force_fisher(
         LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float64),
         lm_reference_examples(world["tokenizer"], LM_ROWS),
@@ -70,8 +76,15 @@ def test_tied_fisher_is_not_sum_of_separate_squares(world, tmp_path):
     model = LlamaForCausalLM.from_pretrained(world["lm_tieTrue"], dtype=torch.float64)
     examples = lm_reference_examples(world["tokenizer"], LM_ROWS)
     right = tiny.brute_force_fisher(model, examples)["model.embed_tokens.weight"]
-    got = compute(world["lm_tieTrue"], str(tmp_path / "f"), world["lm_data"], fisher_type="empirical",
-                  batch_size=3, dtype="float64", accumulator_dtype="float64")["model.embed_tokens.weight"]
+    got = compute(
+        world["lm_tieTrue"],
+        str(tmp_path / "f"),
+        world["lm_data"],
+        fisher_type="empirical",
+        batch_size=3,
+        dtype="float64",
+        accumulator_dtype="float64",
+    )["model.embed_tokens.weight"]
     untied = LlamaForCausalLM.from_pretrained(world["lm_tieTrue"], dtype=torch.float64)
     untied.config.tie_word_embeddings = False
     untied.lm_head.weight = torch.nn.Parameter(untied.model.embed_tokens.weight.detach().clone())
@@ -82,7 +95,13 @@ def test_tied_fisher_is_not_sum_of_separate_squares(world, tmp_path):
 
 
 def test_float32_run_close_to_brute_force(world, tmp_path):
-    got = compute(world["lm_tieFalse"], str(tmp_path / "f"), world["lm_data"], fisher_type="empirical", batch_size=4)
+    got = compute(
+        world["lm_tieFalse"],
+        str(tmp_path / "f"),
+        world["lm_data"],
+        fisher_type="empirical",
+        batch_size=4,
+    )
     reference = tiny.brute_force_fisher(
         LlamaForCausalLM.from_pretrained(world["lm_tieFalse"], dtype=torch.float64),
         lm_reference_examples(world["tokenizer"], LM_ROWS),
@@ -93,13 +112,25 @@ def test_float32_run_close_to_brute_force(world, tmp_path):
         assert float((got[name].double() - value).norm() / value.norm()) < 1e-5, name
 
 
-@pytest.mark.parametrize("fisher_type,batch_size", [("empirical", 1), ("empirical", 4), ("exact", 3)])
+@pytest.mark.parametrize(
+    "fisher_type,batch_size", [("empirical", 1), ("empirical", 4), ("exact", 3)]
+)
 def test_seq_cls_equals_brute_force(world, tmp_path, fisher_type, batch_size):
-    got = compute(world["cls"], str(tmp_path / "f"), world["cls_data"], task="seq-cls", fisher_type=fisher_type,
-                  batch_size=batch_size, dtype="float64", accumulator_dtype="float64")
+    got = compute(
+        world["cls"],
+        str(tmp_path / "f"),
+        world["cls_data"],
+        task="seq-cls",
+        fisher_type=fisher_type,
+        batch_size=batch_size,
+        dtype="float64",
+        accumulator_dtype="float64",
+    )
     reference = tiny.brute_force_fisher(
         LlamaForSequenceClassification.from_pretrained(world["cls"], dtype=torch.float64),
-        _cls_examples(world["tokenizer"]), task="seq-cls", exact_classes=fisher_type == "exact",
+        _cls_examples(world["tokenizer"]),
+        task="seq-cls",
+        exact_classes=fisher_type == "exact",
     )
     assert_fisher_close(got, reference)
 
@@ -108,13 +139,33 @@ def test_padding_does_not_leak(world, tmp_path):
     """Same examples, once padded next to a long one and once alone: same Fisher for the short ones."""
     rows = [{"text": "short"}, {"text": "tiny text"}]
     long_rows = rows + [{"text": " ".join(tiny.CORPUS)}]
-    alone = compute(world["lm_tieFalse"], str(tmp_path / "a"), tiny.write_jsonl(str(tmp_path / "a.jsonl"), rows),
-                    fisher_type="empirical", batch_size=1, dtype="float64", accumulator_dtype="float64")
-    padded = compute(world["lm_tieFalse"], str(tmp_path / "b"), tiny.write_jsonl(str(tmp_path / "b.jsonl"), long_rows),
-                     fisher_type="empirical", batch_size=3, dtype="float64", accumulator_dtype="float64")
-    longest = compute(world["lm_tieFalse"], str(tmp_path / "c"),
-                      tiny.write_jsonl(str(tmp_path / "c.jsonl"), long_rows[2:]),
-                      fisher_type="empirical", batch_size=1, dtype="float64", accumulator_dtype="float64")
+    alone = compute(
+        world["lm_tieFalse"],
+        str(tmp_path / "a"),
+        tiny.write_jsonl(str(tmp_path / "a.jsonl"), rows),
+        fisher_type="empirical",
+        batch_size=1,
+        dtype="float64",
+        accumulator_dtype="float64",
+    )
+    padded = compute(
+        world["lm_tieFalse"],
+        str(tmp_path / "b"),
+        tiny.write_jsonl(str(tmp_path / "b.jsonl"), long_rows),
+        fisher_type="empirical",
+        batch_size=3,
+        dtype="float64",
+        accumulator_dtype="float64",
+    )
+    longest = compute(
+        world["lm_tieFalse"],
+        str(tmp_path / "c"),
+        tiny.write_jsonl(str(tmp_path / "c.jsonl"), long_rows[2:]),
+        fisher_type="empirical",
+        batch_size=1,
+        dtype="float64",
+        accumulator_dtype="float64",
+    )
     for name in alone:  # mean over 3 = (2 * mean over the short two + the long one) / 3
         expected = (2 * alone[name].double() + longest[name].double()) / 3
         torch.testing.assert_close(padded[name].double(), expected, rtol=1e-5, atol=1e-10)
@@ -122,7 +173,9 @@ def test_padding_does_not_leak(world, tmp_path):
 
 @pytest.mark.parametrize("tie", [False, True])
 @pytest.mark.parametrize("strategy", ["per-example loop", "batched matmul"])
-def test_row_blocked_per_example_gradients_equal_brute_force(world, tmp_path, monkeypatch, strategy, tie):
+def test_row_blocked_per_example_gradients_equal_brute_force(
+    world, tmp_path, monkeypatch, strategy, tie
+):
     """Big weights are formed in row blocks (memory / cache); force 1-row blocks and check nothing changes,
     for both ways of forming per-example gradients (the CPU's per-example loop, the GPU's batched bmm), and
     for a tied embedding / lm_head (its two terms are summed block by block before squaring)."""
@@ -133,8 +186,15 @@ def test_row_blocked_per_example_gradients_equal_brute_force(world, tmp_path, mo
     if strategy == "batched matmul":
         monkeypatch.setattr(accumulator, "PER_EXAMPLE_LOOP_DEVICES", ())
     model = world[f"lm_tie{tie}"]
-    got = compute(model, str(tmp_path / "f"), world["lm_data"], fisher_type="empirical",
-                  batch_size=4, dtype="float64", accumulator_dtype="float64")
+    got = compute(
+        model,
+        str(tmp_path / "f"),
+        world["lm_data"],
+        fisher_type="empirical",
+        batch_size=4,
+        dtype="float64",
+        accumulator_dtype="float64",
+    )
     reference = tiny.brute_force_fisher(
         LlamaForCausalLM.from_pretrained(model, dtype=torch.float64),
         lm_reference_examples(world["tokenizer"], LM_ROWS),
@@ -151,13 +211,26 @@ def test_dropout_is_off_and_bf16_models_accumulate_in_float32(world, tmp_path, t
         LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float64),
         lm_reference_examples(world["tokenizer"], LM_ROWS),
     )
-    got = compute(model_dir, str(tmp_path / "f64"), world["lm_data"], fisher_type="empirical",
-                  batch_size=4, dtype="float64", accumulator_dtype="float64")
+    got = compute(
+        model_dir,
+        str(tmp_path / "f64"),
+        world["lm_data"],
+        fisher_type="empirical",
+        batch_size=4,
+        dtype="float64",
+        accumulator_dtype="float64",
+    )
     assert_fisher_close(got, reference)
     from mergekit_fisher.fisher_file import open_fisher
 
-    compute(model_dir, str(tmp_path / "bf16"), world["lm_data"], fisher_type="empirical", batch_size=4,
-            dtype="bfloat16")
+    compute(
+        model_dir,
+        str(tmp_path / "bf16"),
+        world["lm_data"],
+        fisher_type="empirical",
+        batch_size=4,
+        dtype="bfloat16",
+    )
     stored = open_fisher(str(tmp_path / "bf16"))
     assert {stored.header(n).dtype for n in stored.names()} == {"F32"}
     name = "model.layers.0.mlp.down_proj.weight"
@@ -173,8 +246,15 @@ def test_engine_ignores_requires_grad_of_the_parameters(world):
     from mergekit_fisher.estimator.data import collate, prepare
     from mergekit_fisher.estimator.engine import FisherEngine
 
-    data = prepare(world["lm_data"], world["tokenizer"], task="causal-lm", num_examples=4, max_length=64, seed=0,
-                   shuffle=False)
+    data = prepare(
+        world["lm_data"],
+        world["tokenizer"],
+        task="causal-lm",
+        num_examples=4,
+        max_length=64,
+        seed=0,
+        shuffle=False,
+    )
     totals = []
     for freeze in (True, False):
         model = LlamaForCausalLM.from_pretrained(world["lm_tieFalse"], dtype=torch.float64).eval()

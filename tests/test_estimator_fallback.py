@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+import tiny
 import torch
+from estimator_helpers import IGNORE, assert_fisher_close
 from torch import nn
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
-import tiny
-from estimator_helpers import IGNORE, assert_fisher_close
 from mergekit_fisher.estimator.data import Example, collate
 from mergekit_fisher.estimator.engine import FisherEngine
 
@@ -59,9 +59,15 @@ def test_fallback_covers_custom_modules_exactly(tokenizer_dir):
         labels = [IGNORE] * 2 + ids[2:]  # a masked prefix, too
         examples.append(Example(i, ids, labels))
     engine = FisherEngine(model, fisher_type="empirical", accumulator_dtype=torch.float64)
-    assert set(engine.fallback) == {"model.layers.0.post_attention_layernorm.weight", "model.norm.gain"}
+    assert set(engine.fallback) == {
+        "model.layers.0.post_attention_layernorm.weight",
+        "model.norm.gain",
+    }
     covered = {key for handler in engine.handlers for key in handler.keys.values()}
-    assert "model.norm.inner.weight" in covered and "model.layers.1.post_attention_layernorm.weight" in covered
+    assert (
+        "model.norm.inner.weight" in covered
+        and "model.layers.1.post_attention_layernorm.weight" in covered
+    )
     engine.step(collate(examples, 0, "causal-lm"))
     got = engine.fisher()
     engine.close()
@@ -93,11 +99,19 @@ def test_batchless_outputs_of_covered_modules_fall_back(tokenizer_dir):
     for p in model.parameters():
         p.requires_grad_(False)
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    examples = [Example(i, tokenizer(t)["input_ids"], tokenizer(t)["input_ids"]) for i, t in enumerate(tiny.CORPUS[:3])]
+    examples = [
+        Example(i, tokenizer(t)["input_ids"], tokenizer(t)["input_ids"])
+        for i, t in enumerate(tiny.CORPUS[:3])
+    ]
     engine = FisherEngine(model, fisher_type="empirical", accumulator_dtype=torch.float64)
     assert not engine.fallback  # planned as fast ...
     engine.step(collate(examples, 0, "causal-lm"))
-    assert engine.fallback_keys() == ["model.layers.0.mlp.0.proj.bias", "model.layers.0.mlp.0.proj.weight"]
+    assert engine.fallback_keys() == [
+        "model.layers.0.mlp.0.proj.bias",
+        "model.layers.0.mlp.0.proj.weight",
+    ]
     got = engine.fisher()
     engine.close()
-    assert_fisher_close(got, tiny.brute_force_fisher(model, [(e.input_ids, e.labels) for e in examples]))
+    assert_fisher_close(
+        got, tiny.brute_force_fisher(model, [(e.input_ids, e.labels) for e in examples])
+    )

@@ -12,7 +12,9 @@ from mergekit_fisher.estimator.gradient_terms import OuterGrads, add_squared_sum
 
 
 def brute_force(left, right, weights):
-    per_example = torch.einsum("btr,btc->brc", left.double(), right.double())  # G_b, one example at a time
+    per_example = torch.einsum(
+        "btr,btc->brc", left.double(), right.double()
+    )  # G_b, one example at a time
     return torch.einsum("b,brc->rc", weights.double(), per_example.square())
 
 
@@ -21,7 +23,9 @@ def make(batch, tokens, rows, cols, seed):
     left = torch.randn(batch, tokens, rows, generator=generator)
     right = torch.randn(batch, tokens, cols, generator=generator)
     lengths = torch.randint(1, tokens + 1, (batch,), generator=generator)
-    for b, length in enumerate(lengths.tolist()):  # right padding: zero output gradient after the end
+    for b, length in enumerate(
+        lengths.tolist()
+    ):  # right padding: zero output gradient after the end
         left[b, length:] = 0
     left[-1] = 0  # an example with no live token at all
     weights = torch.rand(batch, generator=generator)
@@ -30,8 +34,11 @@ def make(batch, tokens, rows, cols, seed):
 
 
 @pytest.mark.parametrize("rows,cols", [(12, 5), (5, 12), (7, 7)])
-@pytest.mark.parametrize("budget", [1, 40, 150, 1 << 18],
-                         ids=["1-row blocks", "row blocks", "2-3 examples per matmul", "whole batch"])
+@pytest.mark.parametrize(
+    "budget",
+    [1, 40, 150, 1 << 18],
+    ids=["1-row blocks", "row blocks", "2-3 examples per matmul", "whole batch"],
+)
 @pytest.mark.parametrize("target_dtype", [torch.float32, torch.float64])
 def test_per_example_and_batched_equal_brute_force(rows, cols, budget, target_dtype, monkeypatch):
     monkeypatch.setattr(outer_squares, "BLOCK_ELEMENTS_CPU", budget)
@@ -45,7 +52,9 @@ def test_per_example_and_batched_equal_brute_force(rows, cols, budget, target_dt
     for add in (outer_squares.add_per_example, batched):
         target = torch.full((rows, cols), 0.5, dtype=target_dtype)  # adds to what is there
         add(target, left, right, weights)
-        torch.testing.assert_close(target.double(), expected + 0.5, rtol=1e-5, atol=1e-5, msg=add.__name__)
+        torch.testing.assert_close(
+            target.double(), expected + 0.5, rtol=1e-5, atol=1e-5, msg=add.__name__
+        )
 
 
 def test_live_spans_skip_only_exact_zero_rows():

@@ -8,11 +8,10 @@ and estimators that are wrong in expectation (argmax labels, the data's own labe
 from __future__ import annotations
 
 import pytest
-import torch
-from transformers import AutoTokenizer, LlamaForCausalLM
-
 import tiny
+import torch
 from estimator_helpers import IGNORE, compute, lm_reference_examples
+from transformers import AutoTokenizer, LlamaForCausalLM
 
 ROWS = [
     {"text": tiny.CORPUS[1]},
@@ -28,7 +27,10 @@ WORDS = ["a", "b", "c", "d", "e"]
 _g = torch.Generator().manual_seed(0)
 SMALL_ROWS = []
 while len(SMALL_ROWS) < 16:
-    text = " ".join(WORDS[i] for i in torch.randint(0, 5, (int(torch.randint(3, 7, (1,), generator=_g)),), generator=_g))
+    text = " ".join(
+        WORDS[i]
+        for i in torch.randint(0, 5, (int(torch.randint(3, 7, (1,), generator=_g)),), generator=_g)
+    )
     if {"text": text} not in SMALL_ROWS:
         SMALL_ROWS.append({"text": text})
 
@@ -40,7 +42,9 @@ def _word_tokenizer(path: str) -> None:
     vocab = {token: index for index, token in enumerate(["<pad>", "<unk>"] + WORDS)}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>").save_pretrained(path)
+    PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>"
+    ).save_pretrained(path)
 
 
 @pytest.fixture(scope="module")
@@ -52,10 +56,22 @@ def world(tmp_path_factory, tokenizer_dir):
     tiny.make_llama_classifier(cls, seed=6, num_labels=2, tokenizer_dir=tokenizer_dir)
     small = str(root / "small")
     _word_tokenizer(small)
-    tiny.make_llama(small, seed=5, tie=True, vocab_size=len(WORDS) + 2, hidden=16, layers=1, pad_token_id=0,
-                    bos_token_id=None, eos_token_id=None)
+    tiny.make_llama(
+        small,
+        seed=5,
+        tie=True,
+        vocab_size=len(WORDS) + 2,
+        hidden=16,
+        layers=1,
+        pad_token_id=0,
+        bos_token_id=None,
+        eos_token_id=None,
+    )
     return {
-        "lm": lm, "cls": cls, "small": small, "tokenizer": AutoTokenizer.from_pretrained(tokenizer_dir),
+        "lm": lm,
+        "cls": cls,
+        "small": small,
+        "tokenizer": AutoTokenizer.from_pretrained(tokenizer_dir),
         "lm_data": tiny.write_jsonl(str(root / "lm.jsonl"), ROWS),
         "cls_data": tiny.write_jsonl(str(root / "cls.jsonl"), CLS_ROWS),
         "small_data": tiny.write_jsonl(str(root / "small.jsonl"), SMALL_ROWS),
@@ -101,7 +117,9 @@ def mc_errors(estimate: dict, expected: dict):
     names = sorted(expected)
     target = _flat(expected, names)
     whole = float((_flat(estimate, names) - target).norm() / target.norm())
-    worst = max(float((estimate[n].double() - expected[n]).norm() / expected[n].norm()) for n in names)
+    worst = max(
+        float((estimate[n].double() - expected[n]).norm() / expected[n].norm()) for n in names
+    )
     return whole, worst
 
 
@@ -113,24 +131,50 @@ LM_SAMPLES, WHOLE_BOUND, TENSOR_BOUND = 96, 0.12, 0.25
 
 @pytest.mark.filterwarnings("ignore:There is a performance drop")
 def test_sampled_lm_is_an_unbiased_estimate_of_the_exact_fisher(world, tmp_path):
-    got = compute(world["small"], str(tmp_path / "f"), world["small_data"], fisher_type="sampled",
-                  samples=LM_SAMPLES, seed=3, batch_size=16, dtype="float64", accumulator_dtype="float64")
-    model = lambda: LlamaForCausalLM.from_pretrained(world["small"], dtype=torch.float64, attn_implementation="eager")
+    got = compute(
+        world["small"],
+        str(tmp_path / "f"),
+        world["small_data"],
+        fisher_type="sampled",
+        samples=LM_SAMPLES,
+        seed=3,
+        batch_size=16,
+        dtype="float64",
+        accumulator_dtype="float64",
+    )
+    model = lambda: LlamaForCausalLM.from_pretrained(
+        world["small"], dtype=torch.float64, attn_implementation="eager"
+    )
     examples = lm_reference_examples(AutoTokenizer.from_pretrained(world["small"]), SMALL_ROWS)
-    assert all(len(ids) >= 3 and set(ids) <= set(range(2, 7)) for ids, _ in examples)  # words, no <unk>
+    assert all(
+        len(ids) >= 3 and set(ids) <= set(range(2, 7)) for ids, _ in examples
+    )  # words, no <unk>
     expected, argmax = enumerated_lm_fishers(model(), examples)
     assert set(got) == set(expected)
     whole, worst = mc_errors(got, expected)
     assert whole < WHOLE_BOUND and worst < TENSOR_BOUND, (whole, worst)
     # the bounds discriminate: estimators that are wrong in expectation miss them by far
-    for wrong in (argmax, tiny.brute_force_fisher(model(), examples)):  # argmax labels, the data's own labels
+    for wrong in (
+        argmax,
+        tiny.brute_force_fisher(model(), examples),
+    ):  # argmax labels, the data's own labels
         wrong_whole, wrong_worst = mc_errors(wrong, expected)
-        assert wrong_whole > 3 * WHOLE_BOUND and wrong_worst > 2 * TENSOR_BOUND, (wrong_whole, wrong_worst)
+        assert wrong_whole > 3 * WHOLE_BOUND and wrong_worst > 2 * TENSOR_BOUND, (
+            wrong_whole,
+            wrong_worst,
+        )
 
 
 def test_sampled_reproducible_and_independent_of_batching(world, tmp_path):
-    run = lambda name, **kw: compute(world["lm"], str(tmp_path / name), world["lm_data"], fisher_type="sampled",
-                                     dtype="float64", accumulator_dtype="float64", **kw)
+    run = lambda name, **kw: compute(
+        world["lm"],
+        str(tmp_path / name),
+        world["lm_data"],
+        fisher_type="sampled",
+        dtype="float64",
+        accumulator_dtype="float64",
+        **kw,
+    )
     first = run("a", seed=1, batch_size=2)
     again = run("b", seed=1, batch_size=2)
     other_batching = run("c", seed=1, batch_size=5)
@@ -148,13 +192,34 @@ def test_sampled_mean_approaches_exact_on_classifier(world, tmp_path):
     from transformers import LlamaForSequenceClassification
 
     common = dict(task="seq-cls", dtype="float64", accumulator_dtype="float64")
-    runs = [compute(world["cls"], str(tmp_path / f"s{seed}"), world["cls_data"], fisher_type="sampled",
-                    samples=100, seed=seed, batch_size=4, **common) for seed in range(4)]
-    one_by_one = compute(world["cls"], str(tmp_path / "b1"), world["cls_data"], fisher_type="sampled", samples=100,
-                         seed=0, batch_size=1, **common)
+    runs = [
+        compute(
+            world["cls"],
+            str(tmp_path / f"s{seed}"),
+            world["cls_data"],
+            fisher_type="sampled",
+            samples=100,
+            seed=seed,
+            batch_size=4,
+            **common,
+        )
+        for seed in range(4)
+    ]
+    one_by_one = compute(
+        world["cls"],
+        str(tmp_path / "b1"),
+        world["cls_data"],
+        fisher_type="sampled",
+        samples=100,
+        seed=0,
+        batch_size=1,
+        **common,
+    )
     tokenizer = world["tokenizer"]
     examples = [(tokenizer(r["text"])["input_ids"], r["label"]) for r in CLS_ROWS]
-    model = lambda: LlamaForSequenceClassification.from_pretrained(world["cls"], dtype=torch.float64)
+    model = lambda: LlamaForSequenceClassification.from_pretrained(
+        world["cls"], dtype=torch.float64
+    )
     exact = tiny.brute_force_fisher(model(), examples, task="seq-cls", exact_classes=True)
     empirical = tiny.brute_force_fisher(model(), examples, task="seq-cls")
     names = sorted(exact)
@@ -164,6 +229,8 @@ def test_sampled_mean_approaches_exact_on_classifier(world, tmp_path):
     error = lambda v: float((v - target).norm() / target.norm())
     assert error(mean) < 0.05  # 400 draws per example (2 classes)
     assert error(mean) < error(_flat(runs[0], names))  # more draws, closer
-    assert error(_flat(empirical, names)) > 5 * error(mean)  # and it is not just the empirical Fisher
+    assert error(_flat(empirical, names)) > 5 * error(
+        mean
+    )  # and it is not just the empirical Fisher
     for name in names:
         torch.testing.assert_close(one_by_one[name], runs[0][name], rtol=1e-5, atol=1e-12, msg=name)

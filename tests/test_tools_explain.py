@@ -7,11 +7,11 @@ import json
 import pytest
 import torch
 from click.testing import CliRunner
-
 from merge_world import World, write_recipe
+from test_merge_errors import run_stock_cli
+
 from mergekit_fisher.cli import main as cli
 from mergekit_fisher.fisher_file import FisherConfig, write_fisher
-from test_merge_errors import run_stock_cli
 
 Q0 = "model.layers.0.self_attn.q_proj.weight"
 
@@ -41,7 +41,9 @@ def crafted(world, tmp_path_factory):
 def explain_json(recipe_path):
     result = CliRunner().invoke(cli, ["explain", recipe_path, "--json"])
     assert result.exit_code == 0, result.output
-    return json.loads(result.stdout)  # the report; warnings (e.g. a uniform Fisher) are logged to stderr
+    return json.loads(
+        result.stdout
+    )  # the report; warnings (e.g. a uniform Fisher) are logged to stderr
 
 
 def row(report, layer, module):
@@ -49,8 +51,12 @@ def row(report, layer, module):
 
 
 def test_shares_without_normalization(world, crafted, tmp_path):
-    recipe = world.recipe("fisher", weights=[1.0, 1.0], fishers=crafted,
-                          shared={"fisher_normalize": "none", "fisher_floor": 0.0})
+    recipe = world.recipe(
+        "fisher",
+        weights=[1.0, 1.0],
+        fishers=crafted,
+        shared={"fisher_normalize": "none", "fisher_floor": 0.0},
+    )
     report = explain_json(write_recipe(recipe, str(tmp_path / "r.yml")))
     labels = report["models"]
     assert labels == ["model0", "model1"]
@@ -72,7 +78,9 @@ def test_shares_without_normalization(world, crafted, tmp_path):
 
 
 def test_shares_follow_weights_and_mean_normalization(world, crafted, tmp_path):
-    recipe = world.recipe("fisher", weights=[1.0, 3.0], fishers=crafted, shared={"fisher_floor": 0.0})
+    recipe = world.recipe(
+        "fisher", weights=[1.0, 3.0], fishers=crafted, shared={"fisher_floor": 0.0}
+    )
     report = explain_json(write_recipe(recipe, str(tmp_path / "r.yml")))
     sizes = {k: v.numel() for k, v in world.states[world.models[0]].items()}
     total = sum(sizes.values())
@@ -98,7 +106,9 @@ def test_plot_is_a_valid_png(world, crafted, tmp_path):
         assert image.format == "PNG" and image.size[0] > 100 and image.size[1] > 100
 
 
-@pytest.mark.parametrize("case", ["missing_file", "unknown_normalize", "missing_tensor", "no_fisher", "nan_value"])
+@pytest.mark.parametrize(
+    "case", ["missing_file", "unknown_normalize", "missing_tensor", "no_fisher", "nan_value"]
+)
 def test_explain_fails_like_the_merge(world, tmp_path, case):
     """The same bad recipe through the stock `mergekit-yaml` command (the real merge) and through
     `explain`: both fail, write no model, and their one `Error:` line names the problem this test planted
@@ -140,7 +150,10 @@ def test_explain_fails_like_the_merge(world, tmp_path, case):
         errors[label] = lines[0]
         for needle in needles:
             assert needle in lines[0], (label, needle, lines[0])
-        assert f"model {world.models[0]}" not in lines[0] and world.fishers[0] not in lines[0], (label, lines[0])
+        assert f"model {world.models[0]}" not in lines[0] and world.fishers[0] not in lines[0], (
+            label,
+            lines[0],
+        )
     assert errors["merge"] == errors["explain"]
 
 
@@ -154,7 +167,9 @@ def test_uniform_fisher_counts_every_element(world, tmp_path):
     holey_values.pop(Q0)
     holey = str(tmp_path / "holey")
     write_fisher(holey_values, holey)
-    recipe = world.recipe("fisher", fishers=[full, holey], shared={"missing_fisher": "uniform", "fisher_floor": 0.0})
+    recipe = world.recipe(
+        "fisher", fishers=[full, holey], shared={"missing_fisher": "uniform", "fisher_floor": 0.0}
+    )
     report = explain_json(write_recipe(recipe, str(tmp_path / "r.yml")))
     q0 = row(report, 0, "self_attn.q_proj")
     assert q0["shares"]["model1"] == pytest.approx(0.5)
@@ -169,8 +184,15 @@ def test_models_with_the_same_directory_name_stay_apart(world, crafted, tmp_path
         target = tmp_path / parent / "final"
         shutil.copytree(world.models[index], target)
         copies.append(str(target))
-    recipe = world.recipe("fisher", models=copies, fishers=crafted,
-                          shared={"fisher_normalize": "none", "fisher_floor": 0.0})
+    recipe = world.recipe(
+        "fisher",
+        models=copies,
+        fishers=crafted,
+        shared={"fisher_normalize": "none", "fisher_floor": 0.0},
+    )
     report = explain_json(write_recipe(recipe, str(tmp_path / "r.yml")))
     assert report["models"] == ["a/final", "b/final"]
-    assert row(report, 0, "self_attn.q_proj")["shares"] == {"a/final": pytest.approx(0.75), "b/final": pytest.approx(0.25)}
+    assert row(report, 0, "self_attn.q_proj")["shares"] == {
+        "a/final": pytest.approx(0.75),
+        "b/final": pytest.approx(0.25),
+    }

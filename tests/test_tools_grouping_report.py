@@ -27,12 +27,27 @@ from mergekit_fisher.tools.report import format_table, human_count, human_float,
         ("transformer.blocks.2.ffn.up_proj.weight", (2, "ffn.up_proj")),
         ("bert.encoder.layer.4.attention.self.query.weight", (4, "attention.self.query")),
         # PEFT: wrappers dropped, LoRA factor kept, adapter name dropped
-        ("base_model.model.model.layers.1.self_attn.v_proj.lora_A.weight", (1, "self_attn.v_proj.lora_A")),
-        ("base_model.model.model.layers.1.self_attn.v_proj.lora_B.default.weight", (1, "self_attn.v_proj.lora_B")),
-        ("base_model.model.model.layers.1.self_attn.v_proj.base_layer.weight", (1, "self_attn.v_proj")),
-        ("base_model.model.model.embed_tokens.lora_embedding_A", (None, "embed_tokens.lora_embedding_A")),
+        (
+            "base_model.model.model.layers.1.self_attn.v_proj.lora_A.weight",
+            (1, "self_attn.v_proj.lora_A"),
+        ),
+        (
+            "base_model.model.model.layers.1.self_attn.v_proj.lora_B.default.weight",
+            (1, "self_attn.v_proj.lora_B"),
+        ),
+        (
+            "base_model.model.model.layers.1.self_attn.v_proj.base_layer.weight",
+            (1, "self_attn.v_proj"),
+        ),
+        (
+            "base_model.model.model.embed_tokens.lora_embedding_A",
+            (None, "embed_tokens.lora_embedding_A"),
+        ),
         # MoE experts group together across expert indices
-        ("model.layers.2.block_sparse_moe.experts.7.w1.weight", (2, "block_sparse_moe.experts.*.w1")),
+        (
+            "model.layers.2.block_sparse_moe.experts.7.w1.weight",
+            (2, "block_sparse_moe.experts.*.w1"),
+        ),
     ],
 )
 def test_layer_and_module(name, expected):
@@ -40,11 +55,20 @@ def test_layer_and_module(name, expected):
 
 
 def test_group_label_and_order():
-    names = ["model.layers.10.mlp.up_proj.weight", "model.layers.2.mlp.up_proj.weight", "lm_head.weight",
-             "model.layers.2.self_attn.k_proj.weight"]
+    names = [
+        "model.layers.10.mlp.up_proj.weight",
+        "model.layers.2.mlp.up_proj.weight",
+        "lm_head.weight",
+        "model.layers.2.self_attn.k_proj.weight",
+    ]
     assert [group_label(n, "tensor") for n in names] == names
     assert [group_label(n, "layer") for n in names] == ["layer 10", "layer 2", "lm_head", "layer 2"]
-    assert [group_label(n, "module") for n in names] == ["mlp.up_proj", "mlp.up_proj", "lm_head", "self_attn.k_proj"]
+    assert [group_label(n, "module") for n in names] == [
+        "mlp.up_proj",
+        "mlp.up_proj",
+        "lm_head",
+        "self_attn.k_proj",
+    ]
     labels = sorted({group_label(n, "layer") for n in names}, key=group_sort_key)
     assert labels == ["lm_head", "layer 2", "layer 10"]  # numeric, not lexicographic: 2 before 10
     with pytest.raises(ValueError):
@@ -68,7 +92,9 @@ def test_number_formats():
 
 
 def test_format_table_aligns_numbers_right_and_text_left():
-    text = format_table(["name", "sum", "zeros"], [["a", "1.5", "10.0%"], ["longer_name", "123.25", "-"]])
+    text = format_table(
+        ["name", "sum", "zeros"], [["a", "1.5", "10.0%"], ["longer_name", "123.25", "-"]]
+    )
     lines = text.split("\n")
     assert lines[0] == "name            sum  zeros"
     assert lines[1] == "-----------  ------  -----"
@@ -90,8 +116,10 @@ def _real_names():
 
     llama = tiny.make_llama(None, hidden=16, layers=3, vocab_size=32)
     gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=3, n_embd=8, n_head=2, vocab_size=32, n_positions=16))
-    peft = get_peft_model(tiny.make_llama(None, hidden=16, layers=3, vocab_size=32),
-                          LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    peft = get_peft_model(
+        tiny.make_llama(None, hidden=16, layers=3, vocab_size=32),
+        LoraConfig(r=2, target_modules=["q_proj", "v_proj"]),
+    )
     for model, container in ((llama, "layers"), (gpt2, "h"), (peft, "layers")):
         for name in model.state_dict():
             match = re.search(rf"\.{container}\.(\d+)\.", name)
@@ -106,11 +134,21 @@ def test_real_model_names_group_by_their_block():
         assert got_layer == layer, name
         # the module type names no layer, no parameter leaf and no PEFT wrapper
         assert not any(part.isdigit() for part in module.split(".")), name
-        assert not module.endswith((".weight", ".bias")) and "base_layer" not in module and "default" not in module
+        assert (
+            not module.endswith((".weight", ".bias"))
+            and "base_layer" not in module
+            and "default" not in module
+        )
         if layer is not None:
-            modules_per_layer.setdefault(name.split(".")[0], {}).setdefault(layer, set()).add(module)
+            modules_per_layer.setdefault(name.split(".")[0], {}).setdefault(layer, set()).add(
+                module
+            )
     for root, by_layer in modules_per_layer.items():  # every block has the same module types
         assert len({frozenset(types) for types in by_layer.values()}) == 1, root
     lora = {m for n, _ in names for m in [layer_and_module(n)[1]] if "lora" in n}
-    assert lora == {"self_attn.q_proj.lora_A", "self_attn.q_proj.lora_B", "self_attn.v_proj.lora_A",
-                    "self_attn.v_proj.lora_B"}
+    assert lora == {
+        "self_attn.q_proj.lora_A",
+        "self_attn.q_proj.lora_B",
+        "self_attn.v_proj.lora_A",
+        "self_attn.v_proj.lora_B",
+    }

@@ -16,6 +16,7 @@ MODELS = ["/models/base", "/models/code-ft/", "math"]
 
 def test_heatmap_png_has_the_expected_size(tmp_path):
     import matplotlib.image as image  # a test dependency: fail, never skip, when absent
+
     out = plotting.plot_share_heatmap(SHARES, MODELS, str(tmp_path / "sub" / "share.png"), dpi=50)
     pixels = image.imread(out)  # raises on anything that is not a valid PNG
     height, width = pixels.shape[:2]
@@ -29,7 +30,10 @@ def test_heatmap_png_has_the_expected_size(tmp_path):
 
 def test_one_panel_default_size_and_layer_none(tmp_path):
     import matplotlib.image as image  # a test dependency: fail, never skip, when absent
-    out = plotting.plot_share_heatmap({"embed_tokens": {None: [0.6, 0.4]}}, ["a", "b"], str(tmp_path / "p.png"))
+
+    out = plotting.plot_share_heatmap(
+        {"embed_tokens": {None: [0.6, 0.4]}}, ["a", "b"], str(tmp_path / "p.png")
+    )
     height, width = image.imread(out).shape[:2]
     assert (width, height) == (round(3.2 * 100), round(4.0 * 100))
 

@@ -43,7 +43,11 @@ def load_texts(path: str, max_examples: Optional[int] = None) -> List[str]:
     from mergekit_fisher.estimator.data import DataError, read_jsonl
 
     if not os.path.isfile(path):
-        raise DataError("data file does not exist", file=path, fix="pass an existing .jsonl or .txt file to --data")
+        raise DataError(
+            "data file does not exist",
+            file=path,
+            fix="pass an existing .jsonl or .txt file to --data",
+        )
     if path.endswith(".txt"):
         from mergekit_fisher.estimator.data import open_text
 
@@ -53,8 +57,11 @@ def load_texts(path: str, max_examples: Optional[int] = None) -> List[str]:
     for where, row in read_jsonl(path, limit=max_examples):
         if not isinstance(row.get("text"), str):
             line = where.rsplit(":", 1)[1]
-            raise DataError(f'line {line} has no string "text" field', file=path,
-                            fix='write one JSON object per line, like {"text": "..."}')
+            raise DataError(
+                f'line {line} has no string "text" field',
+                file=path,
+                fix='write one JSON object per line, like {"text": "..."}',
+            )
         texts.append(row["text"])
     if not texts:
         raise DataError("the data has no examples", file=path, fix='add rows like {"text": "..."}')
@@ -79,7 +86,9 @@ def load_model(model_dir: str, device: str):
 
     if not os.path.isfile(os.path.join(model_dir, "config.json")):
         raise FisherInputError(
-            "not a model directory (no config.json)", model=model_dir, fix="pass a saved Hugging Face model directory"
+            "not a model directory (no config.json)",
+            model=model_dir,
+            fix="pass a saved Hugging Face model directory",
         )
     import torch
 
@@ -89,12 +98,15 @@ def load_model(model_dir: str, device: str):
     # inside the directory: checked from the headers before transformers opens anything
     checkpoint_index(model_dir)
     try:
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, use_safetensors=True)
+        model = AutoModelForCausalLM.from_pretrained(
+            model_dir, dtype=torch.float32, use_safetensors=True
+        )
     except Exception as error:  # SafetensorError (truncated file), OSError, ValueError (bad config)
         text = str(error).strip()
         raise FisherInputError(
             f"cannot load the model ({error.__class__.__name__}: {text.splitlines()[0][:300] if text else ''})",
-            model=model_dir, fix="re-download or re-save it (a truncated or partial copy?)",
+            model=model_dir,
+            fix="re-download or re-save it (a truncated or partial copy?)",
         ) from None
     return model.to(device).eval()
 
@@ -107,7 +119,9 @@ def token_loss(model, batches, device: str) -> Dict[str, float]:
     total, count = 0.0, 0
     with torch.no_grad():
         for input_ids, attention_mask, labels in batches:
-            logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)).logits
+            logits = model(
+                input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)
+            ).logits
             shifted_logits = logits[:, :-1].float()
             shifted_labels = labels[:, 1:].to(device)
             total += F.cross_entropy(
@@ -149,7 +163,9 @@ def evaluate_models(
     if progress is None:
         progress = show_progress()
     results: Results = {}
-    for label, model_dir in tqdm(list(models.items()), desc="evaluate", unit="model", disable=not progress):
+    for label, model_dir in tqdm(
+        list(models.items()), desc="evaluate", unit="model", disable=not progress
+    ):
         log.debug("evaluating %s (%s) on %s", label, model_dir, ", ".join(datasets))
         tokenizer = load_tokenizer(model_dir, tokenizer_dir)
         model = load_model(model_dir, device)
@@ -157,10 +173,17 @@ def evaluate_models(
         results[label] = {}
         for name, texts in datasets.items():
             if name in stream:
-                examples = [window for text in texts for window in encode_stream(tokenizer, text, max_length)]
+                examples = [
+                    window
+                    for text in texts
+                    for window in encode_stream(tokenizer, text, max_length)
+                ]
             else:
                 examples = encode_examples(tokenizer, texts, max_length)
-            batches = [collate(examples[i : i + batch_size], pad_id) for i in range(0, len(examples), batch_size)]
+            batches = [
+                collate(examples[i : i + batch_size], pad_id)
+                for i in range(0, len(examples), batch_size)
+            ]
             results[label][name] = token_loss(model, batches, device)
         del model
     return results
@@ -182,13 +205,24 @@ def format_table(results: Results, *, markdown: bool = False) -> str:
         cells.append(f"{mean:.3f} ({math.exp(min(mean, 700.0)):.1f})")
         rows.append([label, *cells])
     if markdown:
-        lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
+        lines = [
+            "| " + " | ".join(header) + " |",
+            "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|",
+        ]
         lines += ["| " + " | ".join(row) + " |" for row in rows]
         return "\n".join(lines)
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    lines = ["  ".join(h.ljust(w) if i == 0 else h.rjust(w) for i, (h, w) in enumerate(zip(header, widths)))]
+    lines = [
+        "  ".join(
+            h.ljust(w) if i == 0 else h.rjust(w) for i, (h, w) in enumerate(zip(header, widths))
+        )
+    ]
     for row in rows:
-        lines.append("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))))
+        lines.append(
+            "  ".join(
+                c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))
+            )
+        )
     return "\n".join(lines)
 
 
@@ -200,16 +234,42 @@ def _dataset_label(path: str, taken: Dict[str, object]) -> str:
 @click.command("eval")
 @verbosity_options
 @click.argument("models", nargs=-1, required=True, type=click.Path(file_okay=False))
-@click.option("--data", "data_paths", multiple=True, required=True, type=click.Path(dir_okay=False),
-              help="JSONL with a `text` field per row (one example each), or .txt (cut into windows). Repeatable.")
-@click.option("--max-length", type=click.IntRange(min=2), default=256, show_default=True, help="tokens per example / window")
-@click.option("--max-examples", type=click.IntRange(min=1), default=None, help="use only the first N rows of each JSONL file")
+@click.option(
+    "--data",
+    "data_paths",
+    multiple=True,
+    required=True,
+    type=click.Path(dir_okay=False),
+    help="JSONL with a `text` field per row (one example each), or .txt (cut into windows). Repeatable.",
+)
+@click.option(
+    "--max-length",
+    type=click.IntRange(min=2),
+    default=256,
+    show_default=True,
+    help="tokens per example / window",
+)
+@click.option(
+    "--max-examples",
+    type=click.IntRange(min=1),
+    default=None,
+    help="use only the first N rows of each JSONL file",
+)
 @click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
 @click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda | cuda:N")
-@click.option("--tokenizer", "tokenizer_dir", default=None, type=click.Path(file_okay=False),
-              help="tokenizer for models saved without one")
-@click.option("--json", "as_json", is_flag=True, help="print the results as JSON instead of a table")
-def eval_command(models, data_paths, max_length, max_examples, batch_size, device, tokenizer_dir, as_json):
+@click.option(
+    "--tokenizer",
+    "tokenizer_dir",
+    default=None,
+    type=click.Path(file_okay=False),
+    help="tokenizer for models saved without one",
+)
+@click.option(
+    "--json", "as_json", is_flag=True, help="print the results as JSON instead of a table"
+)
+def eval_command(
+    models, data_paths, max_length, max_examples, batch_size, device, tokenizer_dir, as_json
+):
     """Held-out loss and perplexity of each MODEL directory on each --data file.
 
     Prints one row per model: loss (perplexity) per data file and the mean over files.
@@ -217,7 +277,11 @@ def eval_command(models, data_paths, max_length, max_examples, batch_size, devic
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     for model_dir in models:
         if not os.path.isdir(model_dir):
-            raise FisherInputError("model directory does not exist", model=model_dir, fix="pass a saved model directory")
+            raise FisherInputError(
+                "model directory does not exist",
+                model=model_dir,
+                fix="pass a saved model directory",
+            )
     datasets: Dict[str, List[str]] = {}
     stream = []
     for path in data_paths:
@@ -229,8 +293,14 @@ def eval_command(models, data_paths, max_length, max_examples, batch_size, devic
     for model_dir in models:
         labels[model_dir if model_dir not in labels else f"{model_dir} ({len(labels)})"] = model_dir
     results = evaluate_models(
-        labels, datasets, max_length=max_length, batch_size=batch_size, device=device,
-        tokenizer_dir=tokenizer_dir, stream=stream, progress=not as_json and show_progress(),
+        labels,
+        datasets,
+        max_length=max_length,
+        batch_size=batch_size,
+        device=device,
+        tokenizer_dir=tokenizer_dir,
+        stream=stream,
+        progress=not as_json and show_progress(),
     )
     if as_json:
         click.echo(json.dumps(results, indent=2))

@@ -16,10 +16,13 @@ PER_EXAMPLE_LOOP_DEVICES = ("cpu",)
 class FisherAccumulator:
     """`sums[key] += sum_b w_b * G_b**2`, keyed by parameter key (a stable string chosen by the planner)."""
 
-    def __init__(self, shapes: Dict[str, torch.Size], *, dtype: torch.dtype, devices: Dict[str, torch.device]):
+    def __init__(
+        self, shapes: Dict[str, torch.Size], *, dtype: torch.dtype, devices: Dict[str, torch.device]
+    ):
         self.dtype = dtype
         self.sums: Dict[str, torch.Tensor] = {
-            key: torch.zeros(shape, dtype=dtype, device=devices[key]) for key, shape in shapes.items()
+            key: torch.zeros(shape, dtype=dtype, device=devices[key])
+            for key, shape in shapes.items()
         }
 
     def add_terms(self, key: str, terms: Sequence, weights: torch.Tensor) -> None:
@@ -29,13 +32,19 @@ class FisherAccumulator:
         if len(terms) == 1:
             (term,) = terms
             if isinstance(term, RowGrads):
-                return self.add_rows(key, term.rows, term.values, weights.to(term.values.device)[term.examples])
+                return self.add_rows(
+                    key, term.rows, term.values, weights.to(term.values.device)[term.examples]
+                )
             if isinstance(term, DenseGrads):
                 return self.add_dense(key, term.per_example, weights)
             if per_example_device and term.left.device == target.device:
                 return outer_squares.add_per_example(target, term.left, term.right, weights)
         # row blocks of all B examples at once (a CPU's blocks a few L2-sized per-example blocks big)
-        budget = outer_squares.BLOCK_ELEMENTS_CPU * 4 if per_example_device else outer_squares.BLOCK_ELEMENTS_GPU
+        budget = (
+            outer_squares.BLOCK_ELEMENTS_CPU * 4
+            if per_example_device
+            else outer_squares.BLOCK_ELEMENTS_GPU
+        )
         add_squared_sum(target, terms, weights, budget)
 
     def add_dense(self, key: str, per_example: torch.Tensor, weights: torch.Tensor) -> None:
@@ -47,14 +56,18 @@ class FisherAccumulator:
         total = weights.to(flat.dtype).unsqueeze(0).matmul(flat).reshape(target.shape)
         target.add_(total.to(device=target.device, dtype=self.dtype))
 
-    def add_rows(self, key: str, rows: torch.Tensor, row_grads: torch.Tensor, row_weights: torch.Tensor) -> None:
+    def add_rows(
+        self, key: str, rows: torch.Tensor, row_grads: torch.Tensor, row_weights: torch.Tensor
+    ) -> None:
         """Sparse form (embeddings): row `rows[k]` receives `row_weights[k] * row_grads[k]**2`.
 
         Each (example, row) pair must appear once: the caller sums an example's contributions to a row first.
         """
         target = self.sums[key]
         squared = row_grads.square_().mul_(row_weights.to(row_grads.dtype).unsqueeze(-1))
-        target.index_add_(0, rows.to(target.device), squared.to(device=target.device, dtype=self.dtype))
+        target.index_add_(
+            0, rows.to(target.device), squared.to(device=target.device, dtype=self.dtype)
+        )
 
     def add_squared(self, key: str, squared_sum: torch.Tensor) -> None:
         target = self.sums[key]

@@ -37,12 +37,15 @@ def save_checkpoint(path: str, sums: Dict[str, torch.Tensor], state: dict) -> No
 
 def checkpoint_identity_state(identity: dict) -> dict:
     """What a checkpoint records of the model it was computed for: its weights' fingerprints."""
-    return {"model_fingerprint": identity.get("model_fingerprint"),
-            "adapter_fingerprint": identity.get("adapter_fingerprint")}
+    return {
+        "model_fingerprint": identity.get("model_fingerprint"),
+        "adapter_fingerprint": identity.get("adapter_fingerprint"),
+    }
 
 
-def load_checkpoint(path: str, fingerprint: str, identity: Optional[dict] = None
-                    ) -> Optional[Tuple[Dict[str, torch.Tensor], dict]]:
+def load_checkpoint(
+    path: str, fingerprint: str, identity: Optional[dict] = None
+) -> Optional[Tuple[Dict[str, torch.Tensor], dict]]:
     """The sums and state of a checkpoint written by the same run: the same options and data
     (`fingerprint`) and the same weights (`identity`'s fingerprints); anything else is refused."""
     if not os.path.lexists(path):
@@ -57,12 +60,16 @@ def load_checkpoint(path: str, fingerprint: str, identity: Optional[dict] = None
             raise ValueError("state is not a JSON object")
     except Exception as error:
         raise FisherInputError(
-            f"unreadable checkpoint ({error.__class__.__name__})", file=path, kind="checkpoint",
+            f"unreadable checkpoint ({error.__class__.__name__})",
+            file=path,
+            kind="checkpoint",
             fix="delete the checkpoint file to start over",
         ) from None
     if state.get("fingerprint") != fingerprint:
         raise FisherInputError(
-            "the checkpoint was written by a run with different options or data", file=path, kind="checkpoint",
+            "the checkpoint was written by a run with different options or data",
+            file=path,
+            kind="checkpoint",
             fix="rerun with exactly the same options to resume, or delete the checkpoint file to start over",
         )
     if identity is not None:
@@ -72,7 +79,8 @@ def load_checkpoint(path: str, fingerprint: str, identity: Optional[dict] = None
                 raise FisherInputError(
                     f"the {what}'s weights changed since the checkpoint was written (fingerprint {then} then, "
                     f"{now} now): resuming would mix the Fisher of two models",
-                    file=path, kind="checkpoint",
+                    file=path,
+                    kind="checkpoint",
                     fix=f"restore the {what} the run started with to resume, or delete the checkpoint file "
                     "to start over",
                 )

@@ -32,7 +32,9 @@ CLS_FIELDS = {"text", "text_pair", "label"}
 
 @dataclass
 class Example:
-    index: int  # position in the selected (shuffled) list: seeds the sampled Fisher, picks the process
+    index: (
+        int  # position in the selected (shuffled) list: seeds the sampled Fisher, picks the process
+    )
     input_ids: List[int]
     labels: Optional[List[int]] = None  # causal LM: per token, IGNORE where nothing is predicted
     label: Optional[int] = None  # seq-cls
@@ -64,11 +66,18 @@ class Batch:
     attention_mask: torch.Tensor
     labels: torch.Tensor  # (B, T) token labels, or (B,) class labels
     indices: List[int]
-    inputs: Dict[str, torch.Tensor] = field(default_factory=dict)  # (B, T) each: token_type_ids, ...
+    inputs: Dict[str, torch.Tensor] = field(
+        default_factory=dict
+    )  # (B, T) each: token_type_ids, ...
 
     def to(self, device) -> "Batch":
-        return Batch(self.input_ids.to(device), self.attention_mask.to(device), self.labels.to(device), self.indices,
-                     {name: value.to(device) for name, value in self.inputs.items()})
+        return Batch(
+            self.input_ids.to(device),
+            self.attention_mask.to(device),
+            self.labels.to(device),
+            self.indices,
+            {name: value.to(device) for name, value in self.inputs.items()},
+        )
 
     def model_inputs(self) -> Dict[str, torch.Tensor]:
         return {"input_ids": self.input_ids, "attention_mask": self.attention_mask, **self.inputs}
@@ -95,12 +104,16 @@ def read_jsonl(path: str, limit: Optional[int] = None) -> List[Tuple[str, Dict[s
                 row = json.loads(line)
             except ValueError as error:
                 raise DataError(
-                    f"line {number} is not valid JSON ({error})", file=path,
+                    f"line {number} is not valid JSON ({error})",
+                    file=path,
                     fix="write one JSON object per line (JSONL)",
                 ) from None
             if not isinstance(row, dict):
-                raise DataError(f"line {number} is not a JSON object", file=path,
-                                       fix="write one JSON object per line (JSONL)")
+                raise DataError(
+                    f"line {number} is not a JSON object",
+                    file=path,
+                    fix="write one JSON object per line (JSONL)",
+                )
             rows.append((f"{path}:{number}", row))
     return rows
 
@@ -114,8 +127,11 @@ def open_text(path: str) -> io.StringIO:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as error:
         line = raw.count(b"\n", 0, error.start) + 1
-        raise DataError(f"line {line} is not UTF-8 text (byte {error.start}: {error.reason})", file=path,
-                        fix="re-save the file as UTF-8") from None
+        raise DataError(
+            f"line {line} is not UTF-8 text (byte {error.start}: {error.reason})",
+            file=path,
+            fix="re-save the file as UTF-8",
+        ) from None
     return io.StringIO(text, newline=None)
 
 
@@ -123,7 +139,9 @@ def _read_dataset(path: str, *, on_disk: bool) -> Tuple[List[Tuple[str, Dict[str
     import datasets
 
     try:
-        loaded = datasets.load_from_disk(path) if on_disk else datasets.load_dataset(path, split="train")
+        loaded = (
+            datasets.load_from_disk(path) if on_disk else datasets.load_dataset(path, split="train")
+        )
     except Exception as error:  # FileNotFoundError, ConnectionError, DatasetNotFoundError, ...
         raise DataError(
             f"cannot load the data ({error.__class__.__name__}: {str(error).splitlines()[0] if str(error) else ''})",
@@ -134,7 +152,8 @@ def _read_dataset(path: str, *, on_disk: bool) -> Tuple[List[Tuple[str, Dict[str
         split = "train" if "train" in loaded else (next(iter(loaded)) if len(loaded) == 1 else None)
         if split is None:
             raise DataError(
-                f"the dataset has splits {sorted(loaded)} and none is called 'train'", file=path,
+                f"the dataset has splits {sorted(loaded)} and none is called 'train'",
+                file=path,
                 fix="save the split you want on its own, or name it 'train'",
             )
         loaded = loaded[split]
@@ -144,7 +163,11 @@ def _read_dataset(path: str, *, on_disk: bool) -> Tuple[List[Tuple[str, Dict[str
 
 def check_data_path(path: str) -> None:
     """A --data path that looks local (not a hub dataset name) must exist; checked before the model loads."""
-    looks_local = path.startswith((".", "/", "~")) or path.endswith((".jsonl", ".json", ".txt")) or path.count("/") > 1
+    looks_local = (
+        path.startswith((".", "/", "~"))
+        or path.endswith((".jsonl", ".json", ".txt"))
+        or path.count("/") > 1
+    )
     if looks_local and not os.path.exists(path):
         raise DataError("data file does not exist", file=path, fix="check the --data path")
 
@@ -156,7 +179,11 @@ def read_rows(path: str) -> Tuple[List[Tuple[str, Dict[str, Any]]], str, bool]:
         _hash_file(digest, path)
         if path.endswith(".txt"):
             with open_text(path) as fp:
-                rows = [(f"{path}:{n}", {"text": line.rstrip("\n")}) for n, line in enumerate(fp, 1) if line.strip()]
+                rows = [
+                    (f"{path}:{n}", {"text": line.rstrip("\n")})
+                    for n, line in enumerate(fp, 1)
+                    if line.strip()
+                ]
             return rows, digest.hexdigest(), True
         return read_jsonl(path), digest.hexdigest(), True
     if os.path.isdir(path):
@@ -166,7 +193,9 @@ def read_rows(path: str) -> Tuple[List[Tuple[str, Dict[str, Any]]], str, bool]:
                 _hash_file(digest, os.path.join(root, name))
         # `save_to_disk` writes state.json (Dataset) or dataset_dict.json; anything else is a dataset
         # repository checked out locally (parquet/json/csv files), read the way `load_dataset` reads the hub
-        saved = any(os.path.exists(os.path.join(path, n)) for n in ("state.json", "dataset_dict.json"))
+        saved = any(
+            os.path.exists(os.path.join(path, n)) for n in ("state.json", "dataset_dict.json")
+        )
         rows, _fingerprint = _read_dataset(path, on_disk=saved)
         return rows, digest.hexdigest(), False
     check_data_path(path)
@@ -183,14 +212,16 @@ def _check_fields(where: str, row: Dict[str, Any], task: str, strict: bool) -> D
         missing = {"text", "label"} - keys
         if missing:
             raise DataError(
-                f"{where}: missing field(s) {sorted(missing)} for --task seq-cls", file=where.rsplit(":", 1)[0],
+                f"{where}: missing field(s) {sorted(missing)} for --task seq-cls",
+                file=where.rsplit(":", 1)[0],
                 fix='give every row "text" (and optionally "text_pair") and an integer "label"',
             )
     else:
         layouts = [layout for layout in LM_LAYOUTS if layout <= keys]
         if not layouts:
             raise DataError(
-                f"{where}: no usable fields (has {sorted(keys)})", file=where.rsplit(":", 1)[0],
+                f"{where}: no usable fields (has {sorted(keys)})",
+                file=where.rsplit(":", 1)[0],
                 fix='give every row "text", or "prompt" and "completion", or chat "messages"',
             )
         allowed = layouts[0]
@@ -209,16 +240,33 @@ def _string(fields: Dict[str, Any], key: str, where: str) -> str:
     """A text field must be a JSON string: null, a number or a list is not text (and must not become "None")."""
     value = fields[key]
     if not isinstance(value, str):
-        kind = {type(None): "null", bool: "a boolean", int: "a number", float: "a number", list: "a list",
-                dict: "an object"}.get(type(value), type(value).__name__)
-        raise DataError(f'{where}: "{key}" is {kind}, not a string', file=where.rsplit(":", 1)[0],
-                        fix=f'write "{key}" as a JSON string (or drop the row)')
+        kind = {
+            type(None): "null",
+            bool: "a boolean",
+            int: "a number",
+            float: "a number",
+            list: "a list",
+            dict: "an object",
+        }.get(type(value), type(value).__name__)
+        raise DataError(
+            f'{where}: "{key}" is {kind}, not a string',
+            file=where.rsplit(":", 1)[0],
+            fix=f'write "{key}" as a JSON string (or drop the row)',
+        )
     return value
 
 
 # what a tokenizer returns that is not a model input of its own (or that collate builds itself)
-_NOT_MODEL_INPUTS = {"input_ids", "attention_mask", "offset_mapping", "special_tokens_mask", "length",
-                     "overflowing_tokens", "num_truncated_tokens", "overflow_to_sample_mapping"}
+_NOT_MODEL_INPUTS = {
+    "input_ids",
+    "attention_mask",
+    "offset_mapping",
+    "special_tokens_mask",
+    "length",
+    "overflowing_tokens",
+    "num_truncated_tokens",
+    "overflow_to_sample_mapping",
+}
 
 
 def _extend_inputs(inputs: Optional[Dict[str, List[int]]], encoded) -> None:
@@ -227,13 +275,19 @@ def _extend_inputs(inputs: Optional[Dict[str, List[int]]], encoded) -> None:
         return
     length = len(encoded["input_ids"])
     for name, value in encoded.items():
-        if name in _NOT_MODEL_INPUTS or not isinstance(value, (list, tuple)) or len(value) != length:
+        if (
+            name in _NOT_MODEL_INPUTS
+            or not isinstance(value, (list, tuple))
+            or len(value) != length
+        ):
             continue
         if all(isinstance(v, int) and not isinstance(v, bool) for v in value):
             inputs.setdefault(name, []).extend(value)
 
 
-def _ids(tokenizer, text: str, *, special: bool, inputs: Optional[Dict[str, List[int]]] = None) -> List[int]:
+def _ids(
+    tokenizer, text: str, *, special: bool, inputs: Optional[Dict[str, List[int]]] = None
+) -> List[int]:
     encoded = tokenizer(text, add_special_tokens=special)
     _extend_inputs(inputs, encoded)
     return list(encoded["input_ids"])
@@ -247,15 +301,23 @@ def _chat_example(tokenizer, messages, where: str, inputs=None) -> Tuple[List[in
     file = where.rsplit(":", 1)[0]
     if not getattr(tokenizer, "chat_template", None):
         raise DataError(
-            f"{where}: chat `messages` need a tokenizer with a chat template", file=file,
+            f"{where}: chat `messages` need a tokenizer with a chat template",
+            file=file,
             fix="use a tokenizer that defines chat_template, or convert the rows to prompt/completion",
         )
-    if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m for m in messages):
-        raise DataError(f"{where}: `messages` must be a list of {{role, content}} objects", file=file,
-                               fix='write messages as [{"role": "user", "content": "..."}, ...]')
+    if not isinstance(messages, list) or not all(
+        isinstance(m, dict) and "role" in m for m in messages
+    ):
+        raise DataError(
+            f"{where}: `messages` must be a list of {{role, content}} objects",
+            file=file,
+            fix='write messages as [{"role": "user", "content": "..."}, ...]',
+        )
 
     def render(turns, generation_prompt: bool) -> str:
-        return tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=generation_prompt)
+        return tokenizer.apply_chat_template(
+            turns, tokenize=False, add_generation_prompt=generation_prompt
+        )
 
     text = render(messages, False)
     spans = []
@@ -266,13 +328,17 @@ def _chat_example(tokenizer, messages, where: str, inputs=None) -> Tuple[List[in
         upto = render(messages[: i + 1], False)
         if not text.startswith(upto) or (i and not text.startswith(render(messages[:i], True))):
             raise DataError(
-                f"{where}: the chat template does not render conversation prefixes consistently", file=file,
+                f"{where}: the chat template does not render conversation prefixes consistently",
+                file=file,
                 fix="convert the rows to prompt/completion",
             )
         spans.append((start, len(upto)))
     if not getattr(tokenizer, "is_fast", False):
-        raise DataError(f"{where}: chat masking needs a fast tokenizer (character offsets)", file=file,
-                               fix="use the model's tokenizer.json (fast tokenizer), or prompt/completion rows")
+        raise DataError(
+            f"{where}: chat masking needs a fast tokenizer (character offsets)",
+            file=file,
+            fix="use the model's tokenizer.json (fast tokenizer), or prompt/completion rows",
+        )
     encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     _extend_inputs(inputs, encoded)
     ids = list(encoded["input_ids"])
@@ -283,13 +349,23 @@ def _chat_example(tokenizer, messages, where: str, inputs=None) -> Tuple[List[in
     return ids, labels
 
 
-def tokenize_row(tokenizer, fields: Dict[str, Any], task: str, where: str, num_labels: Optional[int],
-                 inputs: Optional[Dict[str, List[int]]] = None):
+def tokenize_row(
+    tokenizer,
+    fields: Dict[str, Any],
+    task: str,
+    where: str,
+    num_labels: Optional[int],
+    inputs: Optional[Dict[str, List[int]]] = None,
+):
     """(input_ids, token labels or None, class label or None); the tokenizer's other per-token outputs
     (token_type_ids, ...) are appended to `inputs` when given."""
     if task == Task.SEQ_CLS:
         label = fields["label"]
-        if isinstance(label, bool) or not isinstance(label, int) or not (0 <= label < (num_labels or 0)):
+        if (
+            isinstance(label, bool)
+            or not isinstance(label, int)
+            or not (0 <= label < (num_labels or 0))
+        ):
             raise DataError(
                 f"{where}: label {label!r} is out of range for a classifier with {num_labels} classes",
                 file=where.rsplit(":", 1)[0],
@@ -305,7 +381,9 @@ def tokenize_row(tokenizer, fields: Dict[str, Any], task: str, where: str, num_l
         return ids, labels, None
     if "prompt" in fields:
         prompt = _ids(tokenizer, _string(fields, "prompt", where), special=True, inputs=inputs)
-        completion = _ids(tokenizer, _string(fields, "completion", where), special=False, inputs=inputs)
+        completion = _ids(
+            tokenizer, _string(fields, "completion", where), special=False, inputs=inputs
+        )
         if tokenizer.eos_token_id is not None:
             completion.append(tokenizer.eos_token_id)
         return prompt + completion, [IGNORE] * len(prompt) + completion, None
@@ -326,7 +404,9 @@ def prepare(
 ) -> PreparedData:
     rows, dataset_hash, strict = read_rows(path)
     if not rows:
-        raise DataError("the data has no examples", file=path, fix="point --data at a non-empty file")
+        raise DataError(
+            "the data has no examples", file=path, fix="point --data at a non-empty file"
+        )
     order = list(range(len(rows)))
     if shuffle:
         random.Random(seed).shuffle(order)
@@ -339,8 +419,11 @@ def prepare(
         inputs: Dict[str, List[int]] = {}
         ids, labels, label = tokenize_row(tokenizer, fields, task, where, num_labels, inputs)
         # one value per token (an appended eos takes its neighbour's), cut like the ids
-        inputs = {name: (value + value[-1:] * (len(ids) - len(value)))[:max_length]
-                  for name, value in inputs.items() if value}
+        inputs = {
+            name: (value + value[-1:] * (len(ids) - len(value)))[:max_length]
+            for name, value in inputs.items()
+            if value
+        }
         if len(ids) > max_length:
             data.num_truncated += 1
             ids = ids[:max_length]
@@ -354,7 +437,8 @@ def prepare(
         raise DataError(
             f"none of the {data.num_skipped} examples read has a token to predict "
             "(empty text, or the prompt fills --max-length)",
-            file=path, fix="raise --max-length, or check that rows have completion/assistant text",
+            file=path,
+            fix="raise --max-length, or check that rows have completion/assistant text",
         )
     return data
 

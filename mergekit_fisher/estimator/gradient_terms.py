@@ -46,10 +46,14 @@ class OuterGrads:
 
     def block(self, start: int, stop: int, dtype: torch.dtype) -> torch.Tensor:
         """Rows [start, stop) of every example's G_b, (B, stop - start, cols), freshly allocated."""
-        return torch.bmm(self.left[:, :, start:stop].transpose(1, 2).to(dtype), self.right.to(dtype))
+        return torch.bmm(
+            self.left[:, :, start:stop].transpose(1, 2).to(dtype), self.right.to(dtype)
+        )
 
     def add_block(self, out: torch.Tensor, start: int, stop: int) -> None:
-        out.baddbmm_(self.left[:, :, start:stop].transpose(1, 2).to(out.dtype), self.right.to(out.dtype))
+        out.baddbmm_(
+            self.left[:, :, start:stop].transpose(1, 2).to(out.dtype), self.right.to(out.dtype)
+        )
 
 
 @dataclass
@@ -69,23 +73,31 @@ class RowGrads:
         order = torch.argsort(self.rows)
         rows, examples, values = self.rows[order], self.examples[order], self.values[order]
         bounds = torch.searchsorted(rows, torch.tensor(edges, device=rows.device)).tolist()
-        return [(examples[lo:hi], rows[lo:hi] - start, values[lo:hi])
-                for start, lo, hi in zip(edges, bounds, bounds[1:])]
+        return [
+            (examples[lo:hi], rows[lo:hi] - start, values[lo:hi])
+            for start, lo, hi in zip(edges, bounds, bounds[1:])
+        ]
 
     @staticmethod
     def add_block(out: torch.Tensor, part: Tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> None:
         examples, local_rows, values = part
         if examples.numel():
             block = out.shape[1]
-            out.view(-1, out.shape[2]).index_add_(0, examples * block + local_rows, values.to(out.dtype))
+            out.view(-1, out.shape[2]).index_add_(
+                0, examples * block + local_rows, values.to(out.dtype)
+            )
 
 
 def on_device(term, device: torch.device):
     """The same term with its tensors on `device` (a model spread by --device-map runs calls elsewhere)."""
-    return dataclasses.replace(term, **{f.name: getattr(term, f.name).to(device) for f in dataclasses.fields(term)})
+    return dataclasses.replace(
+        term, **{f.name: getattr(term, f.name).to(device) for f in dataclasses.fields(term)}
+    )
 
 
-def add_squared_sum(target: torch.Tensor, terms: Sequence, weights: torch.Tensor, budget: int) -> None:
+def add_squared_sum(
+    target: torch.Tensor, terms: Sequence, weights: torch.Tensor, budget: int
+) -> None:
     """``target += sum_b w_b * (sum of the terms' G_b)**2``, in row blocks of at most `budget` elements of the
     (B, rows, cols) per-example gradients: summed, THEN squared -- (a+b)**2 != a**2 + b**2."""
     rows = target.shape[0] if target.dim() else 1
@@ -93,7 +105,10 @@ def add_squared_sum(target: torch.Tensor, terms: Sequence, weights: torch.Tensor
     batch, device = weights.numel(), target.device
     dtype = working_dtype(terms[0].dtype)
     # a linear-map term first: its batched matmul allocates the block, the others add to it
-    terms = sorted((on_device(term, device) for term in terms), key=lambda term: not isinstance(term, OuterGrads))
+    terms = sorted(
+        (on_device(term, device) for term in terms),
+        key=lambda term: not isinstance(term, OuterGrads),
+    )
     block = max(1, min(rows, budget // max(1, batch * cols)))
     edges = list(range(0, rows, block)) + [rows]
     row_parts = {id(term): term.split(edges) for term in terms if isinstance(term, RowGrads)}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import List, Optional, Set
+from typing import Optional, Set
 
 import torch
 
@@ -12,8 +12,12 @@ from mergekit_fisher.choices import Dtype, Task
 from mergekit_fisher.errors import FisherInputError
 
 # keyed by the enum; its members are their strings, so DTYPES["float32"] works too
-DTYPES = {Dtype.FLOAT32: torch.float32, Dtype.FLOAT64: torch.float64, Dtype.BFLOAT16: torch.bfloat16,
-          Dtype.FLOAT16: torch.float16}
+DTYPES = {
+    Dtype.FLOAT32: torch.float32,
+    Dtype.FLOAT64: torch.float64,
+    Dtype.BFLOAT16: torch.bfloat16,
+    Dtype.FLOAT16: torch.float16,
+}
 
 
 def _first_line(error: Exception) -> str:
@@ -24,12 +28,17 @@ def _first_line(error: Exception) -> str:
 def check_model_path(model: str) -> None:
     looks_local = model.startswith((".", "/", "~")) or model.count("/") > 1
     if looks_local and not os.path.isdir(model):
-        raise FisherInputError("model directory does not exist", model=model,
-                               fix="check the MODEL path (a directory saved with save_pretrained, or a hub id)")
+        raise FisherInputError(
+            "model directory does not exist",
+            model=model,
+            fix="check the MODEL path (a directory saved with save_pretrained, or a hub id)",
+        )
 
 
-REMOTE_CODE_PROBLEM = ("the model's architecture is defined by Python files shipped with it (auto_map in config.json), "
-                       "which are not run by default")
+REMOTE_CODE_PROBLEM = (
+    "the model's architecture is defined by Python files shipped with it (auto_map in config.json), "
+    "which are not run by default"
+)
 REMOTE_CODE_FIX = "read those files, then pass --trust-remote-code if you trust them"
 
 
@@ -67,12 +76,15 @@ def load_tokenizer(model: str, *, trust_remote_code: bool, fallback: Optional[st
         except Exception as error:  # OSError, ValueError from missing files
             errors.append(_first_line(error))
     raise FisherInputError(
-        f"cannot load a tokenizer ({errors[0]})", model=model,
+        f"cannot load a tokenizer ({errors[0]})",
+        model=model,
         fix="save the tokenizer next to the model (tokenizer.save_pretrained(MODEL))",
     )
 
 
-def load_model(model: str, *, task: str, dtype: str, device_map: Optional[str], trust_remote_code: bool):
+def load_model(
+    model: str, *, task: str, dtype: str, device_map: Optional[str], trust_remote_code: bool
+):
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     check_remote_code(model, trust_remote_code)
@@ -88,10 +100,13 @@ def load_model(model: str, *, task: str, dtype: str, device_map: Optional[str], 
     try:
         loaded = cls.from_pretrained(model, **kwargs)
     except Exception as error:
-        if not trust_remote_code and ("custom code" in str(error) or "trust_remote_code" in str(error)):
+        if not trust_remote_code and (
+            "custom code" in str(error) or "trust_remote_code" in str(error)
+        ):
             raise FisherInputError(REMOTE_CODE_PROBLEM, model=model, fix=REMOTE_CODE_FIX) from None
         raise FisherInputError(
-            f"cannot load the model for --task {task} ({_first_line(error)})", model=model,
+            f"cannot load the model for --task {task} ({_first_line(error)})",
+            model=model,
             fix="check the path / hub id, --task, and --trust-remote-code for custom architectures",
         ) from None
     loaded.eval()  # dropout off: the Fisher of the model as it predicts

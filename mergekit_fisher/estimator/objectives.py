@@ -37,7 +37,9 @@ def cls_loglik(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 
 def draw_seed(seed: int, example_index: int, sample_index: int) -> int:
-    digest = hashlib.sha256(f"mergekit-fisher:{seed}:{example_index}:{sample_index}".encode()).digest()
+    digest = hashlib.sha256(
+        f"mergekit-fisher:{seed}:{example_index}:{sample_index}".encode()
+    ).digest()
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
@@ -54,7 +56,13 @@ def _inverse_cdf(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
 
 
 def lm_passes(
-    fisher_type: str, logits: torch.Tensor, labels: torch.Tensor, indices: Sequence[int], *, samples: int, seed: int
+    fisher_type: str,
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    indices: Sequence[int],
+    *,
+    samples: int,
+    seed: int,
 ) -> List[Tuple[torch.Tensor, torch.Tensor]]:
     targets = labels[:, 1:]
     batch = labels.shape[0]
@@ -81,7 +89,13 @@ def lm_passes(
 
 
 def cls_passes(
-    fisher_type: str, logits: torch.Tensor, labels: torch.Tensor, indices: Sequence[int], *, samples: int, seed: int
+    fisher_type: str,
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    indices: Sequence[int],
+    *,
+    samples: int,
+    seed: int,
 ) -> List[Tuple[torch.Tensor, torch.Tensor]]:
     batch, classes = logits.shape
     ones = torch.ones(batch, dtype=torch.float64, device=logits.device)
@@ -90,9 +104,7 @@ def cls_passes(
     with torch.no_grad():
         probs = torch.softmax(logits.detach().to(torch.float64), dim=-1)
     if fisher_type == "exact":
-        return [
-            (torch.full_like(labels, c), probs[:, c].clone()) for c in range(classes)
-        ]
+        return [(torch.full_like(labels, c), probs[:, c].clone()) for c in range(classes)]
     # K draws of one example only ever hit C distinct classes, and every draw of class c gives the same
     # squared gradient: one pass per drawn class with weight (count of c) / K equals K passes, exactly.
     counts = torch.zeros(batch, classes, dtype=torch.float64, device=logits.device)
@@ -102,5 +114,6 @@ def cls_passes(
         counts[torch.arange(batch, device=logits.device), drawn] += 1
     return [
         (torch.full_like(labels, c), counts[:, c] / samples)
-        for c in range(classes) if bool(counts[:, c].any())
+        for c in range(classes)
+        if bool(counts[:, c].any())
     ]

@@ -14,7 +14,9 @@ from typing import List, Tuple
 import torch
 
 # elements of per-example gradient formed at once
-BLOCK_ELEMENTS_CPU = 1 << 18  # 1 MiB of float32: the block, the buffer and the target block fit a 2-4 MiB L2
+BLOCK_ELEMENTS_CPU = (
+    1 << 18
+)  # 1 MiB of float32: the block, the buffer and the target block fit a 2-4 MiB L2
 BLOCK_ELEMENTS_GPU = 1 << 26
 
 
@@ -36,7 +38,9 @@ def live_spans(left: torch.Tensor, right: torch.Tensor) -> Tuple[List[int], List
     return first, last
 
 
-def add_per_example(target: torch.Tensor, left: torch.Tensor, right: torch.Tensor, weights: torch.Tensor) -> None:
+def add_per_example(
+    target: torch.Tensor, left: torch.Tensor, right: torch.Tensor, weights: torch.Tensor
+) -> None:
     # Small-K matmuls run faster with the longer side as output rows, so a wide weight (R < C) forms
     # G_b^T = right_b^T left_b instead, in a scratch block whose transpose is added at the end of the block.
     transposed = left.shape[2] < right.shape[2]
@@ -48,7 +52,9 @@ def add_per_example(target: torch.Tensor, left: torch.Tensor, right: torch.Tenso
     weight_list = weights.tolist()
     w = weights.to(dtype)
     block = max(1, min(rows, BLOCK_ELEMENTS_CPU // cols))
-    chunk = max(1, min(batch, BLOCK_ELEMENTS_CPU // (block * cols)))  # small layers: examples per bmm
+    chunk = max(
+        1, min(batch, BLOCK_ELEMENTS_CPU // (block * cols))
+    )  # small layers: examples per bmm
     groups = [(start, min(batch, start + chunk)) for start in range(0, batch, chunk)]
     left_t = left.transpose(1, 2)  # (B, R, T)
     buffer = torch.empty(chunk, block, cols, dtype=dtype)
@@ -68,7 +74,11 @@ def add_per_example(target: torch.Tensor, left: torch.Tensor, right: torch.Tenso
                 grad = torch.mm(left_t[lo, start:stop, span], right[lo, span], out=buffer[0, :size])
                 acc.addcmul_(grad, grad, value=weight_list[lo])
             else:
-                grads = torch.bmm(left_t[lo:hi, start:stop, span], right[lo:hi, span], out=buffer[: hi - lo, :size])
+                grads = torch.bmm(
+                    left_t[lo:hi, start:stop, span],
+                    right[lo:hi, span],
+                    out=buffer[: hi - lo, :size],
+                )
                 acc.view(-1).addmv_(grads.square_().view(hi - lo, -1).t(), w[lo:hi])
         if not in_place:
             target[start:stop].add_(acc.to(target.dtype))

@@ -17,10 +17,6 @@ import torch
 
 from mergekit_fisher.choices import AccumulatorDtype, Dtype, FisherType, Params, Space, Task
 from mergekit_fisher.errors import FisherInputError
-from mergekit_fisher.fisher_file import check_output_free, parse_shard_size
-from mergekit_fisher.fisher_file.provenance import model_identity
-from mergekit_fisher.fisher_file.writer import estimated_size, output_lock
-from mergekit_fisher.naming import output_names, to_stored_layout
 from mergekit_fisher.estimator import lora as lora_mod
 from mergekit_fisher.estimator.checkpoint import (
     checkpoint_identity_state,
@@ -37,6 +33,10 @@ from mergekit_fisher.estimator.loading import (
     load_model,
     load_tokenizer,
 )
+from mergekit_fisher.fisher_file import check_output_free, parse_shard_size
+from mergekit_fisher.fisher_file.provenance import model_identity
+from mergekit_fisher.fisher_file.writer import estimated_size, output_lock
+from mergekit_fisher.naming import output_names, to_stored_layout
 
 log = logging.getLogger(__name__)
 
@@ -91,10 +91,14 @@ class Interrupted(RuntimeError):
 
 def _validate(opts: ComputeOptions) -> None:
     if opts.task not in Task.values():
-        raise FisherInputError(f"unknown --task {opts.task!r}", fix=f"use {' or '.join(Task.values())}")
+        raise FisherInputError(
+            f"unknown --task {opts.task!r}", fix=f"use {' or '.join(Task.values())}"
+        )
     if opts.fisher_type is not None and opts.fisher_type not in FisherType.values():
-        raise FisherInputError(f"unknown --fisher-type {opts.fisher_type!r}",
-                               fix=f"use {', '.join(FisherType.values())}")
+        raise FisherInputError(
+            f"unknown --fisher-type {opts.fisher_type!r}",
+            fix=f"use {', '.join(FisherType.values())}",
+        )
     ftype = opts.resolved_fisher_type()
     if ftype == FisherType.EXACT and opts.task != Task.SEQ_CLS:
         raise FisherInputError(
@@ -102,9 +106,13 @@ def _validate(opts: ComputeOptions) -> None:
             fix="use --fisher-type sampled (the true Fisher by Monte Carlo) or empirical for language models",
         )
     if opts.space == Space.ADAPTER and not opts.lora:
-        raise FisherInputError("--space adapter needs --lora ADAPTER", fix="pass --lora or use --space dense")
+        raise FisherInputError(
+            "--space adapter needs --lora ADAPTER", fix="pass --lora or use --space dense"
+        )
     if opts.params == Params.ADAPTER_TARGETS and not opts.lora:
-        raise FisherInputError("--params adapter-targets needs --lora ADAPTER", fix="pass --lora or --params all")
+        raise FisherInputError(
+            "--params adapter-targets needs --lora ADAPTER", fix="pass --lora or --params all"
+        )
     # The command line refuses these while parsing (click.IntRange); this guards the Python API
     # (`mergekit_fisher.compute_fisher`, `ComputeOptions`), which click does not see.
     for name in AT_LEAST_ONE:
@@ -116,7 +124,8 @@ def _validate(opts: ComputeOptions) -> None:
     check_model_path(opts.model)
     if opts.lora and not os.path.exists(os.path.join(opts.lora, "adapter_config.json")):
         raise FisherInputError(
-            "adapter not found (expected a directory with adapter_config.json)", model=opts.lora,
+            "adapter not found (expected a directory with adapter_config.json)",
+            model=opts.lora,
             fix="pass the PEFT adapter directory saved with `save_pretrained` to --lora",
         )
     check_data_path(opts.data)
@@ -124,8 +133,13 @@ def _validate(opts: ComputeOptions) -> None:
 
 def _check_output(opts: ComputeOptions, needed_bytes: Optional[int] = None) -> None:
     """OUT_DIR: free (or --overwrite), none of the inputs, writable, with room for `needed_bytes`."""
-    check_output_free(os.path.abspath(opts.out_dir), opts.overwrite, fix="choose another OUT_DIR or pass --overwrite",
-                      inputs=(opts.model, opts.lora, opts.data), needed_bytes=needed_bytes)
+    check_output_free(
+        os.path.abspath(opts.out_dir),
+        opts.overwrite,
+        fix="choose another OUT_DIR or pass --overwrite",
+        inputs=(opts.model, opts.lora, opts.data),
+        needed_bytes=needed_bytes,
+    )
 
 
 def _needed_bytes(opts: ComputeOptions, keys, names, params) -> int:
@@ -133,7 +147,9 @@ def _needed_bytes(opts: ComputeOptions, keys, names, params) -> int:
     output = sum(params[pid].numel() * len(names[key]) for pid, key in keys.items())
     needed = estimated_size(output)
     if opts.checkpoint_every:
-        needed += estimated_size(sum(params[pid].numel() for pid in keys), DTYPES[opts.accumulator_dtype])
+        needed += estimated_size(
+            sum(params[pid].numel() for pid in keys), DTYPES[opts.accumulator_dtype]
+        )
     return needed
 
 
@@ -151,10 +167,16 @@ def _output_guard(opts: ComputeOptions, accelerator):
             lock.close()
             failure = error
     if accelerator.num_processes > 1:
-        failed = _reduce(accelerator, torch.tensor([float(failure is not None)], device=accelerator.device))
+        failed = _reduce(
+            accelerator, torch.tensor([float(failure is not None)], device=accelerator.device)
+        )
         if failure is None and float(failed.item()) > 0:
-            failure = FisherInputError("the main process could not take the output", file=opts.out_dir,
-                                       kind="output", fix="see the main process's error")
+            failure = FisherInputError(
+                "the main process could not take the output",
+                file=opts.out_dir,
+                kind="output",
+                fix="see the main process's error",
+            )
     if failure is not None:
         raise failure
     with lock:
@@ -221,7 +243,9 @@ def _loading_bars(enabled: bool):
             transformers_logging.enable_progress_bar()
 
 
-def run_compute(opts: ComputeOptions, *, accelerator=None, interrupt_after_rounds: Optional[int] = None):
+def run_compute(
+    opts: ComputeOptions, *, accelerator=None, interrupt_after_rounds: Optional[int] = None
+):
     """Compute and write the Fisher; returns the written FisherConfig on the main process (None elsewhere)."""
     from accelerate import Accelerator
 
@@ -241,12 +265,24 @@ def _run(opts: ComputeOptions, accelerator, interrupt_after_rounds: Optional[int
     fisher_type = opts.resolved_fisher_type()
     acc_dtype = DTYPES[opts.accumulator_dtype]
 
-    log.debug("loading tokenizer and model %s (task %s, dtype %s, fisher %s)", opts.model, opts.task, opts.dtype,
-              fisher_type)
+    log.debug(
+        "loading tokenizer and model %s (task %s, dtype %s, fisher %s)",
+        opts.model,
+        opts.task,
+        opts.dtype,
+        fisher_type,
+    )
     with _loading_bars(opts.progress):
-        tokenizer = load_tokenizer(opts.model, trust_remote_code=opts.trust_remote_code, fallback=opts.lora)
-        model = load_model(opts.model, task=opts.task, dtype=opts.dtype, device_map=opts.device_map,
-                           trust_remote_code=opts.trust_remote_code)
+        tokenizer = load_tokenizer(
+            opts.model, trust_remote_code=opts.trust_remote_code, fallback=opts.lora
+        )
+        model = load_model(
+            opts.model,
+            task=opts.task,
+            dtype=opts.dtype,
+            device_map=opts.device_map,
+            trust_remote_code=opts.trust_remote_code,
+        )
     if opts.lora:
         model = lora_mod.load_adapter(model, opts.lora, model_name=opts.model)
         model.eval()
@@ -258,29 +294,60 @@ def _run(opts: ComputeOptions, accelerator, interrupt_after_rounds: Optional[int
 
     pad_id = model.config.pad_token_id
     if pad_id is None:
-        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        pad_id = (
+            tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        )
         pad_id = 0 if pad_id is None else pad_id
         model.config.pad_token_id = pad_id  # seq-cls pooling finds the last real token through it
     num_labels = getattr(model.config, "num_labels", None) if opts.task == Task.SEQ_CLS else None
 
-    data = prepare(opts.data, tokenizer, task=opts.task, num_examples=opts.num_examples,
-                   max_length=opts.max_length, seed=opts.seed, shuffle=opts.shuffle, num_labels=num_labels)
+    data = prepare(
+        opts.data,
+        tokenizer,
+        task=opts.task,
+        num_examples=opts.num_examples,
+        max_length=opts.max_length,
+        seed=opts.seed,
+        shuffle=opts.shuffle,
+        num_labels=num_labels,
+    )
 
-    log.debug("data %s: %d examples of %d rows (%d truncated, %d skipped)", opts.data, len(data.examples),
-              data.num_rows, data.num_truncated, data.num_skipped)
+    log.debug(
+        "data %s: %d examples of %d rows (%d truncated, %d skipped)",
+        opts.data,
+        len(data.examples),
+        data.num_rows,
+        data.num_truncated,
+        data.num_skipped,
+    )
 
     stored = checkpoint_names(opts.lora if opts.space == Space.ADAPTER else opts.model)
     keys, names, params, wrappers = _plan_targets(model, opts, stored)
     if not keys:
-        raise FisherInputError("no parameters selected", model=opts.model,
-                               fix="check --params / --space / --lora")
-    if accelerator.is_main_process:  # read-only, OUT's parent a file, disk full: now, not after the computation
+        raise FisherInputError(
+            "no parameters selected", model=opts.model, fix="check --params / --space / --lora"
+        )
+    if (
+        accelerator.is_main_process
+    ):  # read-only, OUT's parent a file, disk full: now, not after the computation
         _check_output(opts, _needed_bytes(opts, keys, names, params))
-    engine = FisherEngine(model, task=opts.task, fisher_type=fisher_type, samples=opts.samples, seed=opts.seed,
-                          accumulator_dtype=acc_dtype, keys=keys, wrappers=wrappers, model_name=opts.model)
+    engine = FisherEngine(
+        model,
+        task=opts.task,
+        fisher_type=fisher_type,
+        samples=opts.samples,
+        seed=opts.seed,
+        accumulator_dtype=acc_dtype,
+        keys=keys,
+        wrappers=wrappers,
+        model_name=opts.model,
+    )
     accumulator = engine.accumulator
-    log.debug("%d parameter tensors selected; %d take the exact per-example fallback", len(keys),
-              len(engine.fallback_keys()))
+    log.debug(
+        "%d parameter tensors selected; %d take the exact per-example fallback",
+        len(keys),
+        len(engine.fallback_keys()),
+    )
 
     # resume
     fingerprint = opts.fingerprint(data.dataset_hash)
@@ -303,8 +370,13 @@ def _run(opts: ComputeOptions, accelerator, interrupt_after_rounds: Optional[int
     if opts.progress and accelerator.is_main_process:
         from tqdm.auto import tqdm
 
-        progress = tqdm(total=len(examples), initial=min(len(examples), done_batches * opts.batch_size),
-                        unit="ex", desc="fisher", dynamic_ncols=True)
+        progress = tqdm(
+            total=len(examples),
+            initial=min(len(examples), done_batches * opts.batch_size),
+            unit="ex",
+            desc="fisher",
+            dynamic_ncols=True,
+        )
     started, since_checkpoint = time.time(), 0
     try:
         for round_index in range(rounds):
@@ -323,10 +395,13 @@ def _run(opts: ComputeOptions, accelerator, interrupt_after_rounds: Optional[int
                     failure = _oom_error(error)
             if world > 1:
                 # Every process learns of a failure in this round, so none waits forever in a later reduce.
-                failed = _reduce(accelerator, torch.tensor([float(failure is not None)], device=device))
+                failed = _reduce(
+                    accelerator, torch.tensor([float(failure is not None)], device=device)
+                )
                 if failure is None and float(failed.item()) > 0:
                     failure = FisherInputError(
-                        "another process ran out of memory", model=opts.model,
+                        "another process ran out of memory",
+                        model=opts.model,
                         fix="lower --batch-size or --max-length, or use --device-map",
                     )
             if failure is not None:
@@ -339,9 +414,15 @@ def _run(opts: ComputeOptions, accelerator, interrupt_after_rounds: Optional[int
                 elapsed = max(1e-9, time.time() - started)
                 progress.set_postfix(tok_s=f"{num_tokens * world / elapsed:.0f}", refresh=False)
                 progress.refresh()
-            if opts.checkpoint_every and since_checkpoint >= opts.checkpoint_every and round_end < total_batches:
+            if (
+                opts.checkpoint_every
+                and since_checkpoint >= opts.checkpoint_every
+                and round_end < total_batches
+            ):
                 since_checkpoint = 0
-                _save_state(accelerator, accumulator, ckpt, fingerprint, round_end, num_tokens, identity)
+                _save_state(
+                    accelerator, accumulator, ckpt, fingerprint, round_end, num_tokens, identity
+                )
             if interrupt_after_rounds is not None and round_index + 1 >= interrupt_after_rounds:
                 raise Interrupted(f"interrupted after {round_index + 1} rounds (test hook)")
     finally:
@@ -350,12 +431,16 @@ def _run(opts: ComputeOptions, accelerator, interrupt_after_rounds: Optional[int
             progress.close()
 
     sums = {key: _reduce(accelerator, value) for key, value in accumulator.sums.items()}
-    total_tokens = int(_reduce(accelerator, torch.tensor([num_tokens], dtype=torch.float64, device=device)).item())
+    total_tokens = int(
+        _reduce(accelerator, torch.tensor([num_tokens], dtype=torch.float64, device=device)).item()
+    )
     means = {key: value / len(examples) for key, value in sums.items()}
     for key, mean in means.items():  # every process holds the reduced sums: all of them stop alike
         if not bool(torch.isfinite(mean).all()):
             raise FisherInputError(
-                "non-finite (NaN/Inf) gradients", model=opts.model, tensor=names[key][0],
+                "non-finite (NaN/Inf) gradients",
+                model=opts.model,
+                tensor=names[key][0],
                 fix="check the model weights and data; try --dtype float32 if the model ran in half precision",
             )
     if not accelerator.is_main_process:
@@ -368,18 +453,36 @@ def _run(opts: ComputeOptions, accelerator, interrupt_after_rounds: Optional[int
     if opts.space != Space.ADAPTER:  # fused in-memory tensors (MoE experts) -> the stored ones
         fisher = to_stored_layout(model, fisher)
     config = FisherConfig(
-        **{key: value for key, value in identity.items() if value is not None}, space=opts.space, fisher_type=fisher_type, task=opts.task,
-        num_examples=len(examples), num_tokens=total_tokens, dataset=opts.data, dataset_hash=data.dataset_hash,
-        samples_per_example=opts.samples if fisher_type == FisherType.SAMPLED else None, seed=opts.seed,
+        **{key: value for key, value in identity.items() if value is not None},
+        space=opts.space,
+        fisher_type=fisher_type,
+        task=opts.task,
+        num_examples=len(examples),
+        num_tokens=total_tokens,
+        dataset=opts.data,
+        dataset_hash=data.dataset_hash,
+        samples_per_example=opts.samples if fisher_type == FisherType.SAMPLED else None,
+        seed=opts.seed,
         accumulator_dtype=opts.accumulator_dtype,
-        num_truncated=data.num_truncated, num_skipped=data.num_skipped, num_rows=data.num_rows,
-        max_length=opts.max_length, batch_size=opts.batch_size, params=str(opts.params), model_dtype=str(opts.dtype),
-        shuffle=opts.shuffle, num_processes=world,
+        num_truncated=data.num_truncated,
+        num_skipped=data.num_skipped,
+        num_rows=data.num_rows,
+        max_length=opts.max_length,
+        batch_size=opts.batch_size,
+        params=str(opts.params),
+        model_dtype=str(opts.dtype),
+        shuffle=opts.shuffle,
+        num_processes=world,
         fallback_tensors=sorted(names[k][0] for k in engine.fallback_keys()),
     )
     try:
-        written = write_fisher(fisher, opts.out_dir, config, max_shard_size=opts.max_shard_size,
-                               overwrite=opts.overwrite)
+        written = write_fisher(
+            fisher,
+            opts.out_dir,
+            config,
+            max_shard_size=opts.max_shard_size,
+            overwrite=opts.overwrite,
+        )
         if opts.checkpoint_every and os.path.exists(ckpt):
             os.remove(ckpt)
     finally:
@@ -387,11 +490,23 @@ def _run(opts: ComputeOptions, accelerator, interrupt_after_rounds: Optional[int
     return written
 
 
-def _save_state(accelerator, accumulator, path, fingerprint, done_batches, num_tokens, identity) -> None:
+def _save_state(
+    accelerator, accumulator, path, fingerprint, done_batches, num_tokens, identity
+) -> None:
     sums = {key: _reduce(accelerator, value) for key, value in accumulator.sums.items()}
     device = next(iter(sums.values())).device
-    tokens = int(_reduce(accelerator, torch.tensor([num_tokens], dtype=torch.float64, device=device)).item())
+    tokens = int(
+        _reduce(accelerator, torch.tensor([num_tokens], dtype=torch.float64, device=device)).item()
+    )
     if accelerator.is_main_process:
-        save_checkpoint(path, sums, {"fingerprint": fingerprint, "done_batches": done_batches, "num_tokens": tokens,
-                                     **checkpoint_identity_state(identity)})
+        save_checkpoint(
+            path,
+            sums,
+            {
+                "fingerprint": fingerprint,
+                "done_batches": done_batches,
+                "num_tokens": tokens,
+                **checkpoint_identity_state(identity),
+            },
+        )
     accelerator.wait_for_everyone()

@@ -10,9 +10,19 @@ A Fisher file is either
 Tensor names are the model checkpoint's own names; values are float32 or bfloat16, finite, >= 0.
 """
 
-from mergekit_fisher.fisher_file.config import FORMAT_NAME, FORMAT_VERSION, FisherConfig, GlobalStats
+from mergekit_fisher.fisher_file.config import (
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    FisherConfig,
+    GlobalStats,
+)
 from mergekit_fisher.fisher_file.reader import FisherFile, check_fisher_values, open_fisher
-from mergekit_fisher.fisher_file.writer import FisherWriter, check_output_free, parse_shard_size, write_fisher
+from mergekit_fisher.fisher_file.writer import (
+    FisherWriter,
+    check_output_free,
+    parse_shard_size,
+    write_fisher,
+)
 
 __all__ = [
     "FORMAT_NAME",

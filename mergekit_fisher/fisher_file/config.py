@@ -33,13 +33,18 @@ class GlobalStats(BaseModel):
         """In float64, without a float64 copy of the tensor (the reader's and the writer's one rule)."""
         import torch
 
-        return cls(sum=float(tensor.sum(dtype=torch.float64)),
-                   sum_sq=float(torch.linalg.vector_norm(tensor, dtype=torch.float64)) ** 2,
-                   num_elements=tensor.numel())
+        return cls(
+            sum=float(tensor.sum(dtype=torch.float64)),
+            sum_sq=float(torch.linalg.vector_norm(tensor, dtype=torch.float64)) ** 2,
+            num_elements=tensor.numel(),
+        )
 
     def __add__(self, other: "GlobalStats") -> "GlobalStats":
-        return GlobalStats(sum=self.sum + other.sum, sum_sq=self.sum_sq + other.sum_sq,
-                           num_elements=self.num_elements + other.num_elements)
+        return GlobalStats(
+            sum=self.sum + other.sum,
+            sum_sq=self.sum_sq + other.sum_sq,
+            num_elements=self.num_elements + other.num_elements,
+        )
 
     @property
     def mean(self) -> float:
@@ -57,17 +62,26 @@ class FisherConfig(BaseModel):
 
     format: str = FORMAT_NAME
     format_version: int = FORMAT_VERSION
-    model: Optional[str] = Field(None, description="model the Fisher was computed for (path or hub id)")
-    model_path: Optional[str] = Field(None, description="`model` resolved: absolute, symlinks followed")
-    model_revision: Optional[str] = Field(None, description="Hub revision (commit) of `model`, for a Hub id")
+    model: Optional[str] = Field(
+        None, description="model the Fisher was computed for (path or hub id)"
+    )
+    model_path: Optional[str] = Field(
+        None, description="`model` resolved: absolute, symlinks followed"
+    )
+    model_revision: Optional[str] = Field(
+        None, description="Hub revision (commit) of `model`, for a Hub id"
+    )
     model_fingerprint: Optional[str] = Field(
         None, description="identity of the model's weights (`tools.checkpoint.model_fingerprint`)"
     )
-    adapter: Optional[str] = Field(None, description="PEFT adapter applied on top of `model`, if any")
+    adapter: Optional[str] = Field(
+        None, description="PEFT adapter applied on top of `model`, if any"
+    )
     adapter_path: Optional[str] = None
     adapter_fingerprint: Optional[str] = None
     space: Space = Field(
-        Space.DENSE.value, description="dense: names/shapes of the (merged) checkpoint; adapter: lora_A/lora_B names"
+        Space.DENSE.value,
+        description="dense: names/shapes of the (merged) checkpoint; adapter: lora_A/lora_B names",
     )
     fisher_type: Optional[str] = Field(None, description="empirical | sampled | exact")
     task: Optional[str] = None

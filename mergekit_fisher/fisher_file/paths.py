@@ -15,16 +15,26 @@ from typing import Optional
 
 from mergekit_fisher.errors import FisherInputError
 
-
-_JSON_TYPES = {int: "a number", float: "a number", bool: "a boolean", type(None): "null", list: "a list",
-               dict: "an object", str: "an empty string"}
+_JSON_TYPES = {
+    int: "a number",
+    float: "a number",
+    bool: "a boolean",
+    type(None): "null",
+    list: "a list",
+    dict: "an object",
+    str: "an empty string",
+}
 
 
 def file_kind(mode: int) -> str:
     """What a non-regular `st_mode` is, in words."""
-    for test, word in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
-                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
-                       (stat.S_ISSOCK, "a socket")):
+    for test, word in (
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISFIFO, "a FIFO (named pipe)"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISSOCK, "a socket"),
+    ):
         if test(mode):
             return word
     return "not a regular file"
@@ -38,20 +48,40 @@ def is_inside(path: str, directory: str) -> bool:
         return False
 
 
-def check_regular_file(path: str, *, kind: str = "Fisher file", fix: str, model: Optional[str] = None) -> None:
+def check_regular_file(
+    path: str, *, kind: str = "Fisher file", fix: str, model: Optional[str] = None
+) -> None:
     """`path` must be a regular file (after symlinks): never open a FIFO (it blocks) or a device."""
     try:
         mode = os.stat(path).st_mode
     except OSError as error:
-        raise FisherInputError(f"cannot read it ({error.strerror or error})", file=path, kind=kind, fix=fix,
-                               model=model) from None
+        raise FisherInputError(
+            f"cannot read it ({error.strerror or error})",
+            file=path,
+            kind=kind,
+            fix=fix,
+            model=model,
+        ) from None
     if not stat.S_ISREG(mode):
-        raise FisherInputError(f"it is {file_kind(mode)}, not a regular file", file=path, kind=kind, fix=fix,
-                               model=model)
+        raise FisherInputError(
+            f"it is {file_kind(mode)}, not a regular file",
+            file=path,
+            kind=kind,
+            fix=fix,
+            model=model,
+        )
 
 
-def contained_shard(directory: str, entry, *, index_name: str, tensor: Optional[str] = None,
-                    kind: str = "Fisher file", model: Optional[str] = None, fix: str) -> str:
+def contained_shard(
+    directory: str,
+    entry,
+    *,
+    index_name: str,
+    tensor: Optional[str] = None,
+    kind: str = "Fisher file",
+    model: Optional[str] = None,
+    fix: str,
+) -> str:
     """The absolute path of shard `entry` that `directory`'s index names, after checking -- without
     opening anything -- that it is a plain relative file name, resolves (after symlinks) inside
     `directory`, and is a regular file. Anything else is one error naming the index entry."""
@@ -60,8 +90,13 @@ def contained_shard(directory: str, entry, *, index_name: str, tensor: Optional[
     def refuse(problem: str) -> FisherInputError:
         what = f"index entry {entry!r}" + (f" of tensor {tensor}" if tensor else "")
         where = index_path if model is None else None
-        return FisherInputError(f"{what} {problem}" + ("" if where else f" (in {index_name})"), file=where,
-                                kind=kind, model=model, fix=fix)
+        return FisherInputError(
+            f"{what} {problem}" + ("" if where else f" (in {index_name})"),
+            file=where,
+            kind=kind,
+            model=model,
+            fix=fix,
+        )
 
     if not isinstance(entry, str) or not entry:
         raise refuse(f"is {_JSON_TYPES.get(type(entry), 'not a string')}, not a shard file name")

@@ -17,8 +17,15 @@ from typing import Dict, Optional
 
 from mergekit_fisher.errors import FisherInputError
 
-IDENTITY_KEYS = ("model", "model_path", "model_revision", "model_fingerprint",
-                 "adapter", "adapter_path", "adapter_fingerprint")
+IDENTITY_KEYS = (
+    "model",
+    "model_path",
+    "model_revision",
+    "model_fingerprint",
+    "adapter",
+    "adapter_path",
+    "adapter_fingerprint",
+)
 
 
 def _local_dir(path: str) -> Optional[str]:
@@ -26,7 +33,9 @@ def _local_dir(path: str) -> Optional[str]:
     return os.path.realpath(expanded) if os.path.exists(expanded) else None
 
 
-def checkpoint_identity(path: Optional[str], revision: Optional[str] = None) -> Dict[str, Optional[str]]:
+def checkpoint_identity(
+    path: Optional[str], revision: Optional[str] = None
+) -> Dict[str, Optional[str]]:
     """{path, revision, fingerprint} of a model or adapter as given (a local checkpoint or a Hub id).
 
     A local checkpoint is fingerprinted (one that cannot be -- pickle-only, broken -- gets none); a Hub id
@@ -43,17 +52,27 @@ def checkpoint_identity(path: Optional[str], revision: Optional[str] = None) -> 
         fingerprint = None
     if local is not None:
         return {"path": local, "revision": revision, "fingerprint": fingerprint}
-    return {"path": None, "revision": os.path.basename(snapshot) if snapshot else revision, "fingerprint": fingerprint}
+    return {
+        "path": None,
+        "revision": os.path.basename(snapshot) if snapshot else revision,
+        "fingerprint": fingerprint,
+    }
 
 
-def model_identity(model: str, adapter: Optional[str] = None, revision: Optional[str] = None) -> Dict[str, Optional[str]]:
+def model_identity(
+    model: str, adapter: Optional[str] = None, revision: Optional[str] = None
+) -> Dict[str, Optional[str]]:
     """The identity keys `compute` writes into `fisher_config.json` (None values are dropped there)."""
     base = checkpoint_identity(model, revision)
     lora = checkpoint_identity(adapter)
     return {
-        "model": model, "model_path": base["path"], "model_revision": base["revision"],
+        "model": model,
+        "model_path": base["path"],
+        "model_revision": base["revision"],
         "model_fingerprint": base["fingerprint"],
-        "adapter": adapter, "adapter_path": lora["path"], "adapter_fingerprint": lora["fingerprint"],
+        "adapter": adapter,
+        "adapter_path": lora["path"],
+        "adapter_fingerprint": lora["fingerprint"],
     }
 
 
@@ -73,7 +92,9 @@ def _path_of(identity: Dict[str, Optional[str]], prefix: str) -> Optional[str]:
     return os.path.abspath(given) if os.path.isabs(given) or given.startswith(".") else None
 
 
-def _same_checkpoint(recorded: Dict[str, Optional[str]], actual: Dict[str, Optional[str]], prefix: str) -> bool:
+def _same_checkpoint(
+    recorded: Dict[str, Optional[str]], actual: Dict[str, Optional[str]], prefix: str
+) -> bool:
     """Same model (prefix "model") or adapter (prefix "adapter")?"""
     given_a, given_b = recorded.get(prefix), actual.get(prefix)
     if not given_a and not given_b:
@@ -93,7 +114,9 @@ def _same_checkpoint(recorded: Dict[str, Optional[str]], actual: Dict[str, Optio
     return given_a == given_b and (not (rev_a and rev_b) or rev_a == rev_b)
 
 
-def compare_identity(recorded: Dict[str, Optional[str]], actual: Dict[str, Optional[str]]) -> Optional[str]:
+def compare_identity(
+    recorded: Dict[str, Optional[str]], actual: Dict[str, Optional[str]]
+) -> Optional[str]:
     """None when `recorded` and `actual` are the same model and adapter; else what differs, in words.
     `recorded` without any model is "unknown": the caller decides (it is not a mismatch here)."""
     if not recorded.get("model"):
@@ -115,7 +138,11 @@ def describe(identity: Dict[str, Optional[str]]) -> str:
         if not given:
             return "none"
         path = identity.get(f"{prefix}_path")
-        text = given if not path or os.path.normpath(path) == os.path.normpath(given) else f"{given} ({path})"
+        text = (
+            given
+            if not path or os.path.normpath(path) == os.path.normpath(given)
+            else f"{given} ({path})"
+        )
         if identity.get(f"{prefix}_revision"):
             text += f"@{identity[f'{prefix}_revision']}"
         if identity.get(f"{prefix}_fingerprint"):

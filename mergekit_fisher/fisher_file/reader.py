@@ -33,7 +33,12 @@ from mergekit_fisher.fisher_file.config import (
 from mergekit_fisher.fisher_file.paths import check_regular_file, contained_shard
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
-ALLOWED_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
+ALLOWED_DTYPES = {
+    "F32": torch.float32,
+    "BF16": torch.bfloat16,
+    "F16": torch.float16,
+    "F64": torch.float64,
+}
 # Tensors are read with positional reads (os.preadv) into fresh buffers rather than through a
 # memory map: a long merge then keeps only the tensors in use resident, not every page it touched.
 _PREAD = hasattr(os, "preadv") and sys.byteorder == "little"
@@ -64,7 +69,12 @@ def load_weight_map(index_path: str) -> Dict[str, object]:
     try:
         with open(index_path, encoding="utf-8") as fp:
             weight_map = json.load(fp)["weight_map"]
-    except (ValueError, KeyError, TypeError, OSError) as error:  # UnicodeDecodeError is a ValueError
+    except (
+        ValueError,
+        KeyError,
+        TypeError,
+        OSError,
+    ) as error:  # UnicodeDecodeError is a ValueError
         raise ValueError(repr(error)) from None
     if not isinstance(weight_map, dict):
         raise ValueError("weight_map is not a mapping")
@@ -79,7 +89,9 @@ class FisherFile:
         self._lock = threading.Lock()
         self._handles: Dict[str, object] = {}
         self._fds: Dict[str, int] = {}
-        self._locations: Dict[str, Tuple[int, int]] = {}  # name -> (absolute begin, end) in its shard
+        self._locations: Dict[
+            str, Tuple[int, int]
+        ] = {}  # name -> (absolute begin, end) in its shard
         self._stats: Optional[GlobalStats] = None
         self.values_checked = False  # set once a full pass has checked every value
         self.config: Optional[FisherConfig] = None
@@ -137,12 +149,17 @@ class FisherFile:
                 weight_map = load_weight_map(index_path)
             except ValueError as error:
                 raise FisherInputError(
-                    f"broken shard index ({error})", file=index_path, fix=REPAIR_FIX,
+                    f"broken shard index ({error})",
+                    file=index_path,
+                    fix=REPAIR_FIX,
                 ) from None
             # every entry is checked (contained, regular) before any shard -- or any other file -- is opened
             for name, shard in weight_map.items():
                 self.tensor_paths[name] = contained_shard(
-                    path, shard, index_name=INDEX_FILENAME, tensor=name,
+                    path,
+                    shard,
+                    index_name=INDEX_FILENAME,
+                    tensor=name,
                     fix="a Fisher directory's index names only its own shard files: "
                     "copy the complete Fisher directory (all shards), or recompute it",
                 )
@@ -168,12 +185,16 @@ class FisherFile:
                 return fp.read()
         except UnicodeDecodeError as error:
             raise FisherInputError(
-                f"not UTF-8 text (byte {error.start}: {error.reason})", file=path,
+                f"not UTF-8 text (byte {error.start}: {error.reason})",
+                file=path,
                 fix="restore it from the `mergekit-fisher compute` output (JSON, UTF-8)",
             ) from None
         except OSError as error:
-            raise FisherInputError(f"cannot read it ({error.strerror or error})", file=path,
-                                   fix="check its permissions") from None
+            raise FisherInputError(
+                f"cannot read it ({error.strerror or error})",
+                file=path,
+                fix="check its permissions",
+            ) from None
 
     @staticmethod
     def _parse_config(text: str, where: str) -> FisherConfig:
@@ -215,7 +236,8 @@ class FisherFile:
                     if name not in available:
                         raise FisherInputError(
                             f"the index lists this tensor in {os.path.basename(shard)} but the shard lacks it",
-                            file=self.path, tensor=name,
+                            file=self.path,
+                            tensor=name,
                             fix="recompute the Fisher file, or restore the complete shard",
                         )
                     info = handle.get_slice(name)
@@ -223,7 +245,8 @@ class FisherFile:
                     if dtype not in ALLOWED_DTYPES:
                         raise FisherInputError(
                             f"unsupported dtype {dtype} (Fisher values must be floating point)",
-                            file=self.path, tensor=name,
+                            file=self.path,
+                            tensor=name,
                             fix="store Fisher values as float32 or bfloat16",
                         )
                     self._headers[name] = TensorHeader(tuple(info.get_shape()), dtype)
@@ -236,7 +259,10 @@ class FisherFile:
             (header_size,) = struct.unpack("<Q", fp.read(8))
             header = json.loads(fp.read(header_size))
         start = 8 + header_size
-        return {name: (start + header[name]["data_offsets"][0], start + header[name]["data_offsets"][1]) for name in names}
+        return {
+            name: (start + header[name]["data_offsets"][0], start + header[name]["data_offsets"][1])
+            for name in names
+        }
 
     # ---------------------------------------------------------------- queries
     def __contains__(self, name: str) -> bool:
@@ -284,7 +310,9 @@ class FisherFile:
             count = os.preadv(fd, [view[done:]], begin + done)
             if count <= 0:
                 raise FisherInputError(
-                    "file is shorter than its header says", file=self.tensor_paths[name], tensor=name,
+                    "file is shorter than its header says",
+                    file=self.tensor_paths[name],
+                    tensor=name,
                     fix="the file is truncated: copy or recompute it",
                 )
             done += count
@@ -341,14 +369,18 @@ class FisherFile:
             pass
 
 
-def check_fisher_values(values: torch.Tensor, *, file: Optional[str] = None, tensor: Optional[str] = None) -> None:
+def check_fisher_values(
+    values: torch.Tensor, *, file: Optional[str] = None, tensor: Optional[str] = None
+) -> None:
     """A Fisher is a mean of squares: finite and >= 0. Anything else is a broken file."""
     # A float64 sum of float32/bf16 values cannot overflow, so it is finite iff every value is:
     # one pass instead of isfinite + all (the expensive part of a validation scan).
     if not math.isfinite(float(values.sum(dtype=torch.float64))):
         bad = int((~torch.isfinite(values)).sum())
         raise FisherInputError(
-            f"{bad} non-finite (NaN/Inf) Fisher value(s)", file=file, tensor=tensor,
+            f"{bad} non-finite (NaN/Inf) Fisher value(s)",
+            file=file,
+            tensor=tensor,
             fix="recompute it with `mergekit-fisher compute`, which refuses non-finite gradients; "
             "check the model itself for NaN/Inf weights",
         )
@@ -356,7 +388,8 @@ def check_fisher_values(values: torch.Tensor, *, file: Optional[str] = None, ten
         bad = int((values < 0).sum())
         raise FisherInputError(
             f"{bad} negative Fisher value(s); a diagonal Fisher is a mean of squares and cannot be negative",
-            file=file, tensor=tensor,
+            file=file,
+            tensor=tensor,
             fix="recompute it with `mergekit-fisher compute`; if it comes from another tool, "
             "check that it stores squared gradients",
         )

@@ -38,8 +38,18 @@ from mergekit_fisher.fisher_file.paths import is_inside
 DEFAULT_MAX_SHARD_SIZE = "5GB"
 
 
-_SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-               "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+_SIZE_UNITS = {
+    "": 1,
+    "B": 1,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "TB": 10**12,
+    "KIB": 2**10,
+    "MIB": 2**20,
+    "GIB": 2**30,
+    "TIB": 2**40,
+}
 
 
 def parse_shard_size(value: Union[int, str]) -> int:
@@ -48,14 +58,15 @@ def parse_shard_size(value: Union[int, str]) -> int:
         return value
     text = str(value).strip().upper().replace(" ", "")
     number = text.rstrip("KMGTIB")
-    unit = text[len(number):]
+    unit = text[len(number) :]
     try:
         size = float(number) * _SIZE_UNITS[unit]
     except (KeyError, ValueError):
         size = 0
     if size < 1:
         raise FisherInputError(
-            f"invalid shard size {value!r}", fix="use a size such as 5GB, 500MB or 2GiB (--max-shard-size)"
+            f"invalid shard size {value!r}",
+            fix="use a size such as 5GB, 500MB or 2GiB (--max-shard-size)",
         )
     return int(size)
 
@@ -81,11 +92,19 @@ def check_output_free(
             continue  # a hub id, an unset option
         real = os.path.realpath(given)
         if is_inside(out_real, real) or is_inside(real, out_real):
-            relation = ("is" if out_real == real else "lies inside" if is_inside(out_real, real) else "contains")
+            relation = (
+                "is"
+                if out_real == real
+                else "lies inside"
+                if is_inside(out_real, real)
+                else "contains"
+            )
             raise FisherInputError(
                 f"the output {relation} the input {given}; writing it would "
-                + ("overwrite" if relation != "lies inside" else "change") + " that input",
-                file=path, kind="output",
+                + ("overwrite" if relation != "lies inside" else "change")
+                + " that input",
+                file=path,
+                kind="output",
                 fix="choose an OUT outside every input (model, adapter, data, Fisher files)",
             )
     if os.path.lexists(path) and not overwrite:
@@ -114,7 +133,9 @@ def check_output_writable(path: str, needed_bytes: Optional[int] = None) -> None
     ancestor = _existing_ancestor(path)
     if not os.path.isdir(ancestor):
         raise FisherInputError(
-            f"its parent {ancestor} is not a directory", file=path, kind="output",
+            f"its parent {ancestor} is not a directory",
+            file=path,
+            kind="output",
             fix="choose an OUT whose parent is a directory",
         )
     try:  # really create a file: os.access says yes to root on a read-only filesystem
@@ -123,7 +144,9 @@ def check_output_writable(path: str, needed_bytes: Optional[int] = None) -> None
         os.remove(probe)
     except OSError as error:
         raise FisherInputError(
-            f"cannot write in {ancestor} ({error.strerror or error})", file=path, kind="output",
+            f"cannot write in {ancestor} ({error.strerror or error})",
+            file=path,
+            kind="output",
             fix="choose an OUT in a directory you can write, or fix its permissions",
         ) from None
     if needed_bytes is not None:
@@ -132,7 +155,9 @@ def check_output_writable(path: str, needed_bytes: Optional[int] = None) -> None
             raise FisherInputError(
                 f"not enough free space in {ancestor}: the output needs about {_human_bytes(needed_bytes)}, "
                 f"{_human_bytes(free)} are free",
-                file=path, kind="output", fix="free some space, or choose an OUT on another filesystem",
+                file=path,
+                kind="output",
+                fix="free some space, or choose an OUT on another filesystem",
             )
 
 
@@ -166,8 +191,12 @@ def output_lock(path: str) -> Iterator[str]:
     try:
         os.makedirs(os.path.dirname(target), exist_ok=True)
     except OSError as error:
-        raise FisherInputError(f"cannot create the output's parent ({error.strerror or error})", file=path,
-                               kind="output", fix="choose an OUT in a directory you can write") from None
+        raise FisherInputError(
+            f"cannot create the output's parent ({error.strerror or error})",
+            file=path,
+            kind="output",
+            fix="choose an OUT in a directory you can write",
+        ) from None
     try:
         while True:
             fd = os.open(target, os.O_RDWR | os.O_CREAT, 0o644)
@@ -176,7 +205,9 @@ def output_lock(path: str) -> Iterator[str]:
             except OSError:
                 os.close(fd)
                 raise FisherInputError(
-                    f"another run is writing this output (it holds {target})", file=path, kind="output",
+                    f"another run is writing this output (it holds {target})",
+                    file=path,
+                    kind="output",
                     fix="wait for it to finish, or choose another OUT",
                 ) from None
             try:
@@ -190,7 +221,9 @@ def output_lock(path: str) -> Iterator[str]:
         if content and not content.startswith(_LOCK_SIGNATURE):
             os.close(fd)
             raise FisherInputError(
-                f"{target} exists and is not a mergekit-fisher lock file", file=path, kind="output",
+                f"{target} exists and is not a mergekit-fisher lock file",
+                file=path,
+                kind="output",
                 fix=f"move {target} away, or choose another OUT",
             )
         os.ftruncate(fd, 0)
@@ -253,7 +286,9 @@ class FisherWriter:
         self.single_file = self.out_path.endswith(".safetensors")
         parent = os.path.dirname(self.out_path) or "."
         os.makedirs(parent, exist_ok=True)
-        self._tmp_dir = tempfile.mkdtemp(prefix=f".{os.path.basename(self.out_path)}.tmp-", dir=parent)
+        self._tmp_dir = tempfile.mkdtemp(
+            prefix=f".{os.path.basename(self.out_path)}.tmp-", dir=parent
+        )
         self._pending: Dict[str, torch.Tensor] = {}
         self._pending_bytes = 0
         self._shards: List[Dict[str, str]] = []  # per flushed shard: its temp file and tensor names
@@ -271,7 +306,11 @@ class FisherWriter:
         self._stats = self._stats + GlobalStats.of_tensor(stored)
         size = stored.numel() * stored.element_size()
         self._total_bytes += size
-        if not self.single_file and self._pending and self._pending_bytes + size > self.max_shard_size:
+        if (
+            not self.single_file
+            and self._pending
+            and self._pending_bytes + size > self.max_shard_size
+        ):
             self._flush()
         self._names.add(name)
         self._pending[name] = stored
@@ -307,14 +346,18 @@ class FisherWriter:
         try:
             if self.single_file:
                 staged = os.path.join(self._tmp_dir, SINGLE_FILENAME)
-                save_file(self._pending, staged, metadata={HEADER_CONFIG_KEY: config_json, "format": "pt"})
+                save_file(
+                    self._pending, staged, metadata={HEADER_CONFIG_KEY: config_json, "format": "pt"}
+                )
                 _publish_mode(staged, 0o666)
                 self._replace(staged)
             else:
                 if self._pending or not self._shards:
                     self._flush()
                 self._name_shards()
-                with open(os.path.join(self._tmp_dir, CONFIG_FILENAME), "w", encoding="utf-8") as fp:
+                with open(
+                    os.path.join(self._tmp_dir, CONFIG_FILENAME), "w", encoding="utf-8"
+                ) as fp:
                     fp.write(config_json + "\n")
                 # the Fisher's model card: a published Fisher says what it is (fisher_file/card.py)
                 with open(os.path.join(self._tmp_dir, CARD_NAME), "w", encoding="utf-8") as fp:
@@ -338,7 +381,10 @@ class FisherWriter:
             name = shard_name(index, count)
             os.rename(shard["path"], os.path.join(self._tmp_dir, name))
             weight_map.update({tensor: name for tensor in shard["names"]})
-        index = {"metadata": {"total_size": self._total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
+        index = {
+            "metadata": {"total_size": self._total_bytes},
+            "weight_map": dict(sorted(weight_map.items())),
+        }
         with open(os.path.join(self._tmp_dir, INDEX_FILENAME), "w", encoding="utf-8") as fp:
             json.dump(index, fp, indent=2)
 
@@ -384,7 +430,9 @@ def write_fisher(
     overwrite: bool = False,
 ) -> FisherConfig:
     """Write a whole mapping (checkpoint names -> Fisher values) at once; see `FisherWriter`."""
-    writer = FisherWriter(out_path, config, dtype=dtype, max_shard_size=max_shard_size, overwrite=overwrite)
+    writer = FisherWriter(
+        out_path, config, dtype=dtype, max_shard_size=max_shard_size, overwrite=overwrite
+    )
     try:
         for name, tensor in tensors.items():
             writer.add(name, tensor)

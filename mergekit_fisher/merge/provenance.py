@@ -18,7 +18,12 @@ from mergekit.common import ModelReference
 
 from mergekit_fisher.errors import FisherInputError, warn_once
 from mergekit_fisher.fisher_file import FisherFile
-from mergekit_fisher.fisher_file.provenance import compare_identity, describe, identity_of, model_identity
+from mergekit_fisher.fisher_file.provenance import (
+    compare_identity,
+    describe,
+    identity_of,
+    model_identity,
+)
 
 LOG = logging.getLogger(__name__)
 _LOCK = threading.Lock()
@@ -27,6 +32,7 @@ _LOCK = threading.Lock()
 _VERDICTS: "weakref.WeakKeyDictionary[FisherFile, Dict[str, Tuple[Optional[str], dict, dict]]]" = (
     weakref.WeakKeyDictionary()
 )
+
 
 def recipe_identity(model: ModelReference) -> dict:
     lora = model.lora.path if model.lora is not None else None
@@ -54,17 +60,22 @@ def check_provenance(fisher_file: FisherFile, model: ModelReference, policy: str
             ("provenance-unknown", fisher_file.path),
             "Fisher file %s records no model (no fisher_config, or no `model` in it): cannot check that it "
             "belongs to %s",
-            fisher_file.path, model,
+            fisher_file.path,
+            model,
         )
         return
     differs, recorded, actual = _verdict(fisher_file, model)
     if differs is None:
         return
-    problem = (f"the Fisher was computed for {describe(recorded)}, but is used for {describe(actual)} "
-               f"(the {differs} differ{'s' if ' and ' not in differs else ''})")
+    problem = (
+        f"the Fisher was computed for {describe(recorded)}, but is used for {describe(actual)} "
+        f"(the {differs} differ{'s' if ' and ' not in differs else ''})"
+    )
     if policy == "error":
         raise FisherInputError(
-            problem, model=str(model), file=fisher_file.path,
+            problem,
+            model=str(model),
+            file=fisher_file.path,
             fix="point `fisher:` at the Fisher computed for this model (`mergekit-fisher compute`), "
             "or set `fisher_provenance: warn` to merge anyway",
         )
@@ -73,5 +84,7 @@ def check_provenance(fisher_file: FisherFile, model: ModelReference, policy: str
         ("provenance", fisher_file.path, str(model)),
         "Fisher file %s was computed for model %s, but is used for %s; check that the `fisher:` path "
         "belongs to this model (`fisher_provenance: error` refuses this)",
-        fisher_file.path, describe(recorded), describe(actual),
+        fisher_file.path,
+        describe(recorded),
+        describe(actual),
     )

@@ -33,14 +33,17 @@ RESAVE_FIX = (
 def _header_error(path: str, model: str, error: Exception) -> FisherInputError:
     return FisherInputError(
         f"cannot read the safetensors header of {os.path.basename(path)} ({error})",
-        model=model, fix="re-download or re-save the checkpoint",
+        model=model,
+        fix="re-download or re-save the checkpoint",
     )
 
 
 def _file_index(path: str, model: str):
     from mergekit.io import ShardedTensorIndex
 
-    check_regular_file(path, kind="checkpoint file", model=model, fix="re-download or re-save the checkpoint")
+    check_regular_file(
+        path, kind="checkpoint file", model=model, fix="re-download or re-save the checkpoint"
+    )
     try:
         return ShardedTensorIndex.from_file(path)
     except Exception as error:  # SafetensorError, OSError: truncated or not safetensors
@@ -61,45 +64,71 @@ def checkpoint_index(model: str, path: Optional[str] = None):
     if os.path.isfile(path):
         return _file_index(path, model)
     if any(os.path.exists(os.path.join(path, name)) for name in (SINGLE_NAME, INDEX_NAME)):
-        for name in (INDEX_NAME, SINGLE_NAME):  # what mergekit opens first: never a FIFO or a directory
+        for name in (
+            INDEX_NAME,
+            SINGLE_NAME,
+        ):  # what mergekit opens first: never a FIFO or a directory
             if os.path.lexists(os.path.join(path, name)):
-                check_regular_file(os.path.join(path, name), kind="checkpoint file", model=model,
-                                   fix="re-download or re-save the checkpoint")
+                check_regular_file(
+                    os.path.join(path, name),
+                    kind="checkpoint file",
+                    model=model,
+                    fix="re-download or re-save the checkpoint",
+                )
                 break
         try:
             index = ShardedTensorIndex.from_disk(path)
         except FisherInputError:
             raise
         except Exception as error:  # broken JSON, no weight_map, a weight_map that is not a mapping
-            if not os.path.lexists(os.path.join(path, INDEX_NAME)):  # model.safetensors alone: its header
+            if not os.path.lexists(
+                os.path.join(path, INDEX_NAME)
+            ):  # model.safetensors alone: its header
                 raise _header_error(os.path.join(path, SINGLE_NAME), model, error) from None
             raise FisherInputError(
-                f"broken {INDEX_NAME} ({error!r})", model=model, fix="re-download or re-save the checkpoint"
+                f"broken {INDEX_NAME} ({error!r})",
+                model=model,
+                fix="re-download or re-save the checkpoint",
             ) from None
         if not isinstance(index.tensor_paths, dict):
-            raise FisherInputError(f"broken {INDEX_NAME} (weight_map is not a mapping)", model=model,
-                                   fix="re-download or re-save the checkpoint")
+            raise FisherInputError(
+                f"broken {INDEX_NAME} (weight_map is not a mapping)",
+                model=model,
+                fix="re-download or re-save the checkpoint",
+            )
     else:
         files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
         if not files:
             pickles = sorted(f for f in os.listdir(path) if f.lower().endswith(PICKLE_SUFFIXES))
             if pickles:
                 raise FisherInputError(
-                    f"the checkpoint is pickle-only ({pickles[0]}); refusing to unpickle it", model=model,
+                    f"the checkpoint is pickle-only ({pickles[0]}); refusing to unpickle it",
+                    model=model,
                     fix=RESAVE_FIX,
                 )
             raise FisherInputError(
-                "no .safetensors files in the model directory", model=model,
+                "no .safetensors files in the model directory",
+                model=model,
                 fix="point --model at a Hugging Face checkpoint directory (with config.json and *.safetensors)",
             )
         parts = [_file_index(os.path.join(path, name), model) for name in files]
         tensor_paths = {name: shard for part in parts for name, shard in part.tensor_paths.items()}
-        index = ShardedTensorIndex(base_path=path, is_safetensors=True, tensor_paths=tensor_paths,
-                                   shards=[ShardInfo(part.shards[0].filename, part.shards[0].contained_keys)
-                                           for part in parts])
+        index = ShardedTensorIndex(
+            base_path=path,
+            is_safetensors=True,
+            tensor_paths=tensor_paths,
+            shards=[
+                ShardInfo(part.shards[0].filename, part.shards[0].contained_keys) for part in parts
+            ],
+        )
     for shard in index.shards:  # contained, regular files: checked before any shard is opened
-        contained_shard(index.base_path, shard.filename, index_name=INDEX_NAME, model=model,
-                        fix="copy the complete checkpoint (its index names only its own shard files)")
+        contained_shard(
+            index.base_path,
+            shard.filename,
+            index_name=INDEX_NAME,
+            model=model,
+            fix="copy the complete checkpoint (its index names only its own shard files)",
+        )
     return index
 
 
@@ -112,7 +141,9 @@ def _index_shapes(path: str, model: str) -> Dict[str, Tuple[int, ...]]:
             with safe_open(shard_path, framework="pt", device="cpu") as handle:
                 for name in shard.contained_keys:
                     shapes[name] = tuple(handle.get_slice(name).get_shape())
-        except Exception as error:  # SafetensorError (also: a name the index lists but the shard lacks), OSError
+        except (
+            Exception
+        ) as error:  # SafetensorError (also: a name the index lists but the shard lacks), OSError
             raise _header_error(shard_path, model, error) from None
     return shapes
 
@@ -134,7 +165,8 @@ def _hub_shapes(repo_id: str) -> Dict[str, Tuple[int, ...]]:
     except Exception as error:
         raise FisherInputError(
             f"model not found: not a local path, and the Hub could not be asked ({error.__class__.__name__})",
-            model=repo_id, fix="pass the local checkpoint directory (absolute path)",
+            model=repo_id,
+            fix="pass the local checkpoint directory (absolute path)",
         ) from None
     shapes: Dict[str, Tuple[int, ...]] = {}
     for file_metadata in metadata.files_metadata.values():
@@ -182,15 +214,20 @@ def checkpoint_shapes(model: str) -> Dict[str, Tuple[int, ...]]:
         if path.endswith(".safetensors"):
             return _index_shapes(path, str(model))
         if path.lower().endswith(PICKLE_SUFFIXES):
-            raise FisherInputError("refusing to unpickle a pickle checkpoint", model=str(model), fix=RESAVE_FIX)
+            raise FisherInputError(
+                "refusing to unpickle a pickle checkpoint", model=str(model), fix=RESAVE_FIX
+            )
         raise FisherInputError(
-            "unrecognised model file: expected a checkpoint directory or a .safetensors file", model=str(model),
+            "unrecognised model file: expected a checkpoint directory or a .safetensors file",
+            model=str(model),
             fix="point --model at the model's checkpoint directory",
         )
     if str(model).count("/") == 1 and not str(model).startswith((".", "/", "~")):
         return _hub_shapes(str(model))
     raise FisherInputError(
-        "model path does not exist", model=str(model), fix="pass the checkpoint directory (absolute path)"
+        "model path does not exist",
+        model=str(model),
+        fix="pass the checkpoint directory (absolute path)",
     )
 
 
@@ -233,15 +270,24 @@ def model_fingerprint(model: str, path: Optional[str] = None) -> str:
             for name in shard.contained_keys:
                 info = header.get(name)
                 if not isinstance(info, dict):
-                    raise _header_error(shard_path, model, ValueError(f"no header entry for {name}"))
+                    raise _header_error(
+                        shard_path, model, ValueError(f"no header entry for {name}")
+                    )
                 try:
                     begin, end = (start + int(offset) for offset in info["data_offsets"])
                     record = [name, str(info["dtype"]), [int(n) for n in info["shape"]]]
                 except (KeyError, TypeError, ValueError) as error:
                     raise _header_error(shard_path, model, error) from None
                 length = end - begin
-                offsets = [begin] if length <= 3 * _SAMPLE_BYTES else [
-                    begin, begin + (length // 2) - (length // 2) % _SAMPLE_BYTES, end - _SAMPLE_BYTES]
+                offsets = (
+                    [begin]
+                    if length <= 3 * _SAMPLE_BYTES
+                    else [
+                        begin,
+                        begin + (length // 2) - (length // 2) % _SAMPLE_BYTES,
+                        end - _SAMPLE_BYTES,
+                    ]
+                )
                 size = length if length <= 3 * _SAMPLE_BYTES else _SAMPLE_BYTES
                 samples = b"".join(os.pread(fd, size, offset) for offset in offsets)
                 entries.append((name, json.dumps(record).encode(), samples))
@@ -256,13 +302,20 @@ def model_fingerprint(model: str, path: Optional[str] = None) -> str:
 
 def cached_snapshot(repo_id: str, revision: Optional[str] = None) -> Optional[str]:
     """The local snapshot directory of a Hub model in the cache (its name is the commit), or None."""
-    if os.path.exists(os.path.expanduser(repo_id)) or repo_id.count("/") != 1 or repo_id.startswith((".", "/", "~")):
+    if (
+        os.path.exists(os.path.expanduser(repo_id))
+        or repo_id.count("/") != 1
+        or repo_id.startswith((".", "/", "~"))
+    ):
         return None
     try:
         import huggingface_hub
 
         return huggingface_hub.snapshot_download(
-            repo_id, revision=revision, allow_patterns=["*.safetensors", "*.json"], local_files_only=True
+            repo_id,
+            revision=revision,
+            allow_patterns=["*.safetensors", "*.json"],
+            local_files_only=True,
         )
     except Exception:  # not cached, not a valid id, no huggingface_hub
         return None

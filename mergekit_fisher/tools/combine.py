@@ -26,7 +26,12 @@ from mergekit_fisher.fisher_file import (
     open_fisher,
     parse_shard_size,
 )
-from mergekit_fisher.fisher_file.provenance import IDENTITY_KEYS, compare_identity, describe, identity_of
+from mergekit_fisher.fisher_file.provenance import (
+    IDENTITY_KEYS,
+    compare_identity,
+    describe,
+    identity_of,
+)
 from mergekit_fisher.fisher_file.writer import estimated_size, output_lock
 
 log = logging.getLogger(__name__)
@@ -40,7 +45,8 @@ def _check_weights(weights: Sequence[float], count: int) -> Optional[List[float]
         return None
     if len(weights) != count:
         raise FisherInputError(
-            f"--weights gives {len(weights)} weight(s) for {count} Fisher file(s)", fix="give one weight per input file"
+            f"--weights gives {len(weights)} weight(s) for {count} Fisher file(s)",
+            fix="give one weight per input file",
         )
     return list(weights)
 
@@ -66,23 +72,31 @@ def _check_compatible(files: Sequence[FisherFile]) -> None:
         ours, theirs = set(names), set(fisher.names())
         for name in sorted(ours - theirs)[:1]:
             raise FisherInputError(
-                f"tensor present in {first.path} but missing here", file=fisher.path, tensor=name,
+                f"tensor present in {first.path} but missing here",
+                file=fisher.path,
+                tensor=name,
                 fix="combine only Fisher files of the same model computed the same way (same tensors)",
             )
         for name in sorted(theirs - ours)[:1]:
             raise FisherInputError(
-                f"tensor present here but missing in {first.path}", file=fisher.path, tensor=name,
+                f"tensor present here but missing in {first.path}",
+                file=fisher.path,
+                tensor=name,
                 fix="combine only Fisher files of the same model computed the same way (same tensors)",
             )
         for name in names:
             a, b = first.header(name).shape, fisher.header(name).shape
             if tuple(a) != tuple(b):
                 raise FisherInputError(
-                    f"shape {tuple(b)} here but {tuple(a)} in {first.path}", file=fisher.path, tensor=name,
+                    f"shape {tuple(b)} here but {tuple(a)} in {first.path}",
+                    file=fisher.path,
+                    tensor=name,
                     fix="combine only Fisher files of the same model",
                 )
     for key in ("fisher_type", "space"):
-        values = {getattr(f.config, key) for f in files if f.config is not None and getattr(f.config, key)}
+        values = {
+            getattr(f.config, key) for f in files if f.config is not None and getattr(f.config, key)
+        }
         if len(values) > 1:
             raise FisherInputError(
                 f"the inputs disagree on {key} ({', '.join(sorted(map(str, values)))})",
@@ -95,9 +109,14 @@ def _check_same_model(files: Sequence[FisherFile], allow_different_models: bool)
     """Fishers of different models (or adapters) average into the Fisher of neither: refused, unless asked."""
     recorded = [(f, identity_of(f.config) if f.config is not None else {}) for f in files]
     unknown = [f.path for f, identity in recorded if not identity.get("model")]
-    if unknown and len(unknown) < len(files):  # (none records a model: nothing to compare, as before)
-        log.warning("cannot check that these Fisher files belong to the same model as the others (they record "
-                    "no model): %s", ", ".join(unknown))
+    if unknown and len(unknown) < len(
+        files
+    ):  # (none records a model: nothing to compare, as before)
+        log.warning(
+            "cannot check that these Fisher files belong to the same model as the others (they record "
+            "no model): %s",
+            ", ".join(unknown),
+        )
     known = [(f, identity) for f, identity in recorded if identity.get("model")]
     for fisher, identity in known[1:]:
         first, first_identity = known[0]
@@ -105,8 +124,14 @@ def _check_same_model(files: Sequence[FisherFile], allow_different_models: bool)
         if differs is None:
             continue
         if allow_different_models:
-            log.warning("combining Fisher files of different models (--allow-different-models): %s is for %s, "
-                        "%s is for %s", first.path, describe(first_identity), fisher.path, describe(identity))
+            log.warning(
+                "combining Fisher files of different models (--allow-different-models): %s is for %s, "
+                "%s is for %s",
+                first.path,
+                describe(first_identity),
+                fisher.path,
+                describe(identity),
+            )
             return
         raise FisherInputError(
             f"the Fisher files are for different models: {first.path} is for {describe(first_identity)}, "
@@ -143,9 +168,16 @@ def _merged_config(files: Sequence[FisherFile], weights: Sequence[float]) -> Fis
         samples_per_example=same("samples_per_example"),
         combined_from=[
             {
-                "path": f.path, "weight": w, "num_examples": c.num_examples, "num_tokens": c.num_tokens,
-                "model": c.model, "model_fingerprint": c.model_fingerprint, "adapter": c.adapter,
-                "dataset": c.dataset, "dataset_hash": c.dataset_hash, "seed": c.seed,
+                "path": f.path,
+                "weight": w,
+                "num_examples": c.num_examples,
+                "num_tokens": c.num_tokens,
+                "model": c.model,
+                "model_fingerprint": c.model_fingerprint,
+                "adapter": c.adapter,
+                "dataset": c.dataset,
+                "dataset_hash": c.dataset_hash,
+                "seed": c.seed,
             }
             for f, c, w in zip(files, configs, weights)
         ],
@@ -155,15 +187,24 @@ def _merged_config(files: Sequence[FisherFile], weights: Sequence[float]) -> Fis
 
 
 def combine_fishers(
-    paths: Sequence[str], out: str, *, weights: Optional[Sequence[float]] = None, overwrite: bool = False,
-    max_shard_size="5GB", allow_different_models: bool = False,
+    paths: Sequence[str],
+    out: str,
+    *,
+    weights: Optional[Sequence[float]] = None,
+    overwrite: bool = False,
+    max_shard_size="5GB",
+    allow_different_models: bool = False,
 ) -> FisherConfig:
     """F = sum_i w_i F_i / sum_i w_i, w_i = num_examples of file i unless `weights` are given."""
     if len(paths) < 2:
-        raise FisherInputError("combine needs at least two Fisher files", fix="mergekit-fisher combine A B ... OUT")
+        raise FisherInputError(
+            "combine needs at least two Fisher files", fix="mergekit-fisher combine A B ... OUT"
+        )
     out_abs = os.path.abspath(out)
     parse_shard_size(max_shard_size)  # a bad --max-shard-size fails before any work
-    check_output_free(out_abs, overwrite, inputs=paths)  # OUT must not be (or hold) an input: before any read
+    check_output_free(
+        out_abs, overwrite, inputs=paths
+    )  # OUT must not be (or hold) an input: before any read
     files = [open_fisher(p) for p in paths]
     _check_compatible(files)
     _check_same_model(files, allow_different_models)
@@ -171,7 +212,9 @@ def combine_fishers(
     norm = sum(weights)
     for fisher, weight in zip(files, weights):
         log.debug("%s: weight %g of %g", fisher.path, weight, norm)
-    needed = estimated_size(sum(math.prod(files[0].header(name).shape) for name in files[0].names()))
+    needed = estimated_size(
+        sum(math.prod(files[0].header(name).shape) for name in files[0].names())
+    )
     with output_lock(out_abs):
         check_output_free(out_abs, overwrite, inputs=paths, needed_bytes=needed)
         return _write_combined(files, weights, norm, out_abs, max_shard_size, overwrite)
@@ -180,8 +223,9 @@ def combine_fishers(
 def _write_combined(files, weights, norm, out_abs, max_shard_size, overwrite) -> FisherConfig:
     # Streamed: one output tensor (and one shard) in memory at a time; a bad value aborts the
     # writer, so nothing is published.
-    with FisherWriter(out_abs, _merged_config(files, weights), max_shard_size=max_shard_size,
-                      overwrite=overwrite) as writer:
+    with FisherWriter(
+        out_abs, _merged_config(files, weights), max_shard_size=max_shard_size, overwrite=overwrite
+    ) as writer:
         for name in files[0].names():
             acc = None
             for fisher, weight in zip(files, weights):
@@ -199,16 +243,30 @@ def _write_combined(files, weights, norm, out_abs, max_shard_size, overwrite) ->
 @verbosity_options
 @click.argument("inputs", nargs=-1, required=True, type=click.Path(), metavar="FISHER... OUT")
 @click.option(
-    "--weights", type=CommaList(WEIGHT), multiple=True, callback=flatten, metavar="N[,N...]",
+    "--weights",
+    type=CommaList(WEIGHT),
+    multiple=True,
+    callback=flatten,
+    metavar="N[,N...]",
     help="A weight per input, in input order, instead of each file's num_examples (e.g. example counts): "
     "repeated (--weights 1000 --weights 250) or comma-separated (--weights 1000,250).",
 )
-@click.option("--max-shard-size", default="5GB", show_default=True, help="Shard size of a directory output.")
+@click.option(
+    "--max-shard-size", default="5GB", show_default=True, help="Shard size of a directory output."
+)
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists (never an input).")
-@click.option("--allow-different-models", is_flag=True,
-              help="Combine Fisher files recorded for different models or adapters (refused by default).")
-def combine_command(inputs, weights: Sequence[float], max_shard_size: str, overwrite: bool,
-                    allow_different_models: bool) -> None:
+@click.option(
+    "--allow-different-models",
+    is_flag=True,
+    help="Combine Fisher files recorded for different models or adapters (refused by default).",
+)
+def combine_command(
+    inputs,
+    weights: Sequence[float],
+    max_shard_size: str,
+    overwrite: bool,
+    allow_different_models: bool,
+) -> None:
     """Combine Fisher files FISHER... of one model, computed on different data shards, into OUT.
 
     The result is the example-weighted mean: what a single run over all the shards would give.
@@ -220,10 +278,20 @@ def combine_command(inputs, weights: Sequence[float], max_shard_size: str, overw
         )
     *paths, out = inputs
     parsed = _check_weights(weights, len(paths))
-    config = combine_fishers(paths, out, weights=parsed, overwrite=overwrite, max_shard_size=max_shard_size,
-                             allow_different_models=allow_different_models)
+    config = combine_fishers(
+        paths,
+        out,
+        weights=parsed,
+        overwrite=overwrite,
+        max_shard_size=max_shard_size,
+        allow_different_models=allow_different_models,
+    )
     used = parsed or [f.config.num_examples for f in map(open_fisher, paths)]
     log.info(
-        "combined %d Fisher files (weights %s; %s elements, num_examples %s) -> %s", len(paths),
-        ", ".join(f"{w:g}" for w in used), config.num_elements, config.num_examples, os.path.abspath(out),
+        "combined %d Fisher files (weights %s; %s elements, num_examples %s) -> %s",
+        len(paths),
+        ", ".join(f"{w:g}" for w in used),
+        config.num_elements,
+        config.num_examples,
+        os.path.abspath(out),
     )

@@ -55,7 +55,9 @@ def model_labels(models) -> Dict[object, str]:
     depth = 1
     while True:
         labels = {
-            model: "+".join("/".join(p for p in parts[-depth:] if p) for parts in _label_parts(model))
+            model: "+".join(
+                "/".join(p for p in parts[-depth:] if p) for parts in _label_parts(model)
+            )
             for model in models
         }
         longest = max((max(len(parts) for parts in _label_parts(m)) for m in models), default=0)
@@ -64,7 +66,9 @@ def model_labels(models) -> Dict[object, str]:
         depth += 1
 
 
-def plan_recipe(recipe_path: str, lora_merge_cache: Optional[str] = None, trust_remote_code: bool = False):
+def plan_recipe(
+    recipe_path: str, lora_merge_cache: Optional[str] = None, trust_remote_code: bool = False
+):
     """Plan (and so validate) a recipe exactly as `mergekit-yaml` would, without executing it."""
     import yaml
     from mergekit.config import MergeConfiguration
@@ -80,8 +84,12 @@ def plan_recipe(recipe_path: str, lora_merge_cache: Optional[str] = None, trust_
     ensure_registered()
 
     def refuse(problem: str) -> FisherInputError:
-        return FisherInputError(problem, file=recipe_path, kind="recipe",
-                                fix="check the path and the YAML (mergekit's recipe format)")
+        return FisherInputError(
+            problem,
+            file=recipe_path,
+            kind="recipe",
+            fix="check the path and the YAML (mergekit's recipe format)",
+        )
 
     try:
         with open(recipe_path, encoding="utf-8") as fp:
@@ -96,19 +104,34 @@ def plan_recipe(recipe_path: str, lora_merge_cache: Optional[str] = None, trust_
     except OSError as error:
         raise refuse(f"cannot read the recipe ({error.strerror or error})") from None
     if not isinstance(document, dict):
-        kind = {type(None): "empty", str: "a string", list: "a list", int: "a number", float: "a number",
-                bool: "a boolean"}.get(type(document), type(document).__name__)
+        kind = {
+            type(None): "empty",
+            str: "a string",
+            list: "a list",
+            int: "a number",
+            float: "a number",
+            bool: "a boolean",
+        }.get(type(document), type(document).__name__)
         raise refuse(f"the recipe is {kind}, not a YAML mapping with `merge_method` and `models`")
     try:
         config = MergeConfiguration.model_validate(document)
     except ValidationError as error:
         first = error.errors()[0]
         where = ".".join(str(part) for part in first.get("loc", ())) or "recipe"
-        raise refuse(f"invalid recipe: {where}: {first.get('msg')} ({error.error_count()} error(s))") from None
-    except (ValueError, RuntimeError) as error:  # mergekit's own checks ("Exactly one of 'models', ...")
+        raise refuse(
+            f"invalid recipe: {where}: {first.get('msg')} ({error.error_count()} error(s))"
+        ) from None
+    except (
+        ValueError,
+        RuntimeError,
+    ) as error:  # mergekit's own checks ("Exactly one of 'models', ...")
         text = str(error).strip()
-        raise refuse(f"invalid recipe: {text.splitlines()[0] if text else error.__class__.__name__}") from None
-    options = MergeOptions(lora_merge_cache=lora_merge_cache, trust_remote_code=trust_remote_code, quiet=True)
+        raise refuse(
+            f"invalid recipe: {text.splitlines()[0] if text else error.__class__.__name__}"
+        ) from None
+    options = MergeOptions(
+        lora_merge_cache=lora_merge_cache, trust_remote_code=trust_remote_code, quiet=True
+    )
     arch_info = get_architecture_info(config, options)
     LoaderCache().setup(options=options)
     out_config = _model_out_config(config, arch_info, trust_remote_code=trust_remote_code)
@@ -143,7 +166,9 @@ def collect_masses(planned) -> tuple:
             # the merge's own vocabulary permutation: every model's rows line up with the output's
             if permutation.tokenizer_task not in tokenizers:
                 tokenizers[permutation.tokenizer_task] = permutation.tokenizer_task.execute()
-            fishers = permutation.execute(tokenizer_info=tokenizers[permutation.tokenizer_task], fishers=fishers)
+            fishers = permutation.execute(
+                tokenizer_info=tokenizers[permutation.tokenizer_task], fishers=fishers
+            )
         floor_levels = source.floor_levels()
         full_shape = next((tuple(f.shape) for f in fishers.values() if f.ndim), None)
         layer, module = layer_and_module(weight_info.name)
@@ -156,7 +181,9 @@ def collect_masses(planned) -> tuple:
                 labels.append(model)
             weight = float(task.input_parameters[model].get("weight", 1.0))
             shape = full_shape or source.inputs[model].expected_shape
-            count = fisher.numel() if fisher.ndim else (int(torch.tensor(shape).prod()) if shape else 1)
+            count = (
+                fisher.numel() if fisher.ndim else (int(torch.tensor(shape).prod()) if shape else 1)
+            )
             numel = count if numel is None else numel
             total = float(fisher.double().sum()) if fisher.ndim else float(fisher) * count
             group.mass[label] = group.mass.get(label, 0.0) + weight * total
@@ -165,7 +192,9 @@ def collect_masses(planned) -> tuple:
             below = fisher <= 2 * floor_levels[model]
             below_floor = below if below_floor is None else (below_floor & below)
         group.elements += numel
-        group.floor_decides += int(below_floor.sum()) if below_floor.ndim else (numel if bool(below_floor) else 0)
+        group.floor_decides += (
+            int(below_floor.sum()) if below_floor.ndim else (numel if bool(below_floor) else 0)
+        )
     names = model_labels(labels)
     for group in groups.values():
         group.mass = {names[model]: mass for model, mass in group.mass.items()}
@@ -176,14 +205,18 @@ def build_explanation(recipe_path: str, lora_merge_cache: Optional[str] = None) 
     config, planned = plan_recipe(recipe_path, lora_merge_cache)
     groups, labels, method = collect_masses(planned)
     rows = []
-    for (module, layer), group in sorted(groups.items(), key=lambda kv: (kv[0][1] is not None, kv[0][1] or 0, kv[0][0])):
-        rows.append({
-            "layer": layer,
-            "module": module,
-            "shares": dict(zip(labels, group.shares(labels))),
-            "floor_fraction": group.floor_decides / group.elements if group.elements else 0.0,
-            "elements": group.elements,
-        })
+    for (module, layer), group in sorted(
+        groups.items(), key=lambda kv: (kv[0][1] is not None, kv[0][1] or 0, kv[0][0])
+    ):
+        rows.append(
+            {
+                "layer": layer,
+                "module": module,
+                "shares": dict(zip(labels, group.shares(labels))),
+                "floor_fraction": group.floor_decides / group.elements if group.elements else 0.0,
+                "elements": group.elements,
+            }
+        )
     totals = GroupMass()
     for group in groups.values():
         for label, mass in group.mass.items():
@@ -211,17 +244,34 @@ def format_explanation(report: dict) -> str:
         return "\n".join(lines)
     headers = ["layer", "module", *[f"share {label}" for label in labels], "floor decides"]
     rows = [
-        ["-" if row["layer"] is None else row["layer"], row["module"],
-         *[percent(row["shares"][label]) for label in labels], percent(row["floor_fraction"])]
+        [
+            "-" if row["layer"] is None else row["layer"],
+            row["module"],
+            *[percent(row["shares"][label]) for label in labels],
+            percent(row["floor_fraction"]),
+        ]
         for row in report["groups"]
     ]
     overall = report["overall"]
-    rows.append(["all", "all", *[percent(overall["shares"][label]) for label in labels], percent(overall["floor_fraction"])])
+    rows.append(
+        [
+            "all",
+            "all",
+            *[percent(overall["shares"][label]) for label in labels],
+            percent(overall["floor_fraction"]),
+        ]
+    )
     lines.append(format_table(headers, rows))
     lines.append("")
-    lines.append("share: each model's part of the Fisher mass Σ weight·(normalized Fisher + floor) -- the effective")
-    lines.append("weight the merge gives it there. floor decides: elements where every model's normalized Fisher")
-    lines.append("is at or below fisher_floor, so the merge is close to the plain weighted average.")
+    lines.append(
+        "share: each model's part of the Fisher mass Σ weight·(normalized Fisher + floor) -- the effective"
+    )
+    lines.append(
+        "weight the merge gives it there. floor decides: elements where every model's normalized Fisher"
+    )
+    lines.append(
+        "is at or below fisher_floor, so the merge is close to the plain weighted average."
+    )
     return "\n".join(lines)
 
 
@@ -229,18 +279,32 @@ def shares_for_plot(report: dict) -> Dict[str, Dict[int, List[float]]]:
     shares: Dict[str, Dict[int, List[float]]] = defaultdict(dict)
     for row in report["groups"]:
         if row["layer"] is not None:
-            shares[row["module"]][row["layer"]] = [row["shares"][label] for label in report["models"]]
+            shares[row["module"]][row["layer"]] = [
+                row["shares"][label] for label in report["models"]
+            ]
     return dict(shares)
 
 
 @click.command("explain")
 @verbosity_options
 @click.argument("recipe", type=click.Path(dir_okay=False))
-@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None,
-              help="Write a heatmap (layers x models, one panel per module type) to this PNG.")
+@click.option(
+    "--plot",
+    "plot_path",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Write a heatmap (layers x models, one panel per module type) to this PNG.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-@click.option("--lora-merge-cache", type=click.Path(file_okay=False), default=None, help="As mergekit-yaml's: where base+adapter models are merged.")
-def explain_command(recipe: str, plot_path: Optional[str], as_json: bool, lora_merge_cache: Optional[str]) -> None:
+@click.option(
+    "--lora-merge-cache",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="As mergekit-yaml's: where base+adapter models are merged.",
+)
+def explain_command(
+    recipe: str, plot_path: Optional[str], as_json: bool, lora_merge_cache: Optional[str]
+) -> None:
     """Validate RECIPE like the merge would and show each model's Fisher share per layer and module."""
     report = build_explanation(recipe, lora_merge_cache)
     if plot_path:

@@ -17,8 +17,17 @@ from mergekit_fisher.choices import Grouping
 LAYER_CONTAINERS = ("layers", "h", "blocks", "layer", "block")
 # Leading wrapper segments that say nothing about the module (model classes, PEFT, DDP, torch.compile).
 ROOT_SEGMENTS = {
-    "base_model", "model", "module", "_orig_mod", "transformer", "gpt_neox", "language_model",
-    "decoder", "encoder", "bert", "roberta",
+    "base_model",
+    "model",
+    "module",
+    "_orig_mod",
+    "transformer",
+    "gpt_neox",
+    "language_model",
+    "decoder",
+    "encoder",
+    "bert",
+    "roberta",
 }
 # Segments PEFT inserts into module names that do not change what the module is.
 PEFT_NOISE = {"base_layer"}

@@ -25,8 +25,21 @@ from mergekit_fisher.tools.stats import Summary, summarize
 
 # provenance keys shown in the text report, in this order (any extra config keys follow)
 PROVENANCE_KEYS = (
-    "model", "adapter", "space", "fisher_type", "task", "num_examples", "num_tokens", "dataset",
-    "dataset_hash", "samples_per_example", "seed", "dtype", "accumulator_dtype", "tool_version", "created",
+    "model",
+    "adapter",
+    "space",
+    "fisher_type",
+    "task",
+    "num_examples",
+    "num_tokens",
+    "dataset",
+    "dataset_hash",
+    "samples_per_example",
+    "seed",
+    "dtype",
+    "accumulator_dtype",
+    "tool_version",
+    "created",
 )
 STATS_KEYS = ("sum", "sum_sq", "num_elements", "format", "format_version")
 
@@ -40,8 +53,11 @@ def layout_of(fisher: FisherFile) -> Dict[str, object]:
     return {"kind": kind, "files": len(shards)}
 
 
-def coverage(fisher_shapes: Dict[str, Tuple[int, ...]], model_shapes: Dict[str, Tuple[int, ...]],
-             aliases: Optional[Dict[str, str]] = None) -> dict:
+def coverage(
+    fisher_shapes: Dict[str, Tuple[int, ...]],
+    model_shapes: Dict[str, Tuple[int, ...]],
+    aliases: Optional[Dict[str, str]] = None,
+) -> dict:
     """Which model tensors the Fisher file covers: missing, extra, and shape mismatches.
 
     `aliases`: names the checkpoint does not store but mergekit reads from a stored tensor (a tied lm_head).
@@ -49,7 +65,11 @@ def coverage(fisher_shapes: Dict[str, Tuple[int, ...]], model_shapes: Dict[str, 
     tensor, whose own output the merge looks up under the stored name only (merge/sources.py).
     """
     aliases = aliases or {}
-    tied = {name: aliases[name] for name in fisher_shapes if name not in model_shapes and name in aliases}
+    tied = {
+        name: aliases[name]
+        for name in fisher_shapes
+        if name not in model_shapes and name in aliases
+    }
     missing = [name for name in model_shapes if name not in fisher_shapes]
     extra = [name for name in fisher_shapes if name not in model_shapes and name not in tied]
     mismatches = [
@@ -78,12 +98,22 @@ def summarize_file(fisher: FisherFile, by: str) -> Tuple[List[dict], Summary]:
         total = total + summary
         if by == Grouping.TENSOR:
             header = fisher.header(name)
-            rows.append({"name": name, "shape": list(header.shape), "dtype": header.dtype, "summary": summary})
+            rows.append(
+                {
+                    "name": name,
+                    "shape": list(header.shape),
+                    "dtype": header.dtype,
+                    "summary": summary,
+                }
+            )
         else:
             label = group_label(name, by)
             groups[label] = groups.get(label, Summary()) + summary
     if by != Grouping.TENSOR:
-        rows = [{"name": label, "summary": groups[label]} for label in sorted(groups, key=group_sort_key)]
+        rows = [
+            {"name": label, "summary": groups[label]}
+            for label in sorted(groups, key=group_sort_key)
+        ]
     return rows, total
 
 
@@ -136,7 +166,11 @@ def build_report(path: str, model: Optional[str], by: str) -> dict:
         aliases = tied_aliases(model, model_shapes)
         report["coverage"] = {"model": model, **coverage(fisher_shapes, model_shapes, aliases)}
         cov = report["coverage"]
-        if fisher.config is not None and fisher.config.space == Space.ADAPTER and (cov["missing"] or cov["extra"]):
+        if (
+            fisher.config is not None
+            and fisher.config.space == Space.ADAPTER
+            and (cov["missing"] or cov["extra"])
+        ):
             cov["note"] = (
                 "adapter-space Fisher (lora_A/lora_B names): pass the adapter directory as --model, "
                 "not the base checkpoint"
@@ -147,10 +181,14 @@ def build_report(path: str, model: Optional[str], by: str) -> dict:
 def _provenance_lines(report: dict) -> List[str]:
     config = report["config"]
     layout = report["layout"]
-    where = f"{layout['kind']}, {layout['files']} safetensors file{'s' if layout['files'] != 1 else ''}"
+    where = (
+        f"{layout['kind']}, {layout['files']} safetensors file{'s' if layout['files'] != 1 else ''}"
+    )
     lines = [f"Fisher file:  {report['path']} ({where})"]
     if config is None:
-        lines.append("format:       no fisher_config found: provenance unknown (not written by mergekit-fisher?)")
+        lines.append(
+            "format:       no fisher_config found: provenance unknown (not written by mergekit-fisher?)"
+        )
     else:
         lines.append(f"format:       {config.get('format')} v{config.get('format_version')}")
         shown = [k for k in PROVENANCE_KEYS if k in config]
@@ -159,7 +197,9 @@ def _provenance_lines(report: dict) -> List[str]:
             value = config[key]
             if not isinstance(value, str):
                 value = json.dumps(value)
-                if len(value) > 100 and isinstance(config[key], (dict, list)):  # e.g. convert's rename map
+                if len(value) > 100 and isinstance(
+                    config[key], (dict, list)
+                ):  # e.g. convert's rename map
                     value = f"{len(config[key])} entries (see --json)"
             lines.append(f"{key + ':':<13} {value}")
     totals = report["totals"]
@@ -174,7 +214,10 @@ def _provenance_lines(report: dict) -> List[str]:
     )
     match = report["config_stats_match"]
     if match is not None:
-        lines.append("config sum:   " + ("matches the values" if match else "DIFFERS from the values (file modified?)"))
+        lines.append(
+            "config sum:   "
+            + ("matches the values" if match else "DIFFERS from the values (file modified?)")
+        )
     return lines
 
 
@@ -186,10 +229,20 @@ def _table(report: dict) -> str:
     rows = []
     for row in report["rows"]:
         cells = [row["name"]]
-        cells += ["x".join(map(str, row["shape"])) or "()", row["dtype"]] if by_tensor else [str(row["tensors"])]
+        cells += (
+            ["x".join(map(str, row["shape"])) or "()", row["dtype"]]
+            if by_tensor
+            else [str(row["tensors"])]
+        )
         cells += [
-            human_count(row["numel"]), human_float(row["sum"]), percent(row["share"]), human_float(row["mean"]),
-            human_float(row["max"]), percent(row["zero_fraction"]), str(row["nonfinite"]), str(row["negative"]),
+            human_count(row["numel"]),
+            human_float(row["sum"]),
+            percent(row["share"]),
+            human_float(row["mean"]),
+            human_float(row["max"]),
+            percent(row["zero_fraction"]),
+            str(row["nonfinite"]),
+            str(row["negative"]),
         ]
         rows.append(cells)
     align = "lll" if by_tensor else "lr"
@@ -205,7 +258,10 @@ def _coverage_lines(cov: dict) -> List[str]:
         lines.append(f"  note: {cov['note']}")
     lines += [f"  missing:  {name}" for name in cov["missing"]]
     lines += [f"  extra:    {name}" for name in cov["extra"]]
-    lines += [f"  tied:     {name} (the checkpoint stores it as {stored})" for name, stored in cov.get("tied", {}).items()]
+    lines += [
+        f"  tied:     {name} (the checkpoint stores it as {stored})"
+        for name, stored in cov.get("tied", {}).items()
+    ]
     lines += [
         f"  shape:    {m['name']}: Fisher {tuple(m['fisher_shape'])} vs model {tuple(m['model_shape'])}"
         for m in cov["shape_mismatches"]
@@ -224,26 +280,43 @@ def has_problems(report: dict) -> bool:
     totals = report["totals"]
     cov = report["coverage"] or {}
     return bool(
-        totals["nonfinite"] or totals["negative"] or report["config_stats_match"] is False
-        or cov.get("missing") or cov.get("extra") or cov.get("shape_mismatches")
+        totals["nonfinite"]
+        or totals["negative"]
+        or report["config_stats_match"] is False
+        or cov.get("missing")
+        or cov.get("extra")
+        or cov.get("shape_mismatches")
     )
 
 
 @click.command("inspect")
 @verbosity_options
 @click.argument("fisher", type=click.Path(exists=False))
-@click.option("--model", type=click.Path(), default=None, help="Checkpoint (directory or .safetensors; a PEFT adapter directory for adapter-space "
-              "Fisher files) to check coverage against.")
 @click.option(
-    "--by", type=EnumChoice(Grouping), default=Grouping.TENSOR.value, show_default=True,
+    "--model",
+    type=click.Path(),
+    default=None,
+    help="Checkpoint (directory or .safetensors; a PEFT adapter directory for adapter-space "
+    "Fisher files) to check coverage against.",
+)
+@click.option(
+    "--by",
+    type=EnumChoice(Grouping),
+    default=Grouping.TENSOR.value,
+    show_default=True,
     help="One row per tensor, per layer, or per module type (summed across layers).",
 )
-@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON (NaN/Inf become null).")
 @click.option(
-    "--check", is_flag=True,
+    "--json", "as_json", is_flag=True, help="Print the report as JSON (NaN/Inf become null)."
+)
+@click.option(
+    "--check",
+    is_flag=True,
     help="Exit with status 1 when values are non-finite/negative, the config sum disagrees, or coverage is incomplete.",
 )
-def inspect_command(fisher: str, model: Optional[str], by: Grouping, as_json: bool, check: bool) -> None:
+def inspect_command(
+    fisher: str, model: Optional[str], by: Grouping, as_json: bool, check: bool
+) -> None:
     """Summarise the Fisher file FISHER (and its coverage of --model)."""
     report = build_report(fisher, model, by)
     if as_json:

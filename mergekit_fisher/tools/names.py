@@ -12,7 +12,13 @@ from dataclasses import dataclass, field
 from typing import Dict, Iterable, List, Optional, Tuple
 
 # `model.module.`: DDP inside a training wrapper whose attribute was `model`
-LEADING_WRAPPERS = ("module.", "_orig_mod.", "base_model.model.", "_fsdp_wrapped_module.", "model.module.")
+LEADING_WRAPPERS = (
+    "module.",
+    "_orig_mod.",
+    "base_model.model.",
+    "_fsdp_wrapped_module.",
+    "model.module.",
+)
 # wrapper segments that can sit anywhere in a name
 INNER_WRAPPERS = {"_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_module", "base_layer"}
 
@@ -24,7 +30,7 @@ def normalize(name: str) -> str:
         changed = False
         for prefix in LEADING_WRAPPERS:
             if name.startswith(prefix):
-                name = name[len(prefix):]
+                name = name[len(prefix) :]
                 changed = True
     return ".".join(part for part in name.split(".") if part not in INNER_WRAPPERS)
 
@@ -33,7 +39,7 @@ def candidates(name: str) -> List[str]:
     """Names to try, most literal first."""
     base = normalize(name)
     out = [name, base]
-    out.append(base[len("model."):] if base.startswith("model.") else "model." + base)
+    out.append(base[len("model.") :] if base.startswith("model.") else "model." + base)
     return list(dict.fromkeys(out))
 
 
@@ -45,7 +51,9 @@ def _suffix_match(base: str, targets: Iterable[str]) -> List[str]:
 class NameMatch:
     mapping: Dict[str, str] = field(default_factory=dict)  # source name -> checkpoint name
     unmatched: List[str] = field(default_factory=list)
-    ambiguous: Dict[str, List[str]] = field(default_factory=dict)  # source -> candidate checkpoint names
+    ambiguous: Dict[str, List[str]] = field(
+        default_factory=dict
+    )  # source -> candidate checkpoint names
 
     @property
     def renamed(self) -> Dict[str, str]:

@@ -37,7 +37,9 @@ def _layer_label(layer) -> str:
     return "-" if layer is None else str(layer)
 
 
-def figure_pixels(num_panels: int, panel_size: Tuple[float, float] = PANEL_SIZE, dpi: int = DPI) -> Tuple[int, int]:
+def figure_pixels(
+    num_panels: int, panel_size: Tuple[float, float] = PANEL_SIZE, dpi: int = DPI
+) -> Tuple[int, int]:
     """(width, height) in pixels of the PNG `plot_share_heatmap` writes for `num_panels` module types."""
     return round(panel_size[0] * num_panels * dpi), round(panel_size[1] * dpi)
 
@@ -60,28 +62,47 @@ def plot_share_heatmap(
     The figure is `figure_pixels(len(shares), panel_size, dpi)` pixels.
     """
     if not shares:
-        raise FisherInputError("nothing to plot: no Fisher shares were computed", fix="check the recipe's models")
+        raise FisherInputError(
+            "nothing to plot: no Fisher shares were computed", fix="check the recipe's models"
+        )
     for module, by_layer in shares.items():
         for layer, row in by_layer.items():
             if len(row) != len(models):
-                raise ValueError(f"{module} layer {layer}: {len(row)} shares for {len(models)} models")
+                raise ValueError(
+                    f"{module} layer {layer}: {len(row)} shares for {len(models)} models"
+                )
     plt = require_matplotlib()
     import numpy as np
 
     labels = [os.path.basename(str(m).rstrip("/")) or str(m) for m in models]
     fig, axes = plt.subplots(
-        1, len(shares), figsize=(panel_size[0] * len(shares), panel_size[1]), dpi=dpi,
-        squeeze=False, layout="constrained",
+        1,
+        len(shares),
+        figsize=(panel_size[0] * len(shares), panel_size[1]),
+        dpi=dpi,
+        squeeze=False,
+        layout="constrained",
     )
     image = None
     for ax, (module, by_layer) in zip(axes[0], shares.items()):
-        layers = sorted(by_layer, key=lambda layer: (layer is not None, layer if layer is not None else -1))
+        layers = sorted(
+            by_layer, key=lambda layer: (layer is not None, layer if layer is not None else -1)
+        )
         grid = np.array([list(by_layer[layer]) for layer in layers], dtype=float)
-        image = ax.imshow(grid, vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto", interpolation="nearest")
+        image = ax.imshow(
+            grid, vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto", interpolation="nearest"
+        )
         if grid.size <= 60:  # small grids: print the shares, colours alone are hard to read exactly
             for (row, col), value in np.ndenumerate(grid):
-                ax.text(col, row, f"{value:.2f}", ha="center", va="center", fontsize=6,
-                        color="black" if value > 0.6 else "white")
+                ax.text(
+                    col,
+                    row,
+                    f"{value:.2f}",
+                    ha="center",
+                    va="center",
+                    fontsize=6,
+                    color="black" if value > 0.6 else "white",
+                )
         ax.set_title(module, fontsize=9)
         ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right", fontsize=7)
         ax.set_yticks(range(len(layers)), [_layer_label(layer) for layer in layers], fontsize=7)

@@ -71,7 +71,9 @@ def push_fisher(
         # A card the user edited (it differs from the one we would write) is uploaded as it is.
         config = open_fisher(fisher).config
         on_disk = os.path.join(fisher, CARD_NAME)
-        ours = not os.path.exists(on_disk) or _read(on_disk) == render_card(config, os.path.abspath(fisher))
+        ours = not os.path.exists(on_disk) or _read(on_disk) == render_card(
+            config, os.path.abspath(fisher)
+        )
         if ours:
             reference = f"{repo_id}/{sub}" if sub else repo_id
             if revision:

@@ -53,7 +53,9 @@ def _looks_numeric(cell: str) -> bool:
         return False
 
 
-def format_table(headers: Sequence[str], rows: Sequence[Sequence[object]], align: Optional[str] = None) -> str:
+def format_table(
+    headers: Sequence[str], rows: Sequence[Sequence[object]], align: Optional[str] = None
+) -> str:
     """Rows of cells (already formatted, or anything `str()` can show) as an aligned text table.
 
     `align` is one character per column, ``l`` or ``r``; by default a column is right-aligned when
