@@ -36,7 +36,8 @@ def resolve_device(device: str) -> str:
 
 
 def load_texts(path: str, max_examples: Optional[int] = None) -> List[str]:
-    """Examples of a data file: JSONL rows' `text`, or a `.txt` file as one text (cut into windows later).
+    """Examples of a data file: JSONL rows' `text`, or a `.txt` file as one text (cut into windows
+    later).
 
     JSONL is read by the estimator's reader (`estimator.data.read_jsonl`), so both commands refuse
     the same bad lines with the same errors."""
@@ -94,8 +95,8 @@ def load_model(model_dir: str, device: str):
 
     from mergekit_fisher.tools.checkpoint import checkpoint_index
 
-    # safetensors only (a pickle-only checkpoint is refused, never unpickled), every shard present and
-    # inside the directory: checked from the headers before transformers opens anything
+    # safetensors only (a pickle-only checkpoint is refused, never unpickled), every shard present
+    # and inside the directory: checked from the headers before transformers opens anything
     checkpoint_index(model_dir)
     try:
         model = AutoModelForCausalLM.from_pretrained(
@@ -104,7 +105,8 @@ def load_model(model_dir: str, device: str):
     except Exception as error:  # SafetensorError (truncated file), OSError, ValueError (bad config)
         text = str(error).strip()
         raise FisherInputError(
-            f"cannot load the model ({error.__class__.__name__}: {text.splitlines()[0][:300] if text else ''})",
+            f"cannot load the model ({error.__class__.__name__}: "
+            f"{text.splitlines()[0][:300] if text else ''})",
             model=model_dir,
             fix="re-download or re-save it (a truncated or partial copy?)",
         ) from None
@@ -240,7 +242,10 @@ def _dataset_label(path: str, taken: Dict[str, object]) -> str:
     multiple=True,
     required=True,
     type=click.Path(dir_okay=False),
-    help="JSONL with a `text` field per row (one example each), or .txt (cut into windows). Repeatable.",
+    help=(
+        "JSONL with a `text` field per row (one example each), or .txt (cut into windows). "
+        "Repeatable."
+    ),
 )
 @click.option(
     "--max-length",

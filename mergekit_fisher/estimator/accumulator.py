@@ -1,4 +1,5 @@
-"""Sums of weighted squared per-example gradients, kept in float32 or float64 whatever the model dtype."""
+"""Sums of weighted squared per-example gradients, kept in float32 or float64 whatever the model
+dtype."""
 
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ PER_EXAMPLE_LOOP_DEVICES = ("cpu",)
 
 
 class FisherAccumulator:
-    """`sums[key] += sum_b w_b * G_b**2`, keyed by parameter key (a stable string chosen by the planner)."""
+    """`sums[key] += sum_b w_b * G_b**2`, keyed by parameter key (a stable string chosen by the
+    planner)."""
 
     def __init__(
         self, shapes: Dict[str, torch.Size], *, dtype: torch.dtype, devices: Dict[str, torch.device]
@@ -26,7 +28,8 @@ class FisherAccumulator:
         }
 
     def add_terms(self, key: str, terms: Sequence, weights: torch.Tensor) -> None:
-        """``sums[key] += sum_b w_b * (sum of the terms' G_b)**2`` (see gradient_terms): summed, THEN squared."""
+        """``sums[key] += sum_b w_b * (sum of the terms' G_b)**2`` (see gradient_terms): summed,
+        THEN squared."""
         target = self.sums[key]
         per_example_device = target.device.type in PER_EXAMPLE_LOOP_DEVICES
         if len(terms) == 1:
@@ -39,7 +42,8 @@ class FisherAccumulator:
                 return self.add_dense(key, term.per_example, weights)
             if per_example_device and term.left.device == target.device:
                 return outer_squares.add_per_example(target, term.left, term.right, weights)
-        # row blocks of all B examples at once (a CPU's blocks a few L2-sized per-example blocks big)
+        # row blocks of all B examples at once (a CPU's blocks a few L2-sized per-example blocks
+        # big)
         budget = (
             outer_squares.BLOCK_ELEMENTS_CPU * 4
             if per_example_device
@@ -48,7 +52,8 @@ class FisherAccumulator:
         add_squared_sum(target, terms, weights, budget)
 
     def add_dense(self, key: str, per_example: torch.Tensor, weights: torch.Tensor) -> None:
-        """`per_example`: (B, *shape) gradients; squared here (in place: callers hand over ownership)."""
+        """`per_example`: (B, *shape) gradients; squared here (in place: callers hand over
+        ownership)."""
         target = self.sums[key]
         squared = per_example.square_() if not per_example.requires_grad else per_example.square()
         flat = squared.reshape(squared.shape[0], -1)
@@ -61,7 +66,8 @@ class FisherAccumulator:
     ) -> None:
         """Sparse form (embeddings): row `rows[k]` receives `row_weights[k] * row_grads[k]**2`.
 
-        Each (example, row) pair must appear once: the caller sums an example's contributions to a row first.
+        Each (example, row) pair must appear once: the caller sums an example's contributions to a
+        row first.
         """
         target = self.sums[key]
         squared = row_grads.square_().mul_(row_weights.to(row_grads.dtype).unsqueeze(-1))

@@ -1,5 +1,5 @@
-"""Resumable state: accumulators + position in ONE safetensors file (JSON state in its header), replaced
-atomically. Never pickle."""
+"""Resumable state: accumulators + position in ONE safetensors file (JSON state in its header),
+replaced atomically. Never pickle."""
 
 from __future__ import annotations
 
@@ -70,18 +70,23 @@ def load_checkpoint(
             "the checkpoint was written by a run with different options or data",
             file=path,
             kind="checkpoint",
-            fix="rerun with exactly the same options to resume, or delete the checkpoint file to start over",
+            fix=(
+                "rerun with exactly the same options to resume, or delete the checkpoint file to "
+                "start over"
+            ),
         )
     if identity is not None:
         for key, what in (("model_fingerprint", "model"), ("adapter_fingerprint", "adapter")):
             then, now = state.get(key), checkpoint_identity_state(identity)[key]
             if then != now:
                 raise FisherInputError(
-                    f"the {what}'s weights changed since the checkpoint was written (fingerprint {then} then, "
+                    f"the {what}'s weights changed since the checkpoint was written (fingerprint "
+                    f"{then} then, "
                     f"{now} now): resuming would mix the Fisher of two models",
                     file=path,
                     kind="checkpoint",
-                    fix=f"restore the {what} the run started with to resume, or delete the checkpoint file "
+                    fix=f"restore the {what} the run started with to resume, or delete the "
+                    "checkpoint file "
                     "to start over",
                 )
     return sums, state

@@ -32,8 +32,11 @@ POSITIVE = click.IntRange(min=1)
     "--fisher-type",
     type=EnumChoice(FisherType),
     default=None,
-    help="empirical: the data's labels; sampled: labels drawn from the model (true Fisher, Monte Carlo); "
-    "exact: sum over classes (seq-cls only). Default: sampled for causal-lm, exact for seq-cls.",
+    help=(
+        "empirical: the data's labels; sampled: labels drawn from the model (true Fisher, "
+        "Monte Carlo); exact: sum over classes (seq-cls only). Default: sampled for causal-lm, "
+        "exact for seq-cls."
+    ),
 )
 @click.option(
     "--samples",
@@ -113,7 +116,10 @@ POSITIVE = click.IntRange(min=1)
     "push_to_hub",
     default=None,
     metavar="REPO_ID",
-    help="at the end, upload OUT_DIR with its card to this Hub repository (as `mergekit-fisher push`)",
+    help=(
+        "at the end, upload OUT_DIR with its card to this Hub repository (as `mergekit-fisher "
+        "push`)"
+    ),
 )
 def compute(
     model,
@@ -140,7 +146,8 @@ def compute(
     no_progress,
     push_to_hub,
 ):
-    """Estimate the diagonal Fisher of MODEL (or MODEL + --lora ADAPTER) and write it to OUT_DIR (format v1).
+    """Estimate the diagonal Fisher of MODEL (or MODEL + --lora ADAPTER) and write it to OUT_DIR
+    (format v1).
 
     F = mean over examples of (d log p(example) / d theta)^2, with log p the example's summed
     log-likelihood; per-example gradients come from one backward pass per batch.

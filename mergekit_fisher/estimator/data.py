@@ -1,9 +1,10 @@
 """Data for the estimator: read rows, tokenize, mask, truncate (and count), shuffle, hash, batch.
 
 Causal LM rows: ``{"text"}``, ``{"prompt", "completion"}`` (loss on completion tokens only) or
-``{"messages"}`` (chat template; loss on assistant turns only); a ``.txt`` file is one example per line.
-Sequence classification rows: ``{"text", "label"}`` or ``{"text", "text_pair", "label"}``.
-JSONL, a `datasets` dataset saved with ``save_to_disk``, or a hub dataset name (its ``train`` split).
+``{"messages"}`` (chat template; loss on assistant turns only); a ``.txt`` file is one example per
+line. Sequence classification rows: ``{"text", "label"}`` or ``{"text", "text_pair", "label"}``.
+JSONL, a `datasets` dataset saved with ``save_to_disk``, or a hub dataset name (its ``train``
+split).
 """
 
 from __future__ import annotations
@@ -38,8 +39,8 @@ class Example:
     input_ids: List[int]
     labels: Optional[List[int]] = None  # causal LM: per token, IGNORE where nothing is predicted
     label: Optional[int] = None  # seq-cls
-    # every other per-token input the tokenizer returned (token_type_ids, ...): the engine passes the ones the
-    # model's forward accepts
+    # every other per-token input the tokenizer returned (token_type_ids, ...): the engine passes
+    # the ones the model's forward accepts
     inputs: Dict[str, List[int]] = field(default_factory=dict)
 
     @property
@@ -91,8 +92,9 @@ def _hash_file(digest, path: str) -> None:
 
 
 def read_jsonl(path: str, limit: Optional[int] = None) -> List[Tuple[str, Dict[str, Any]]]:
-    """``("path:line", row)`` for each JSON object of a JSONL file (blank lines skipped), at most `limit`;
-    a line that is not a JSON object is a DataError naming it. Also `mergekit-fisher eval`'s reader."""
+    """``("path:line", row)`` for each JSON object of a JSONL file (blank lines skipped), at most
+    `limit`; a line that is not a JSON object is a DataError naming it. Also `mergekit-fisher
+    eval`'s reader."""
     rows: List[Tuple[str, Dict[str, Any]]] = []
     with open_text(path) as fp:
         for number, line in enumerate(fp, 1):
@@ -119,8 +121,8 @@ def read_jsonl(path: str, limit: Optional[int] = None) -> List[Tuple[str, Dict[s
 
 
 def open_text(path: str) -> io.StringIO:
-    """A data file as text, lines read as `open(path, encoding="utf-8")` reads them (universal newlines);
-    bytes that are not UTF-8 are a DataError naming the line."""
+    """A data file as text, lines read as `open(path, encoding="utf-8")` reads them (universal
+    newlines); bytes that are not UTF-8 are a DataError naming the line."""
     with open(path, "rb") as fp:
         raw = fp.read()
     try:
@@ -144,9 +146,13 @@ def _read_dataset(path: str, *, on_disk: bool) -> Tuple[List[Tuple[str, Dict[str
         )
     except Exception as error:  # FileNotFoundError, ConnectionError, DatasetNotFoundError, ...
         raise DataError(
-            f"cannot load the data ({error.__class__.__name__}: {str(error).splitlines()[0] if str(error) else ''})",
+            f"cannot load the data ({error.__class__.__name__}: "
+            f"{str(error).splitlines()[0] if str(error) else ''})",
             file=path,
-            fix="pass a .jsonl/.txt file, a dataset saved with `save_to_disk`, or a reachable hub dataset name",
+            fix=(
+                "pass a .jsonl/.txt file, a dataset saved with `save_to_disk`, or a reachable hub "
+                "dataset name"
+            ),
         ) from None
     if isinstance(loaded, datasets.DatasetDict):
         split = "train" if "train" in loaded else (next(iter(loaded)) if len(loaded) == 1 else None)
@@ -162,7 +168,8 @@ def _read_dataset(path: str, *, on_disk: bool) -> Tuple[List[Tuple[str, Dict[str
 
 
 def check_data_path(path: str) -> None:
-    """A --data path that looks local (not a hub dataset name) must exist; checked before the model loads."""
+    """A --data path that looks local (not a hub dataset name) must exist; checked before the model
+    loads."""
     looks_local = (
         path.startswith((".", "/", "~"))
         or path.endswith((".jsonl", ".json", ".txt"))
@@ -173,7 +180,8 @@ def check_data_path(path: str) -> None:
 
 
 def read_rows(path: str) -> Tuple[List[Tuple[str, Dict[str, Any]]], str, bool]:
-    """(where, row) pairs, a content hash, and whether unknown fields must be refused (our own files)."""
+    """(where, row) pairs, a content hash, and whether unknown fields must be refused (our own
+    files)."""
     digest = hashlib.sha256()
     if os.path.isfile(path):
         _hash_file(digest, path)
@@ -191,8 +199,9 @@ def read_rows(path: str) -> Tuple[List[Tuple[str, Dict[str, Any]]], str, bool]:
             for name in sorted(files):
                 digest.update(name.encode())
                 _hash_file(digest, os.path.join(root, name))
-        # `save_to_disk` writes state.json (Dataset) or dataset_dict.json; anything else is a dataset
-        # repository checked out locally (parquet/json/csv files), read the way `load_dataset` reads the hub
+        # `save_to_disk` writes state.json (Dataset) or dataset_dict.json; anything else is a
+        # dataset repository checked out locally (parquet/json/csv files), read the way
+        # `load_dataset` reads the hub
         saved = any(
             os.path.exists(os.path.join(path, n)) for n in ("state.json", "dataset_dict.json")
         )
@@ -230,14 +239,16 @@ def _check_fields(where: str, row: Dict[str, Any], task: str, strict: bool) -> D
         raise DataError(
             f"{where}: unknown field(s) {sorted(unknown)} (expected {sorted(allowed)})",
             file=where.rsplit(":", 1)[0],
-            fix="remove the extra fields, or check --task (causal-lm reads text | prompt+completion | messages; "
+            fix="remove the extra fields, or check --task (causal-lm reads text | "
+            "prompt+completion | messages; "
             "seq-cls reads text[/text_pair]+label)",
         )
     return {key: row[key] for key in allowed if key in row}
 
 
 def _string(fields: Dict[str, Any], key: str, where: str) -> str:
-    """A text field must be a JSON string: null, a number or a list is not text (and must not become "None")."""
+    """A text field must be a JSON string: null, a number or a list is not text (and must not become
+    "None")."""
     value = fields[key]
     if not isinstance(value, str):
         kind = {
@@ -303,7 +314,10 @@ def _chat_example(tokenizer, messages, where: str, inputs=None) -> Tuple[List[in
         raise DataError(
             f"{where}: chat `messages` need a tokenizer with a chat template",
             file=file,
-            fix="use a tokenizer that defines chat_template, or convert the rows to prompt/completion",
+            fix=(
+                "use a tokenizer that defines chat_template, or convert the rows to "
+                "prompt/completion"
+            ),
         )
     if not isinstance(messages, list) or not all(
         isinstance(m, dict) and "role" in m for m in messages
@@ -357,8 +371,8 @@ def tokenize_row(
     num_labels: Optional[int],
     inputs: Optional[Dict[str, List[int]]] = None,
 ):
-    """(input_ids, token labels or None, class label or None); the tokenizer's other per-token outputs
-    (token_type_ids, ...) are appended to `inputs` when given."""
+    """(input_ids, token labels or None, class label or None); the tokenizer's other per-token
+    outputs (token_type_ids, ...) are appended to `inputs` when given."""
     if task == Task.SEQ_CLS:
         label = fields["label"]
         if (
@@ -367,7 +381,8 @@ def tokenize_row(
             or not (0 <= label < (num_labels or 0))
         ):
             raise DataError(
-                f"{where}: label {label!r} is out of range for a classifier with {num_labels} classes",
+                f"{where}: label {label!r} is out of range for a classifier with {num_labels} "
+                "classes",
                 file=where.rsplit(":", 1)[0],
                 fix=f"use integer labels 0..{(num_labels or 1) - 1}, or a model with more labels",
             )

@@ -1,15 +1,16 @@
 """One parameter's per-example gradients for a batch, kept in the factored form the hooks deliver.
 
-Viewed as a (rows, cols) matrix, example b's gradient G_b is the SUM of one or more terms -- one per call of
-the parameter in the forward pass (tied embedding + lm_head, a module called twice):
+Viewed as a (rows, cols) matrix, example b's gradient G_b is the SUM of one or more terms -- one per
+call of the parameter in the forward pass (tied embedding + lm_head, a module called twice):
 
 * `DenseGrads`:  (B, rows, cols) already materialised (norms, biases: small);
 * `OuterGrads`:  left_b^T right_b summed over tokens (Linear / Conv1D / LoRA dense weights);
 * `RowGrads`:    a few rows per example (Embedding: the rows of the tokens example b holds).
 
-`add_squared_sum` squares ``sum(terms)`` in row blocks of bounded size, so a tied V x H matrix never needs
-the B x V x H per-example buffer (8 GB for Llama-3.2-1B at batch 8). It is also how a GPU squares a single
-linear-map term (one batched matmul per block); CPUs take `outer_squares.add_per_example` for that.
+`add_squared_sum` squares ``sum(terms)`` in row blocks of bounded size, so a tied V x H matrix never
+needs the B x V x H per-example buffer (8 GB for Llama-3.2-1B at batch 8). It is also how a GPU
+squares a single linear-map term (one batched matmul per block); CPUs take
+`outer_squares.add_per_example` for that.
 """
 
 from __future__ import annotations
@@ -58,7 +59,8 @@ class OuterGrads:
 
 @dataclass
 class RowGrads:
-    """Row `rows[k]` of example `examples[k]`'s gradient is `values[k]`; each (example, row) pair once."""
+    """Row `rows[k]` of example `examples[k]`'s gradient is `values[k]`; each (example, row) pair
+    once."""
 
     examples: torch.Tensor  # (K,)
     rows: torch.Tensor  # (K,)
@@ -89,7 +91,8 @@ class RowGrads:
 
 
 def on_device(term, device: torch.device):
-    """The same term with its tensors on `device` (a model spread by --device-map runs calls elsewhere)."""
+    """The same term with its tensors on `device` (a model spread by --device-map runs calls
+    elsewhere)."""
     return dataclasses.replace(
         term, **{f.name: getattr(term, f.name).to(device) for f in dataclasses.fields(term)}
     )
@@ -98,8 +101,9 @@ def on_device(term, device: torch.device):
 def add_squared_sum(
     target: torch.Tensor, terms: Sequence, weights: torch.Tensor, budget: int
 ) -> None:
-    """``target += sum_b w_b * (sum of the terms' G_b)**2``, in row blocks of at most `budget` elements of the
-    (B, rows, cols) per-example gradients: summed, THEN squared -- (a+b)**2 != a**2 + b**2."""
+    """``target += sum_b w_b * (sum of the terms' G_b)**2``, in row blocks of at most `budget`
+    elements of the (B, rows, cols) per-example gradients: summed, THEN squared -- (a+b)**2 != a**2
+    + b**2."""
     rows = target.shape[0] if target.dim() else 1
     cols = target.numel() // rows
     batch, device = weights.numel(), target.device

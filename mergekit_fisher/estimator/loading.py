@@ -1,4 +1,5 @@
-"""Load tokenizer and model (optionally with a LoRA adapter) and work out checkpoint tensor names."""
+"""Load tokenizer and model (optionally with a LoRA adapter) and work out checkpoint tensor
+names."""
 
 from __future__ import annotations
 
@@ -36,15 +37,17 @@ def check_model_path(model: str) -> None:
 
 
 REMOTE_CODE_PROBLEM = (
-    "the model's architecture is defined by Python files shipped with it (auto_map in config.json), "
+    "the model's architecture is defined by Python files shipped with it (auto_map in "
+    "config.json), "
     "which are not run by default"
 )
 REMOTE_CODE_FIX = "read those files, then pass --trust-remote-code if you trust them"
 
 
 def check_remote_code(model: str, trust_remote_code: bool) -> None:
-    """A config with `auto_map` ships its own code: refused without --trust-remote-code, even when its
-    `model_type` is a built-in one (transformers would then quietly use the built-in class instead)."""
+    """A config with `auto_map` ships its own code: refused without --trust-remote-code, even when
+    its `model_type` is a built-in one (transformers would then quietly use the built-in class
+    instead)."""
     if trust_remote_code:
         return
     config_path = os.path.join(os.path.expanduser(model), "config.json")
@@ -116,8 +119,9 @@ def load_model(
 
 
 def checkpoint_names(model_dir: str) -> Optional[Set[str]]:
-    """Tensor names the saved checkpoint holds (its index / safetensors headers only), or None if unknown
-    (a hub id, a pickle-only checkpoint): then every parameter is written under its in-memory name."""
+    """Tensor names the saved checkpoint holds (its index / safetensors headers only), or None if
+    unknown (a hub id, a pickle-only checkpoint): then every parameter is written under its
+    in-memory name."""
     if not os.path.isdir(model_dir):
         return None
     from mergekit_fisher.tools.checkpoint import checkpoint_index

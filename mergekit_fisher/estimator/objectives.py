@@ -4,10 +4,12 @@ A pass is (targets, weights): the loss is ``-sum_b log p(targets_b | x_b)`` (eac
 log-likelihood) and example b's squared gradient is accumulated with weight ``weights[b]``.
 
 * empirical: the data's own tokens / labels, weight 1;
-* sampled:   targets drawn from the model's own predictive distribution (the true Fisher by Monte Carlo),
-             K draws, weight 1/K each; the draw for (example index, sample index) uses its own generator
-             seeded from (seed, example index, sample index) -- independent of batching and process count;
-* exact:     classifiers only, one pass per class c with weight p(c|x): sum_c p(c|x) (d log p(c|x))**2.
+* sampled:   targets drawn from the model's own predictive distribution (the true Fisher by
+             Monte Carlo), K draws, weight 1/K each; the draw for (example index, sample index)
+             uses its own generator seeded from (seed, example index, sample index) --
+             independent of batching and process count;
+* exact:     classifiers only, one pass per class c with weight p(c|x):
+             sum_c p(c|x) (d log p(c|x))**2.
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ FISHER_TYPES = ("empirical", "sampled", "exact")
 
 
 def lm_loglik(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """(B,) summed log-likelihood; `logits` (B, T, V) predict `targets` (B, T-1) = labels shifted left."""
+    """(B,) summed log-likelihood; `logits` (B, T, V) predict `targets` (B, T-1) = labels shifted
+    left."""
     logp = torch.log_softmax(logits[:, :-1].to(working_dtype(logits.dtype)), dim=-1)
     mask = targets != IGNORE
     picked = logp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
@@ -49,7 +52,8 @@ def _uniforms(seed: int, example_index: int, sample_index: int, count: int) -> t
 
 
 def _inverse_cdf(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
-    """One category per row of `probs` (n, V) by inverse-CDF sampling with the given uniforms (n,)."""
+    """One category per row of `probs` (n, V) by inverse-CDF sampling with the given uniforms
+    (n,)."""
     cdf = probs.to(torch.float64).cumsum(-1)
     u = (uniforms.to(cdf.device) * cdf[:, -1]).unsqueeze(-1)
     return torch.searchsorted(cdf, u).squeeze(-1).clamp_(max=probs.shape[-1] - 1)
@@ -105,8 +109,9 @@ def cls_passes(
         probs = torch.softmax(logits.detach().to(torch.float64), dim=-1)
     if fisher_type == "exact":
         return [(torch.full_like(labels, c), probs[:, c].clone()) for c in range(classes)]
-    # K draws of one example only ever hit C distinct classes, and every draw of class c gives the same
-    # squared gradient: one pass per drawn class with weight (count of c) / K equals K passes, exactly.
+    # K draws of one example only ever hit C distinct classes, and every draw of class c gives the
+    # same squared gradient: one pass per drawn class with weight (count of c) / K equals K passes,
+    # exactly.
     counts = torch.zeros(batch, classes, dtype=torch.float64, device=logits.device)
     for k in range(samples):
         u = torch.stack([_uniforms(seed, index, k, 1)[0] for index in indices])

@@ -1,10 +1,12 @@
-"""``target += sum_b w_b * (left_b^T right_b)**2``: squared per-example gradients of a linear map, on a CPU.
+"""``target += sum_b w_b * (left_b^T right_b)**2``: squared per-example gradients of a linear map,
+on a CPU.
 
-left (B, T, R), right (B, T, C); example b's gradient G_b = left_b^T right_b (R x C) sums over its T tokens.
-Never the batch-summed gradient. GPUs form row blocks of all B examples in one batched matmul
-(`gradient_terms.add_squared_sum`); on a CPU `add_per_example` keeps blocks in L2 cache while every
-example's block is formed and squared into them (``addcmul_``), small layers taking a few examples per
-batched matmul. bench/bench_compute.py --strategy compares the two: 1.6x the batched way at hidden 1024.
+left (B, T, R), right (B, T, C); example b's gradient G_b = left_b^T right_b (R x C) sums over its T
+tokens. Never the batch-summed gradient. GPUs form row blocks of all B examples in one batched
+matmul (`gradient_terms.add_squared_sum`); on a CPU `add_per_example` keeps blocks in L2 cache while
+every example's block is formed and squared into them (``addcmul_``), small layers taking a few
+examples per batched matmul. bench/bench_compute.py --strategy compares the two: 1.6x the batched
+way at hidden 1024.
 """
 
 from __future__ import annotations
@@ -21,15 +23,16 @@ BLOCK_ELEMENTS_GPU = 1 << 26
 
 
 def _nonzero_rows(tensor: torch.Tensor) -> torch.Tensor:
-    """(B, T, D) -> (B, T) bool: the row has a non-zero (or NaN) entry; amax/amin are ~10x faster than ne().any()."""
+    """(B, T, D) -> (B, T) bool: the row has a non-zero (or NaN) entry; amax/amin are ~10x faster
+    than ne().any()."""
     return tensor.amax(-1).ne(0) | tensor.amin(-1).ne(0)
 
 
 def live_spans(left: torch.Tensor, right: torch.Tensor) -> Tuple[List[int], List[int]]:
     """Per example, the first and last token whose row is non-zero on both sides (last = -1: none).
 
-    A token with a zero output gradient (padding, positions after the last label) adds exactly nothing to
-    left_b^T right_b, so only the span between these needs multiplying.
+    A token with a zero output gradient (padding, positions after the last label) adds exactly
+    nothing to left_b^T right_b, so only the span between these needs multiplying.
     """
     live = _nonzero_rows(left) & _nonzero_rows(right)
     positions = torch.arange(live.shape[1], device=live.device).expand_as(live)
@@ -42,7 +45,8 @@ def add_per_example(
     target: torch.Tensor, left: torch.Tensor, right: torch.Tensor, weights: torch.Tensor
 ) -> None:
     # Small-K matmuls run faster with the longer side as output rows, so a wide weight (R < C) forms
-    # G_b^T = right_b^T left_b instead, in a scratch block whose transpose is added at the end of the block.
+    # G_b^T = right_b^T left_b instead, in a scratch block whose transpose is added at the end of
+    # the block.
     transposed = left.shape[2] < right.shape[2]
     if transposed:
         left, right, target = right, left, target.t()

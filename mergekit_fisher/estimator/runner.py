@@ -73,7 +73,8 @@ class ComputeOptions:
         return FisherType.EXACT if self.task == Task.SEQ_CLS else FisherType.SAMPLED
 
     def fingerprint(self, dataset_hash: str) -> str:
-        """Everything that changes the result (not the process count, progress, or checkpoint cadence)."""
+        """Everything that changes the result (not the process count, progress, or checkpoint
+        cadence)."""
         relevant = asdict(self)
         for key in ("overwrite", "progress", "checkpoint_every", "device_map", "max_shard_size"):
             relevant.pop(key)
@@ -103,7 +104,10 @@ def _validate(opts: ComputeOptions) -> None:
     if ftype == FisherType.EXACT and opts.task != Task.SEQ_CLS:
         raise FisherInputError(
             "--fisher-type exact sums over every class and is only available for --task seq-cls",
-            fix="use --fisher-type sampled (the true Fisher by Monte Carlo) or empirical for language models",
+            fix=(
+                "use --fisher-type sampled (the true Fisher by Monte Carlo) or empirical for "
+                "language models"
+            ),
         )
     if opts.space == Space.ADAPTER and not opts.lora:
         raise FisherInputError(
@@ -132,7 +136,8 @@ def _validate(opts: ComputeOptions) -> None:
 
 
 def _check_output(opts: ComputeOptions, needed_bytes: Optional[int] = None) -> None:
-    """OUT_DIR: free (or --overwrite), none of the inputs, writable, with room for `needed_bytes`."""
+    """OUT_DIR: free (or --overwrite), none of the inputs, writable, with room for
+    `needed_bytes`."""
     check_output_free(
         os.path.abspath(opts.out_dir),
         opts.overwrite,
@@ -155,8 +160,8 @@ def _needed_bytes(opts: ComputeOptions, keys, names, params) -> int:
 
 @contextlib.contextmanager
 def _output_guard(opts: ComputeOptions, accelerator):
-    """The main process holds OUT_DIR's lock for the whole run (and re-checks OUT_DIR under it); every
-    process learns if it could not, so none waits forever in a collective."""
+    """The main process holds OUT_DIR's lock for the whole run (and re-checks OUT_DIR under it);
+    every process learns if it could not, so none waits forever in a collective."""
     failure = None
     lock = contextlib.ExitStack()
     if accelerator.is_main_process:
@@ -184,15 +189,16 @@ def _output_guard(opts: ComputeOptions, accelerator):
 
 
 def _plan_targets(model, opts: ComputeOptions, stored):
-    """key (canonical in-memory name) -> output names, and id(param) -> key, for the wanted parameters."""
+    """key (canonical in-memory name) -> output names, and id(param) -> key, for the wanted
+    parameters."""
     aliases: Dict[int, List[str]] = {}
     params: Dict[int, torch.nn.Parameter] = {}
     for name, param in model.named_parameters(remove_duplicate=False):
         aliases.setdefault(id(param), []).append(name)
         params[id(param)] = param
     wrappers = lora_mod.lora_wrappers(model) if opts.lora else {}
-    # with an adapter, names come from PEFT's module tree (lora.py): base names in the dense space, the
-    # adapter file's names in the adapter space; parameters the forward does not use have none
+    # with an adapter, names come from PEFT's module tree (lora.py): base names in the dense space,
+    # the adapter file's names in the adapter space; parameters the forward does not use have none
     logical, target_bases = lora_mod.dense_names(model) if opts.lora else ({}, set())
     if opts.lora and opts.space == Space.ADAPTER:
         logical = lora_mod.adapter_names(model)
@@ -224,13 +230,17 @@ def _reduce(accelerator, tensor: torch.Tensor) -> torch.Tensor:
 def _oom_error(error: Exception) -> FisherInputError:
     return FisherInputError(
         f"out of memory ({str(error).splitlines()[0][:200]})",
-        fix="lower --batch-size or --max-length, or spread the model over GPUs with --device-map auto",
+        fix=(
+            "lower --batch-size or --max-length, or spread the model over GPUs with --device-map "
+            "auto"
+        ),
     )
 
 
 @contextlib.contextmanager
 def _loading_bars(enabled: bool):
-    """transformers' weight-loading progress bars follow ours (-q, --no-progress); restored afterwards."""
+    """transformers' weight-loading progress bars follow ours (-q, --no-progress); restored
+    afterwards."""
     from transformers.utils import logging as transformers_logging
 
     was_enabled = transformers_logging.is_progress_bar_enabled()
@@ -246,7 +256,8 @@ def _loading_bars(enabled: bool):
 def run_compute(
     opts: ComputeOptions, *, accelerator=None, interrupt_after_rounds: Optional[int] = None
 ):
-    """Compute and write the Fisher; returns the written FisherConfig on the main process (None elsewhere)."""
+    """Compute and write the Fisher; returns the written FisherConfig on the main process (None
+    elsewhere)."""
     from accelerate import Accelerator
 
     _validate(opts)
@@ -394,7 +405,8 @@ def _run(opts: ComputeOptions, accelerator, interrupt_after_rounds: Optional[int
                         raise
                     failure = _oom_error(error)
             if world > 1:
-                # Every process learns of a failure in this round, so none waits forever in a later reduce.
+                # Every process learns of a failure in this round, so none waits forever in a later
+                # reduce.
                 failed = _reduce(
                     accelerator, torch.tensor([float(failure is not None)], device=device)
                 )
@@ -441,7 +453,10 @@ def _run(opts: ComputeOptions, accelerator, interrupt_after_rounds: Optional[int
                 "non-finite (NaN/Inf) gradients",
                 model=opts.model,
                 tensor=names[key][0],
-                fix="check the model weights and data; try --dtype float32 if the model ran in half precision",
+                fix=(
+                    "check the model weights and data; try --dtype float32 if the model ran in "
+                    "half precision"
+                ),
             )
     if not accelerator.is_main_process:
         accelerator.wait_for_everyone()
@@ -486,7 +501,8 @@ def _run(opts: ComputeOptions, accelerator, interrupt_after_rounds: Optional[int
         if opts.checkpoint_every and os.path.exists(ckpt):
             os.remove(ckpt)
     finally:
-        accelerator.wait_for_everyone()  # the other processes wait here: release them even on failure
+        # the other processes wait here: release them even on failure
+        accelerator.wait_for_everyone()
     return written
 
 

@@ -2,7 +2,8 @@
 
 A Fisher file is either
 
-* one ``.safetensors`` file (its provenance as JSON in the header metadata key ``fisher_config``), or
+* one ``.safetensors`` file (its provenance as JSON in the header metadata key ``fisher_config``),
+  or
 * a directory holding ``fisher_config.json`` and either ``fisher.safetensors`` or HF-style shards
   ``fisher-00001-of-0000N.safetensors`` with ``fisher.safetensors.index.json``
   (the schema of ``model.safetensors.index.json``).

@@ -30,7 +30,8 @@ class GlobalStats(BaseModel):
 
     @classmethod
     def of_tensor(cls, tensor) -> "GlobalStats":
-        """In float64, without a float64 copy of the tensor (the reader's and the writer's one rule)."""
+        """In float64, without a float64 copy of the tensor (the reader's and the writer's one
+        rule)."""
         import torch
 
         return cls(

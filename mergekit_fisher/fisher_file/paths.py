@@ -1,10 +1,12 @@
-"""Paths that files name, and paths we are about to open: contained, regular, checked before any open.
+"""Paths that files name, and paths we are about to open: contained, regular, checked before any
+open.
 
-An index (`fisher.safetensors.index.json`, `model.safetensors.index.json`) names its shards relative to
-its own directory. A shard name that leaves the directory (``../../other/fisher.safetensors``, an absolute
-path, a symlink pointing out) would make a merge read *another* file without a word; a FIFO or device
-would hang the reader or read something that is not a file. `contained_shard` refuses all of these with
-`os.stat` only -- nothing is opened -- so callers check every entry before they open any.
+An index (`fisher.safetensors.index.json`, `model.safetensors.index.json`) names its shards relative
+to its own directory. A shard name that leaves the directory (``../../other/fisher.safetensors``, an
+absolute path, a symlink pointing out) would make a merge read *another* file without a word; a FIFO
+or device would hang the reader or read something that is not a file. `contained_shard` refuses all
+of these with `os.stat` only -- nothing is opened -- so callers check every entry before they open
+any.
 """
 
 from __future__ import annotations
@@ -41,7 +43,8 @@ def file_kind(mode: int) -> str:
 
 
 def is_inside(path: str, directory: str) -> bool:
-    """Does `path` (already a realpath) lie in `directory` (already a realpath), or is it `directory`?"""
+    """Does `path` (already a realpath) lie in `directory` (already a realpath), or is it
+    `directory`?"""
     try:
         return os.path.commonpath([path, directory]) == directory
     except ValueError:  # different drives (Windows), or a mix of absolute and relative

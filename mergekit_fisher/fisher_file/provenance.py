@@ -1,8 +1,9 @@
 """Model identity in a Fisher file's config, and the one rule for "same model?".
 
-`compute` records, for the model and the adapter, the path as given, its resolved absolute path (or, for a
-Hub id, the cached snapshot's revision), and `tools.checkpoint.model_fingerprint` of the weights. Resume,
-`combine`, `convert` and the merge (`merge.provenance`) compare identities with `compare_identity`:
+`compute` records, for the model and the adapter, the path as given, its resolved absolute path (or,
+for a Hub id, the cached snapshot's revision), and `tools.checkpoint.model_fingerprint` of the
+weights. Resume, `combine`, `convert` and the merge (`merge.provenance`) compare identities with
+`compare_identity`:
 
 * both sides have a fingerprint: the fingerprints decide (a copied or moved model is the same model;
   another model with the same directory name is not);
@@ -36,10 +37,12 @@ def _local_dir(path: str) -> Optional[str]:
 def checkpoint_identity(
     path: Optional[str], revision: Optional[str] = None
 ) -> Dict[str, Optional[str]]:
-    """{path, revision, fingerprint} of a model or adapter as given (a local checkpoint or a Hub id).
+    """{path, revision, fingerprint} of a model or adapter as given (a local checkpoint or a Hub
+    id).
 
-    A local checkpoint is fingerprinted (one that cannot be -- pickle-only, broken -- gets none); a Hub id
-    is fingerprinted from its cached snapshot when there is one, else only its id is known."""
+    A local checkpoint is fingerprinted (one that cannot be -- pickle-only, broken -- gets none); a
+    Hub id is fingerprinted from its cached snapshot when there is one, else only its id is
+    known."""
     from mergekit_fisher.tools.checkpoint import cached_snapshot, model_fingerprint
 
     if not path:
@@ -62,7 +65,8 @@ def checkpoint_identity(
 def model_identity(
     model: str, adapter: Optional[str] = None, revision: Optional[str] = None
 ) -> Dict[str, Optional[str]]:
-    """The identity keys `compute` writes into `fisher_config.json` (None values are dropped there)."""
+    """The identity keys `compute` writes into `fisher_config.json` (None values are dropped
+    there)."""
     base = checkpoint_identity(model, revision)
     lora = checkpoint_identity(adapter)
     return {
@@ -117,8 +121,9 @@ def _same_checkpoint(
 def compare_identity(
     recorded: Dict[str, Optional[str]], actual: Dict[str, Optional[str]]
 ) -> Optional[str]:
-    """None when `recorded` and `actual` are the same model and adapter; else what differs, in words.
-    `recorded` without any model is "unknown": the caller decides (it is not a mismatch here)."""
+    """None when `recorded` and `actual` are the same model and adapter; else what differs, in
+    words. `recorded` without any model is "unknown": the caller decides (it is not a mismatch
+    here)."""
     if not recorded.get("model"):
         return None
     differences = []

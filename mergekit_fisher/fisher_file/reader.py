@@ -61,11 +61,12 @@ def _safetensors_error(path: str, error: Exception) -> FisherInputError:
 
 
 def load_weight_map(index_path: str) -> Dict[str, object]:
-    """The `weight_map` of a Fisher directory's `fisher.safetensors.index.json`; ValueError if broken.
-    Its values are not checked here: `paths.contained_shard` checks each before anything is opened.
+    """The `weight_map` of a Fisher directory's `fisher.safetensors.index.json`; ValueError if
+    broken. Its values are not checked here: `paths.contained_shard` checks each before anything is
+    opened.
 
-    (Model checkpoints are read by mergekit's `ShardedTensorIndex`, see `tools.checkpoint`; it only knows
-    `model.safetensors*` names and does not check the index, which a Fisher file must.)"""
+    (Model checkpoints are read by mergekit's `ShardedTensorIndex`, see `tools.checkpoint`; it only
+    knows `model.safetensors*` names and does not check the index, which a Fisher file must.)"""
     try:
         with open(index_path, encoding="utf-8") as fp:
             weight_map = json.load(fp)["weight_map"]
@@ -106,7 +107,10 @@ class FisherFile:
             raise FisherInputError(
                 "Fisher file does not exist",
                 file=path,
-                fix="check the `fisher:` path (use an absolute path), or compute it with `mergekit-fisher compute`",
+                fix=(
+                    "check the `fisher:` path (use an absolute path), or compute it with "
+                    "`mergekit-fisher compute`"
+                ),
             )
         if os.path.isdir(path):
             self._resolve_directory(path)
@@ -153,7 +157,8 @@ class FisherFile:
                     file=index_path,
                     fix=REPAIR_FIX,
                 ) from None
-            # every entry is checked (contained, regular) before any shard -- or any other file -- is opened
+            # every entry is checked (contained, regular) before any shard -- or any other file --
+            # is opened
             for name, shard in weight_map.items():
                 self.tensor_paths[name] = contained_shard(
                     path,
@@ -202,7 +207,8 @@ class FisherFile:
             config = FisherConfig.model_validate_json(text)
         except ValueError as error:
             raise FisherInputError(
-                f"unreadable Fisher config ({error.__class__.__name__}: {str(error).splitlines()[0]})",
+                f"unreadable Fisher config ({error.__class__.__name__}: "
+                f"{str(error).splitlines()[0]})",
                 file=where,
                 fix="restore fisher_config.json from the `mergekit-fisher compute` output",
             ) from None
@@ -235,7 +241,8 @@ class FisherFile:
                 for name in names:
                     if name not in available:
                         raise FisherInputError(
-                            f"the index lists this tensor in {os.path.basename(shard)} but the shard lacks it",
+                            f"the index lists this tensor in {os.path.basename(shard)} but the "
+                            "shard lacks it",
                             file=self.path,
                             tensor=name,
                             fix="recompute the Fisher file, or restore the complete shard",
@@ -335,7 +342,8 @@ class FisherFile:
             yield name, self.get_tensor(name, check=check)
 
     def global_stats(self) -> GlobalStats:
-        """From the config when it carries them, else one streaming pass (which also checks values)."""
+        """From the config when it carries them, else one streaming pass (which also checks
+        values)."""
         if self._stats is None:
             stats = self.config.global_stats() if self.config is not None else None
             if stats is None:
@@ -387,7 +395,8 @@ def check_fisher_values(
     if values.numel() and float(values.min()) < 0:
         bad = int((values < 0).sum())
         raise FisherInputError(
-            f"{bad} negative Fisher value(s); a diagonal Fisher is a mean of squares and cannot be negative",
+            f"{bad} negative Fisher value(s); a diagonal Fisher is a mean of squares and cannot "
+            "be negative",
             file=file,
             tensor=tensor,
             fix="recompute it with `mergekit-fisher compute`; if it comes from another tool, "

@@ -82,8 +82,9 @@ def check_output_free(
     """The one place for output checks; callers call it early, before any expensive work.
 
     * an existing `path` needs `overwrite`;
-    * `path` must not be, contain or lie inside any of `inputs` (compared as realpaths, after symlinks):
-      replacing it would delete the model, the data or the Fisher being read -- with or without --overwrite;
+    * `path` must not be, contain or lie inside any of `inputs` (compared as realpaths, after
+      symlinks): replacing it would delete the model, the data or the Fisher being read -- with or
+      without --overwrite;
     * its parent must be a directory we can write (or creatable in one), with `needed_bytes` free.
     """
     out_real = os.path.realpath(path)
@@ -128,8 +129,9 @@ def _human_bytes(count: float) -> str:
 
 
 def check_output_writable(path: str, needed_bytes: Optional[int] = None) -> None:
-    """Before any computation: OUT's parent is (or can be made) a directory we can write, on a filesystem
-    with `needed_bytes` free -- the errors a write would otherwise raise only at the very end."""
+    """Before any computation: OUT's parent is (or can be made) a directory we can write, on a
+    filesystem with `needed_bytes` free -- the errors a write would otherwise raise only at the very
+    end."""
     ancestor = _existing_ancestor(path)
     if not os.path.isdir(ancestor):
         raise FisherInputError(
@@ -153,7 +155,8 @@ def check_output_writable(path: str, needed_bytes: Optional[int] = None) -> None
         free = shutil.disk_usage(ancestor).free
         if free < needed_bytes:
             raise FisherInputError(
-                f"not enough free space in {ancestor}: the output needs about {_human_bytes(needed_bytes)}, "
+                f"not enough free space in {ancestor}: the output needs about "
+                f"{_human_bytes(needed_bytes)}, "
                 f"{_human_bytes(free)} are free",
                 file=path,
                 kind="output",
@@ -176,10 +179,11 @@ def lock_path(path: str) -> str:
 
 @contextlib.contextmanager
 def output_lock(path: str) -> Iterator[str]:
-    """Hold `OUT.lock` (an exclusive `fcntl.flock`) while a run writes OUT, its checkpoint and temporaries:
-    a second run on the same OUT fails at once instead of racing the first. The kernel releases a
-    killed run's lock, so a leftover file never blocks a rerun (or a resume); the file is removed on exit.
-    Parents of OUT that do not exist are created, and removed again on exit if they stay empty."""
+    """Hold `OUT.lock` (an exclusive `fcntl.flock`) while a run writes OUT, its checkpoint and
+    temporaries: a second run on the same OUT fails at once instead of racing the first. The kernel
+    releases a killed run's lock, so a leftover file never blocks a rerun (or a resume); the file is
+    removed on exit. Parents of OUT that do not exist are created, and removed again on exit if they
+    stay empty."""
     import fcntl
 
     target = lock_path(path)
@@ -389,8 +393,8 @@ class FisherWriter:
             json.dump(index, fp, indent=2)
 
     def _replace(self, staged: str) -> None:
-        # overwrite=True: move the old output aside, move the complete new one in, then drop the old;
-        # if the second rename fails the old output is put back.
+        # overwrite=True: move the old output aside, move the complete new one in, then drop the
+        # old; if the second rename fails the old output is put back.
         old = None
         if os.path.lexists(self.out_path):
             parent, base = os.path.split(self.out_path)

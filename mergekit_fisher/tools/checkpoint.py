@@ -4,8 +4,9 @@ No tensor data is loaded and nothing is unpickled: a checkpoint saved only as ``
 is refused with a fix (re-save it with ``safe_serialization=True``). `model` may be a checkpoint
 directory (``model.safetensors`` or shards with ``model.safetensors.index.json``), a single
 ``.safetensors`` file, or a Hugging Face repo id found in the local cache (or, when online,
-read remotely through the Hub's header-only API). Local layouts are read by `checkpoint_index`, through
-mergekit's own `ShardedTensorIndex` (the index the merge itself uses) and safetensors' `safe_open`.
+read remotely through the Hub's header-only API). Local layouts are read by `checkpoint_index`,
+through mergekit's own `ShardedTensorIndex` (the index the merge itself uses) and safetensors'
+`safe_open`.
 """
 
 from __future__ import annotations
@@ -51,12 +52,12 @@ def _file_index(path: str, model: str):
 
 
 def checkpoint_index(model: str, path: Optional[str] = None):
-    """mergekit's `ShardedTensorIndex` of a local checkpoint: a ``.safetensors`` file, a directory with
-    ``model.safetensors`` or shards and ``model.safetensors.index.json`` (read by mergekit), or a directory
-    of other ``*.safetensors`` files (a PEFT adapter's ``adapter_model.safetensors``).
+    """mergekit's `ShardedTensorIndex` of a local checkpoint: a ``.safetensors`` file, a directory
+    with ``model.safetensors`` or shards and ``model.safetensors.index.json`` (read by mergekit), or
+    a directory of other ``*.safetensors`` files (a PEFT adapter's ``adapter_model.safetensors``).
 
-    Safetensors only: a pickle-only checkpoint is refused with a fix, never unpickled (mergekit's own
-    fallback would ``torch.load`` a ``pytorch_model.bin``). Every listed shard must exist.
+    Safetensors only: a pickle-only checkpoint is refused with a fix, never unpickled (mergekit's
+    own fallback would ``torch.load`` a ``pytorch_model.bin``). Every listed shard must exist.
     """
     from mergekit.io import ShardedTensorIndex, ShardInfo
 
@@ -109,7 +110,10 @@ def checkpoint_index(model: str, path: Optional[str] = None):
             raise FisherInputError(
                 "no .safetensors files in the model directory",
                 model=model,
-                fix="point --model at a Hugging Face checkpoint directory (with config.json and *.safetensors)",
+                fix=(
+                    "point --model at a Hugging Face checkpoint directory (with config.json and "
+                    "*.safetensors)"
+                ),
             )
         parts = [_file_index(os.path.join(path, name), model) for name in files]
         tensor_paths = {name: shard for part in parts for name, shard in part.tensor_paths.items()}
@@ -164,7 +168,8 @@ def _hub_shapes(repo_id: str) -> Dict[str, Tuple[int, ...]]:
         metadata = huggingface_hub.get_safetensors_metadata(repo_id)
     except Exception as error:
         raise FisherInputError(
-            f"model not found: not a local path, and the Hub could not be asked ({error.__class__.__name__})",
+            "model not found: not a local path, and the Hub could not be asked "
+            f"({error.__class__.__name__})",
             model=repo_id,
             fix="pass the local checkpoint directory (absolute path)",
         ) from None
@@ -176,10 +181,12 @@ def _hub_shapes(repo_id: str) -> Dict[str, Tuple[int, ...]]:
 
 
 def tied_aliases(model: str, stored: Iterable[str]) -> Dict[str, str]:
-    """Names the checkpoint does not store but that mergekit reads from a stored tensor -> that tensor.
+    """Names the checkpoint does not store but that mergekit reads from a stored tensor -> that
+    tensor.
 
-    A tied model stores ``model.embed_tokens.weight`` only; mergekit's architecture lists ``lm_head.weight``
-    with it as a tied name. Local checkpoint directories only (config.json); {} when unknown.
+    A tied model stores ``model.embed_tokens.weight`` only; mergekit's architecture lists
+    ``lm_head.weight`` with it as a tied name. Local checkpoint directories only (config.json); {}
+    when unknown.
     """
     path = os.path.abspath(os.path.expanduser(str(model)))
     if not os.path.isfile(os.path.join(path, "config.json")):
@@ -237,7 +244,8 @@ _SAMPLE_BYTES = 64  # per sample; three samples (start, middle, end) of every te
 
 
 def _read_header(fd: int, shard_path: str, model: str) -> Tuple[dict, int]:
-    """A safetensors file's JSON header and where its data starts (u64 little-endian size, JSON, data)."""
+    """A safetensors file's JSON header and where its data starts (u64 little-endian size, JSON,
+    data)."""
     try:
         (size,) = struct.unpack("<Q", os.pread(fd, 8, 0))
         if size > 100_000_000:
@@ -251,14 +259,16 @@ def _read_header(fd: int, shard_path: str, model: str) -> Tuple[dict, int]:
 
 
 def model_fingerprint(model: str, path: Optional[str] = None) -> str:
-    """The identity of a local checkpoint's weights, cheap enough to take before every compute, resume
-    and merge: sha256 over the sorted (tensor name, dtype, shape) of its safetensors headers plus three
-    64-byte samples (start, middle, end) of every tensor's data -- a few KB read in all, no tensor loaded.
+    """The identity of a local checkpoint's weights, cheap enough to take before every compute,
+    resume and merge: sha256 over the sorted (tensor name, dtype, shape) of its safetensors headers
+    plus three 64-byte samples (start, middle, end) of every tensor's data -- a few KB read in all,
+    no tensor loaded.
 
-    The same weights give the same fingerprint wherever they are copied and however they are sharded;
-    a replaced, fine-tuned or LoRA-merged model of the same architecture gives another (its weights differ
-    everywhere). It is not a hash of every byte: a change confined to a few rows can go unseen.
-    The one fingerprint function: `compute` records it, resume, `combine` and the merge compare it.
+    The same weights give the same fingerprint wherever they are copied and however they are
+    sharded; a replaced, fine-tuned or LoRA-merged model of the same architecture gives another (its
+    weights differ everywhere). It is not a hash of every byte: a change confined to a few rows can
+    go unseen. The one fingerprint function: `compute` records it, resume, `combine` and the merge
+    compare it.
     """
     index = checkpoint_index(model, path)
     entries = []
@@ -301,7 +311,8 @@ def model_fingerprint(model: str, path: Optional[str] = None) -> str:
 
 
 def cached_snapshot(repo_id: str, revision: Optional[str] = None) -> Optional[str]:
-    """The local snapshot directory of a Hub model in the cache (its name is the commit), or None."""
+    """The local snapshot directory of a Hub model in the cache (its name is the commit), or
+    None."""
     if (
         os.path.exists(os.path.expanduser(repo_id))
         or repo_id.count("/") != 1

@@ -40,7 +40,8 @@ WEIGHT = FiniteFloatRange(min=0.0, min_open=True)
 
 
 def _check_weights(weights: Sequence[float], count: int) -> Optional[List[float]]:
-    """The --weights given (already numbers > 0, finite), one per input; None when none were given."""
+    """The --weights given (already numbers > 0, finite), one per input; None when none were
+    given."""
     if not weights:
         return None
     if len(weights) != count:
@@ -75,14 +76,20 @@ def _check_compatible(files: Sequence[FisherFile]) -> None:
                 f"tensor present in {first.path} but missing here",
                 file=fisher.path,
                 tensor=name,
-                fix="combine only Fisher files of the same model computed the same way (same tensors)",
+                fix=(
+                    "combine only Fisher files of the same model computed the same way (same "
+                    "tensors)"
+                ),
             )
         for name in sorted(theirs - ours)[:1]:
             raise FisherInputError(
                 f"tensor present here but missing in {first.path}",
                 file=fisher.path,
                 tensor=name,
-                fix="combine only Fisher files of the same model computed the same way (same tensors)",
+                fix=(
+                    "combine only Fisher files of the same model computed the same way (same "
+                    "tensors)"
+                ),
             )
         for name in names:
             a, b = first.header(name).shape, fisher.header(name).shape
@@ -106,14 +113,16 @@ def _check_compatible(files: Sequence[FisherFile]) -> None:
 
 
 def _check_same_model(files: Sequence[FisherFile], allow_different_models: bool) -> None:
-    """Fishers of different models (or adapters) average into the Fisher of neither: refused, unless asked."""
+    """Fishers of different models (or adapters) average into the Fisher of neither: refused, unless
+    asked."""
     recorded = [(f, identity_of(f.config) if f.config is not None else {}) for f in files]
     unknown = [f.path for f, identity in recorded if not identity.get("model")]
     if unknown and len(unknown) < len(
         files
     ):  # (none records a model: nothing to compare, as before)
         log.warning(
-            "cannot check that these Fisher files belong to the same model as the others (they record "
+            "cannot check that these Fisher files belong to the same model as the others (they "
+            "record "
             "no model): %s",
             ", ".join(unknown),
         )
@@ -125,7 +134,8 @@ def _check_same_model(files: Sequence[FisherFile], allow_different_models: bool)
             continue
         if allow_different_models:
             log.warning(
-                "combining Fisher files of different models (--allow-different-models): %s is for %s, "
+                "combining Fisher files of different models (--allow-different-models): %s is for "
+                "%s, "
                 "%s is for %s",
                 first.path,
                 describe(first_identity),
@@ -134,10 +144,15 @@ def _check_same_model(files: Sequence[FisherFile], allow_different_models: bool)
             )
             return
         raise FisherInputError(
-            f"the Fisher files are for different models: {first.path} is for {describe(first_identity)}, "
-            f"this one for {describe(identity)} (the {differs} differ{'s' if ' and ' not in differs else ''})",
+            f"the Fisher files are for different models: {first.path} is for "
+            f"{describe(first_identity)}, "
+            f"this one for {describe(identity)} (the {differs} "
+            f"differ{'s' if ' and ' not in differs else ''})",
             file=fisher.path,
-            fix="combine only Fisher files of one model, or pass --allow-different-models if you mean it",
+            fix=(
+                "combine only Fisher files of one model, or pass --allow-different-models if you "
+                "mean it"
+            ),
         )
 
 
@@ -248,7 +263,8 @@ def _write_combined(files, weights, norm, out_abs, max_shard_size, overwrite) ->
     multiple=True,
     callback=flatten,
     metavar="N[,N...]",
-    help="A weight per input, in input order, instead of each file's num_examples (e.g. example counts): "
+    help="A weight per input, in input order, instead of each file's num_examples (e.g. example "
+    "counts): "
     "repeated (--weights 1000 --weights 250) or comma-separated (--weights 1000,250).",
 )
 @click.option(

@@ -1,4 +1,5 @@
-"""`mergekit-fisher convert IN OUT --model MODEL`: Fisher/importance data from other tools -> format v1.
+"""`mergekit-fisher convert IN OUT --model MODEL`: Fisher/importance data from other tools -> format
+v1.
 
 IN is a ``torch.save``d flat dict of tensors (loaded with ``weights_only=True`` only: no code runs),
 a ``.safetensors`` file, or a directory of either. Names are mapped onto MODEL's checkpoint names
@@ -58,15 +59,19 @@ CARRIED = (
 
 
 def _why_not_loaded(error: Exception) -> str:
-    """What made torch.load(weights_only=True) stop, in our words. Its own message advises retrying with
-    weights_only=False -- exactly what must not be done with an untrusted file -- so it is never repeated."""
+    """What made torch.load(weights_only=True) stop, in our words. Its own message advises retrying
+    with weights_only=False -- exactly what must not be done with an untrusted file -- so it is
+    never repeated."""
     text = str(error)
     match = re.search(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) ([\w.]+)", text)
     if match:
         return f"it holds a pickled Python object ({match.group(1)}), not only tensors"
     match = re.search(r"Unsupported operand (\d+)", text)
     if match:
-        return f"its pickle uses an instruction a dict of tensors does not need (opcode {match.group(1)})"
+        return (
+            "its pickle uses an instruction a dict of tensors does not need (opcode "
+            f"{match.group(1)})"
+        )
     if isinstance(error, pickle.UnpicklingError) or "Weights only load failed" in text:
         return "its pickle holds something other than a dict of tensors"
     lines = [
@@ -88,9 +93,9 @@ def _load_torch(path: str) -> Dict[str, torch.Tensor]:
         Exception
     ) as error:  # UnpicklingError (disallowed globals), RuntimeError/KeyError (not a torch file)
         raise FisherInputError(
-            f"refusing it: {_why_not_loaded(error)}. By design, convert reads a torch.save file only as a "
-            "plain dict of tensors (torch.load with weights_only=True) and never unpickles anything else: "
-            "unpickling can run arbitrary code",
+            f"refusing it: {_why_not_loaded(error)}. By design, convert reads a torch.save file "
+            "only as a plain dict of tensors (torch.load with weights_only=True) and never "
+            "unpickles anything else: unpickling can run arbitrary code",
             file=path,
             kind="input file",
             fix="export the tensors as a .safetensors file, or as a plain dict "
@@ -243,7 +248,9 @@ def _checked(
             f"dtype {values.dtype} is not floating point",
             file=path,
             tensor=where,
-            fix="Fisher values are floats (mean squared gradients); convert only importance tensors",
+            fix=(
+                "Fisher values are floats (mean squared gradients); convert only importance tensors"
+            ),
         )
     if tuple(values.shape) != tuple(shape):
         transposed = tuple(values.shape) == tuple(reversed(shape)) and len(shape) == 2
@@ -269,7 +276,10 @@ def _checked(
             f"{int((values < 0).sum())} negative value(s)",
             file=path,
             tensor=where,
-            fix="these are not squared gradients: a diagonal Fisher is a mean of squares and cannot be negative",
+            fix=(
+                "these are not squared gradients: a diagonal Fisher is a mean of squares and "
+                "cannot be negative"
+            ),
         )
     return values
 
@@ -292,7 +302,8 @@ def convert(
     fisher_type: Optional[str] = None,
     max_shard_size="5GB",
 ) -> List[str]:
-    """Convert; returns the report lines. Raises FisherInputError (nothing written) on any problem."""
+    """Convert; returns the report lines. Raises FisherInputError (nothing written) on any
+    problem."""
     out_abs = os.path.abspath(out)
     parse_shard_size(max_shard_size)  # a bad --max-shard-size fails before any work
     check_output_free(
@@ -313,11 +324,15 @@ def convert(
     if not match.mapping:
         examples = ", ".join(source.names()[:3]) or "(no tensors)"
         raise FisherInputError(
-            f"none of the {len(source.names())} input tensors matches a tensor of the model (e.g. {examples})",
+            f"none of the {len(source.names())} input tensors matches a tensor of the model (e.g. "
+            f"{examples})",
             file=source.path,
             model=model,
-            fix="check that IN was computed for this model; names must be the checkpoint's (wrappers such as "
-            "`module.`, `base_model.model.`, `_orig_mod.` are stripped automatically)",
+            fix=(
+                "check that IN was computed for this model; names must be the checkpoint's "
+                "(wrappers such as `module.`, `base_model.model.`, `_orig_mod.` are stripped "
+                "automatically)"
+            ),
         )
     identity = model_identity(model)
     if source.identity.get("model"):
@@ -355,7 +370,8 @@ def convert(
     lines = [
         f"converted {source.path} -> {out_abs}",
         f"  matched: {len(match.mapping)} of {len(source.names())} input tensors "
-        f"({len(match.renamed)} renamed); model tensors covered: {len(tensors)} of {len(model_shapes)}",
+        f"({len(match.renamed)} renamed); model tensors covered: {len(tensors)} of "
+        f"{len(model_shapes)}",
     ]
     lines += _listing("renamed", [f"{s} -> {t}" for s, t in match.renamed.items()])
     lines += _listing(
@@ -403,7 +419,8 @@ def convert(
 def convert_command(
     source, out, model, num_examples, fisher_type, max_shard_size, overwrite
 ) -> None:
-    """Convert Fisher/importance tensors IN (torch.save dict, .safetensors, or a directory) to format v1 at OUT."""
+    """Convert Fisher/importance tensors IN (torch.save dict, .safetensors, or a directory) to
+    format v1 at OUT."""
     lines = convert(
         source,
         out,

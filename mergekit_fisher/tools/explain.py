@@ -3,9 +3,10 @@
 It plans the merge with mergekit's own planner -- so it validates the recipe and every Fisher file
 through exactly the code path (and messages) the merge uses -- then, instead of merging, loads each
 planned output tensor's Fishers (normalized as the recipe says) and reports, per layer and module
-type, each model's share of the Fisher mass Σ wᵢF̃ᵢ (normalized, floored): the effective weight the merge gives
-it there. It also reports the fraction of elements where the floor decides (every model's
-normalized Fisher below the floor, so the merge there is close to the plain weighted average).
+type, each model's share of the Fisher mass Σ wᵢF̃ᵢ (normalized, floored): the effective weight the
+merge gives it there. It also reports the fraction of elements where the floor decides (every
+model's normalized Fisher below the floor, so the merge there is close to the plain weighted
+average).
 
 Vocabulary rows are counted as stored in each model (before a tokenizer merge would permute them):
 a permutation moves rows but hardly changes the masses.
@@ -51,7 +52,8 @@ def _label_parts(model) -> list:
 
 
 def model_labels(models) -> Dict[object, str]:
-    """Short, unique display labels: the last path component, more components only where two collide."""
+    """Short, unique display labels: the last path component, more components only where two
+    collide."""
     depth = 1
     while True:
         labels = {
@@ -138,7 +140,8 @@ def plan_recipe(
     for model in config.referenced_models():
         LoaderCache().get(model)
     planner = MergePlanner(config, arch_info, options=options, out_model_config=out_config)
-    # `_plan()` builds every tensor task (running our validation) without the writer/return wrappers.
+    # `_plan()` builds every tensor task (running our validation) without the writer/return
+    # wrappers.
     planner._plan()
     return config, list(planner._tensors)
 
@@ -264,10 +267,12 @@ def format_explanation(report: dict) -> str:
     lines.append(format_table(headers, rows))
     lines.append("")
     lines.append(
-        "share: each model's part of the Fisher mass Σ weight·(normalized Fisher + floor) -- the effective"
+        "share: each model's part of the Fisher mass Σ weight·(normalized Fisher + floor) -- the "
+        "effective"
     )
     lines.append(
-        "weight the merge gives it there. floor decides: elements where every model's normalized Fisher"
+        "weight the merge gives it there. floor decides: elements where every model's normalized "
+        "Fisher"
     )
     lines.append(
         "is at or below fisher_floor, so the merge is close to the plain weighted average."
@@ -305,7 +310,8 @@ def shares_for_plot(report: dict) -> Dict[str, Dict[int, List[float]]]:
 def explain_command(
     recipe: str, plot_path: Optional[str], as_json: bool, lora_merge_cache: Optional[str]
 ) -> None:
-    """Validate RECIPE like the merge would and show each model's Fisher share per layer and module."""
+    """Validate RECIPE like the merge would and show each model's Fisher share per layer and
+    module."""
     report = build_explanation(recipe, lora_merge_cache)
     if plot_path:
         from mergekit_fisher.tools.plotting import plot_share_heatmap

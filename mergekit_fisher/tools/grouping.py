@@ -15,7 +15,8 @@ from mergekit_fisher.choices import Grouping
 
 # Containers whose next segment is the block (layer) index.
 LAYER_CONTAINERS = ("layers", "h", "blocks", "layer", "block")
-# Leading wrapper segments that say nothing about the module (model classes, PEFT, DDP, torch.compile).
+# Leading wrapper segments that say nothing about the module (model classes, PEFT, DDP,
+# torch.compile).
 ROOT_SEGMENTS = {
     "base_model",
     "model",
@@ -48,7 +49,8 @@ def _strip_peft(parts: list) -> list:
 
 
 def _drop_leaf(parts: list) -> list:
-    """Drop the parameter name (weight, bias, ...) unless it is itself the module (LoRA embeddings)."""
+    """Drop the parameter name (weight, bias, ...) unless it is itself the module (LoRA
+    embeddings)."""
     if len(parts) > 1 and parts[-1] not in LORA_PARTS:
         return parts[:-1]
     return parts

@@ -60,9 +60,10 @@ def coverage(
 ) -> dict:
     """Which model tensors the Fisher file covers: missing, extra, and shape mismatches.
 
-    `aliases`: names the checkpoint does not store but mergekit reads from a stored tensor (a tied lm_head).
-    A Fisher entry under such a name is not "extra": it is listed apart as tied. It does not cover the stored
-    tensor, whose own output the merge looks up under the stored name only (merge/sources.py).
+    `aliases`: names the checkpoint does not store but mergekit reads from a stored tensor (a tied
+    lm_head). A Fisher entry under such a name is not "extra": it is listed apart as tied. It does
+    not cover the stored tensor, whose own output the merge looks up under the stored name only
+    (merge/sources.py).
     """
     aliases = aliases or {}
     tied = {
@@ -172,7 +173,8 @@ def build_report(path: str, model: Optional[str], by: str) -> dict:
             and (cov["missing"] or cov["extra"])
         ):
             cov["note"] = (
-                "adapter-space Fisher (lora_A/lora_B names): pass the adapter directory as --model, "
+                "adapter-space Fisher (lora_A/lora_B names): pass the adapter directory as "
+                "--model, "
                 "not the base checkpoint"
             )
     return _clean(report)
@@ -187,7 +189,8 @@ def _provenance_lines(report: dict) -> List[str]:
     lines = [f"Fisher file:  {report['path']} ({where})"]
     if config is None:
         lines.append(
-            "format:       no fisher_config found: provenance unknown (not written by mergekit-fisher?)"
+            "format:       no fisher_config found: provenance unknown (not written by "
+            "mergekit-fisher?)"
         )
     else:
         lines.append(f"format:       {config.get('format')} v{config.get('format_version')}")
@@ -251,8 +254,10 @@ def _table(report: dict) -> str:
 
 def _coverage_lines(cov: dict) -> List[str]:
     lines = [
-        f"coverage of {cov['model']}: {cov['covered']} of {cov['model_tensors']} model tensors covered; "
-        f"missing {len(cov['missing'])}, extra {len(cov['extra'])}, shape mismatches {len(cov['shape_mismatches'])}"
+        f"coverage of {cov['model']}: {cov['covered']} of {cov['model_tensors']} model tensors "
+        "covered; "
+        f"missing {len(cov['missing'])}, extra {len(cov['extra'])}, shape mismatches "
+        f"{len(cov['shape_mismatches'])}"
     ]
     if cov.get("note"):
         lines.append(f"  note: {cov['note']}")
@@ -263,7 +268,8 @@ def _coverage_lines(cov: dict) -> List[str]:
         for name, stored in cov.get("tied", {}).items()
     ]
     lines += [
-        f"  shape:    {m['name']}: Fisher {tuple(m['fisher_shape'])} vs model {tuple(m['model_shape'])}"
+        f"  shape:    {m['name']}: Fisher {tuple(m['fisher_shape'])} vs model "
+        f"{tuple(m['model_shape'])}"
         for m in cov["shape_mismatches"]
     ]
     return lines
@@ -312,7 +318,10 @@ def has_problems(report: dict) -> bool:
 @click.option(
     "--check",
     is_flag=True,
-    help="Exit with status 1 when values are non-finite/negative, the config sum disagrees, or coverage is incomplete.",
+    help=(
+        "Exit with status 1 when values are non-finite/negative, the config sum disagrees, or "
+        "coverage is incomplete."
+    ),
 )
 def inspect_command(
     fisher: str, model: Optional[str], by: Grouping, as_json: bool, check: bool

@@ -24,7 +24,8 @@ INNER_WRAPPERS = {"_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_modu
 
 
 def normalize(name: str) -> str:
-    """``module.base_model.model.model.layers.0.q_proj.base_layer.weight`` -> ``model.layers.0.q_proj.weight``."""
+    """``module.base_model.model.model.layers.0.q_proj.base_layer.weight`` ->
+    ``model.layers.0.q_proj.weight``."""
     changed = True
     while changed:
         changed = False

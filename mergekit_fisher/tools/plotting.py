@@ -40,7 +40,8 @@ def _layer_label(layer) -> str:
 def figure_pixels(
     num_panels: int, panel_size: Tuple[float, float] = PANEL_SIZE, dpi: int = DPI
 ) -> Tuple[int, int]:
-    """(width, height) in pixels of the PNG `plot_share_heatmap` writes for `num_panels` module types."""
+    """(width, height) in pixels of the PNG `plot_share_heatmap` writes for `num_panels` module
+    types."""
     return round(panel_size[0] * num_panels * dpi), round(panel_size[1] * dpi)
 
 
