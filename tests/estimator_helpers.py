@@ -1,4 +1,5 @@
-"""Shared helpers for the estimator tests (run the estimator in-process, tokenize like the reference)."""
+"""Shared helpers for the estimator tests (run the estimator in-process, tokenize like the
+reference)."""
 
 from __future__ import annotations
 
@@ -22,7 +23,8 @@ def compute(model_dir: str, out_dir: str, data: str, **options) -> Dict[str, tor
 
 
 def lm_reference_examples(tokenizer, rows):
-    """(input_ids, labels) exactly as documented: text -> every token; prompt/completion -> completion + eos."""
+    """(input_ids, labels) exactly as documented: text -> every token; prompt/completion ->
+    completion + eos."""
     out = []
     for row in rows:
         if "text" in row:
@@ -40,8 +42,8 @@ def lm_reference_examples(tokenizer, rows):
 def assert_fisher_close(
     actual: Dict[str, torch.Tensor], expected: Dict[str, torch.Tensor], rtol: float = 1e-5
 ):
-    """Every tensor: |a - e| <= rtol * |e| + rtol * 1e-3 * max|e| (the tiny absolute part only absorbs
-    float32 storage of values ~1e-3 of the tensor's largest)."""
+    """Every tensor: |a - e| <= rtol * |e| + rtol * 1e-3 * max|e| (the tiny absolute part only
+    absorbs float32 storage of values ~1e-3 of the tensor's largest)."""
     assert set(actual) == set(expected), sorted(set(actual) ^ set(expected))
     for name, value in expected.items():
         value = value.double()

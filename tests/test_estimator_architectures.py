@@ -1,6 +1,6 @@
-"""Other module types on the fast path: GPT-2 (HF Conv1D, LayerNorm with bias, learned position embeddings
-whose output starts the graph, tied wte/lm_head) equals brute force; `--device-map` (GPUs only) gives the
-single-device result."""
+"""Other module types on the fast path: GPT-2 (HF Conv1D, LayerNorm with bias, learned position
+embeddings whose output starts the graph, tied wte/lm_head) equals brute force; `--device-map` (GPUs
+only) gives the single-device result."""
 
 from __future__ import annotations
 
@@ -82,8 +82,8 @@ def _brute_force(model_dir, tokenizer_dir):
 
 FLOAT64 = dict(fisher_type="empirical", batch_size=2, dtype="float64", accumulator_dtype="float64")
 
-# On a CPU-only machine `--device-map auto` loads the whole model on the CPU with no accelerate hooks:
-# the same code as a plain run, so there is nothing to compare there. These need GPUs.
+# On a CPU-only machine `--device-map auto` loads the whole model on the CPU with no accelerate
+# hooks: the same code as a plain run, so there is nothing to compare there. These need GPUs.
 
 
 @pytest.mark.skipif(
@@ -101,7 +101,8 @@ def test_device_map_auto_on_a_gpu_equals_brute_force_and_the_plain_run(tokenizer
 
 
 def _split_over_two_gpus(model_dir):
-    """Layer-wise map: embeddings and the first half of the layers on cuda:0, the rest and lm_head on cuda:1."""
+    """Layer-wise map: embeddings and the first half of the layers on cuda:0, the rest and lm_head
+    on cuda:1."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     with torch.device("meta"):
@@ -134,13 +135,14 @@ def _auto_spreads_over_gpus(model_dir) -> bool:
 @pytest.mark.parametrize("how", ["auto", "explicit"])
 def test_device_map_over_two_gpus_equals_the_single_device_run(tokenizer_dir, tmp_path, how):
     """The model's layers on different GPUs (accelerate hooks move activations between them; the
-    per-example gradient terms of a layer meet its accumulator on its own device): same Fisher as the
-    plain single-device run, and as brute force."""
+    per-example gradient terms of a layer meet its accumulator on its own device): same Fisher as
+    the plain single-device run, and as brute force."""
     model_dir, data = _device_map_world(tmp_path, tokenizer_dir, layers=4)
     if how == "auto":
         if not _auto_spreads_over_gpus(model_dir):
             pytest.skip(
-                "device_map='auto' put this tiny model on a single GPU; the explicit map covers the split"
+                "device_map='auto' put this tiny model on a single GPU; "
+                "the explicit map covers the split"
             )
         device_map = "auto"
     else:

@@ -32,7 +32,8 @@ def test_txt_saved_dataset_and_dataset_repo_equal_jsonl(tokenizer_dir, tmp_path)
     txt.write_text("\n".join(texts) + "\n\n")
     saved = str(tmp_path / "ds")
     datasets.Dataset.from_dict({"text": texts, "source": ["x"] * 4}).save_to_disk(saved)
-    # laid out like a hub dataset repository (what `load_dataset("user/name")` downloads): parquet under data/
+    # laid out like a hub dataset repository (what `load_dataset("user/name")` downloads):
+    # parquet under data/
     repo = tmp_path / "repo"
     (repo / "data").mkdir(parents=True)
     datasets.Dataset.from_dict({"text": texts}).to_parquet(
@@ -71,7 +72,7 @@ def test_chat_messages_label_only_assistant_turns(tokenizer_dir, tmp_path):
     example = data.examples[0]
     assert len(example.labels) == len(example.input_ids)
     labelled = tokenizer.decode(
-        [t for t, l in zip(example.input_ids, example.labels) if l != IGNORE]
+        [t for t, label in zip(example.input_ids, example.labels) if label != IGNORE]
     )
     assert labelled == " jumps over</s> the lazy dog</s>"
     rendered = tokenizer.decode(example.input_ids)
@@ -87,18 +88,21 @@ def test_truncation_counted_and_shuffle_selects_by_seed(tokenizer_dir, tmp_path)
     )
     assert data.num_truncated == sum(n > 10 for n in lengths)
     assert [len(e.input_ids) for e in data.examples] == [min(n, 10) for n in lengths]
-    pick = lambda seed: [
-        e.input_ids
-        for e in prepare(
-            path,
-            tokenizer,
-            task="causal-lm",
-            num_examples=3,
-            max_length=64,
-            seed=seed,
-            shuffle=True,
-        ).examples
-    ]
+
+    def pick(seed):
+        return [
+            e.input_ids
+            for e in prepare(
+                path,
+                tokenizer,
+                task="causal-lm",
+                num_examples=3,
+                max_length=64,
+                seed=seed,
+                shuffle=True,
+            ).examples
+        ]
+
     assert pick(1) == pick(1) and pick(1) != pick(2)
     assert len(pick(1)) == 3
     other = tiny.write_jsonl(str(tmp_path / "e.jsonl"), [{"text": t} for t in tiny.CORPUS[:-1]])

@@ -1,8 +1,8 @@
-"""Data parallel over 2 CPU processes gives the Fisher of 1 process; a run interrupted with 2 processes
-resumes with 1. The 2-process runs start from a fresh interpreter: `accelerate launch --multi_gpu` (which
-runs torchrun; on a machine without GPUs each process falls back to CPU + gloo), plain `torchrun`, and
-`accelerate.debug_launcher` (which forks; forking a pytest process whose OpenMP pool is already
-running can deadlock, so it is launched from a clean `python -c`)."""
+"""Data parallel over 2 CPU processes gives the Fisher of 1 process; a run interrupted with 2
+processes resumes with 1. The 2-process runs start from a fresh interpreter: `accelerate launch
+--multi_gpu` (which runs torchrun; on a machine without GPUs each process falls back to CPU + gloo),
+plain `torchrun`, and `accelerate.debug_launcher` (which forks; forking a pytest process whose
+OpenMP pool is already running can deadlock, so it is launched from a clean `python -c`)."""
 
 from __future__ import annotations
 
@@ -68,7 +68,8 @@ COMMON = dict(
 
 
 LAUNCHERS = {
-    # `accelerate launch --cpu` goes through mpirun; --multi_gpu goes through torchrun and works on CPUs too
+    # `accelerate launch --cpu` goes through mpirun; --multi_gpu goes through torchrun and works on
+    # CPUs too
     "accelerate launch": [
         "-m",
         "accelerate.commands.accelerate_cli",

@@ -1,7 +1,9 @@
-"""Empirical / exact Fisher of `compute` against the brute-force batch-1 autograd loop (tiny.brute_force_fisher).
+"""Empirical / exact Fisher of `compute` against the brute-force batch-1 autograd loop
+(tiny.brute_force_fisher).
 
-The comparisons run the model in float64 (`--dtype float64 --accumulator-dtype float64`) so that float32
-round-off (batched vs batch-1 kernels) cannot blur a 1e-5 relative check; a float32 run is checked too.
+The comparisons run the model in float64 (`--dtype float64 --accumulator-dtype float64`) so that
+float32 round-off (batched vs batch-1 kernels) cannot blur a 1e-5 relative check; a float32 run is
+checked too.
 """
 
 from __future__ import annotations
@@ -72,7 +74,8 @@ def test_empirical_lm_equals_brute_force(world, tmp_path, tie, batch_size):
 
 
 def test_tied_fisher_is_not_sum_of_separate_squares(world, tmp_path):
-    """The trap: squaring embedding and lm_head contributions separately gives a different (wrong) value."""
+    """The trap: squaring embedding and lm_head contributions separately gives a different (wrong)
+    value."""
     model = LlamaForCausalLM.from_pretrained(world["lm_tieTrue"], dtype=torch.float64)
     examples = lm_reference_examples(world["tokenizer"], LM_ROWS)
     right = tiny.brute_force_fisher(model, examples)["model.embed_tokens.weight"]
@@ -106,7 +109,8 @@ def test_float32_run_close_to_brute_force(world, tmp_path):
         LlamaForCausalLM.from_pretrained(world["lm_tieFalse"], dtype=torch.float64),
         lm_reference_examples(world["tokenizer"], LM_ROWS),
     )
-    # float32 round-off differs between batched and batch-1 kernels: elementwise 1e-4, tensor-wise 1e-5
+    # float32 round-off differs between batched and batch-1 kernels:
+    # elementwise 1e-4, tensor-wise 1e-5
     assert_fisher_close(got, reference, rtol=1e-4)
     for name, value in reference.items():
         assert float((got[name].double() - value).norm() / value.norm()) < 1e-5, name
@@ -136,7 +140,8 @@ def test_seq_cls_equals_brute_force(world, tmp_path, fisher_type, batch_size):
 
 
 def test_padding_does_not_leak(world, tmp_path):
-    """Same examples, once padded next to a long one and once alone: same Fisher for the short ones."""
+    """Same examples, once padded next to a long one and once alone: same Fisher for the short
+    ones."""
     rows = [{"text": "short"}, {"text": "tiny text"}]
     long_rows = rows + [{"text": " ".join(tiny.CORPUS)}]
     alone = compute(
@@ -176,9 +181,10 @@ def test_padding_does_not_leak(world, tmp_path):
 def test_row_blocked_per_example_gradients_equal_brute_force(
     world, tmp_path, monkeypatch, strategy, tie
 ):
-    """Big weights are formed in row blocks (memory / cache); force 1-row blocks and check nothing changes,
-    for both ways of forming per-example gradients (the CPU's per-example loop, the GPU's batched bmm), and
-    for a tied embedding / lm_head (its two terms are summed block by block before squaring)."""
+    """Big weights are formed in row blocks (memory / cache); force 1-row blocks and check nothing
+    changes, for both ways of forming per-example gradients (the CPU's per-example loop, the GPU's
+    batched bmm), and for a tied embedding / lm_head (its two terms are summed block by block before
+    squaring)."""
     from mergekit_fisher.estimator import accumulator, outer_squares
 
     monkeypatch.setattr(outer_squares, "BLOCK_ELEMENTS_CPU", 1)
@@ -203,8 +209,8 @@ def test_row_blocked_per_example_gradients_equal_brute_force(
 
 
 def test_dropout_is_off_and_bf16_models_accumulate_in_float32(world, tmp_path, tokenizer_dir):
-    """A model saved with heavy attention dropout: the estimator must run it in eval mode (the brute force
-    does); a bfloat16 run still writes float32 values close to the float64 reference."""
+    """A model saved with heavy attention dropout: the estimator must run it in eval mode (the brute
+    force does); a bfloat16 run still writes float32 values close to the float64 reference."""
     model_dir = str(tmp_path / "dropout")
     tiny.make_llama(model_dir, seed=5, tokenizer_dir=tokenizer_dir, attention_dropout=0.5)
     reference = tiny.brute_force_fisher(
@@ -242,7 +248,8 @@ def test_dropout_is_off_and_bf16_models_accumulate_in_float32(world, tmp_path, t
 
 
 def test_engine_ignores_requires_grad_of_the_parameters(world):
-    """FisherEngine on a model straight from from_pretrained (parameters require grad) equals the frozen one."""
+    """FisherEngine on a model straight from from_pretrained (parameters require grad) equals the
+    frozen one."""
     from mergekit_fisher.estimator.data import collate, prepare
     from mergekit_fisher.estimator.engine import FisherEngine
 

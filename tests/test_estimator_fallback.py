@@ -1,4 +1,5 @@
-"""Parameters the hooks do not cover go through the exact batch-1 fallback; the total still equals brute force."""
+"""Parameters the hooks do not cover go through the exact batch-1 fallback; the total still equals
+brute force."""
 
 from __future__ import annotations
 
@@ -76,8 +77,8 @@ def test_fallback_covers_custom_modules_exactly(tokenizer_dir):
 
 
 class TableBias(nn.Module):
-    """A covered nn.Linear applied to a batch-less table; its result is broadcast over the batch. The
-    Linear's output gradient is a batch sum, so its weight must go to the exact fallback."""
+    """A covered nn.Linear applied to a batch-less table; its result is broadcast over the batch.
+    The Linear's output gradient is a batch sum, so its weight must go to the exact fallback."""
 
     def __init__(self, hidden: int):
         super().__init__()

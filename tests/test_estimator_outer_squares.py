@@ -1,6 +1,7 @@
-"""The two ways of squaring per-example linear-map gradients against a brute-force einsum, over every branch:
-wide and tall weights (transposed scratch), one or several examples per matmul, row blocks, padded tokens,
-zero-weight and all-padding examples, and a float64 accumulator fed float32 gradients."""
+"""The two ways of squaring per-example linear-map gradients against a brute-force einsum, over
+every branch: wide and tall weights (transposed scratch), one or several examples per matmul, row
+blocks, padded tokens, zero-weight and all-padding examples, and a float64 accumulator fed float32
+gradients."""
 
 from __future__ import annotations
 

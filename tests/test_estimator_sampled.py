@@ -1,9 +1,11 @@
-"""Sampled Fisher: an unbiased Monte Carlo estimate of the exact (expected) Fisher, checked statistically
-against an independent enumeration over every label; reproducible per seed and independent of batching.
+"""Sampled Fisher: an unbiased Monte Carlo estimate of the exact (expected) Fisher, checked
+statistically against an independent enumeration over every label; reproducible per seed and
+independent of batching.
 
-The references never look at how `compute` seeds its draws (that scheme is not part of the contract):
-with enough draws the estimate must land within a few Monte Carlo standard errors of the expectation,
-and estimators that are wrong in expectation (argmax labels, the data's own labels) must not."""
+The references never look at how `compute` seeds its draws (that scheme is not part of the
+contract): with enough draws the estimate must land within a few Monte Carlo standard errors of the
+expectation, and estimators that are wrong in expectation (argmax labels, the data's own labels)
+must not."""
 
 from __future__ import annotations
 
@@ -79,14 +81,16 @@ def world(tmp_path_factory, tokenizer_dir):
 
 
 def enumerated_lm_fishers(model, examples):
-    """(exact, argmax) by enumeration over every label at every predicted position, batch-1, float64.
+    """(exact, argmax) by enumeration over every label at every predicted position, batch-1,
+    float64.
 
-    exact: E over labels y_t drawn independently at every predicted position t from the model's p_t of
-    (∂/∂θ Σ_t log p_t(y_t))², element-wise. The score has mean 0 at each position, so the cross terms
-    vanish and the expectation is Σ_t Σ_c p_t(c) (∂ log p_t(c)/∂θ)².
-    argmax: all the weight on the most likely label instead -- a classic wrong estimator, to show that
-    the tolerance of the test tells a biased estimator apart.
-    Both from the full Jacobian of log p (positions × vocabulary) per example (torch.func.jacrev)."""
+    exact: E over labels y_t drawn independently at every predicted position t from the model's p_t
+    of (∂/∂θ Σ_t log p_t(y_t))², element-wise. The score has mean 0 at each position, so the cross
+    terms vanish and the expectation is Σ_t Σ_c p_t(c) (∂ log p_t(c)/∂θ)².
+    argmax: all the weight on the most likely label instead -- a classic wrong estimator, to show
+    that the tolerance of the test tells a biased estimator apart.
+    Both from the full Jacobian of log p (positions × vocabulary) per example
+    (torch.func.jacrev)."""
     from torch.func import functional_call, jacrev
 
     model = model.double().eval()
@@ -95,7 +99,10 @@ def enumerated_lm_fishers(model, examples):
     argmax = {n: torch.zeros_like(p) for n, p in params.items()}
     for ids, targets in examples:
         x = torch.tensor([ids])
-        logp = lambda p: torch.log_softmax(functional_call(model, p, (x,)).logits[0], -1)
+
+        def logp(p, x=x):
+            return torch.log_softmax(functional_call(model, p, (x,)).logits[0], -1)
+
         probs = logp(params).exp()
         top = probs.argmax(-1)
         jacobian = jacrev(logp)(params)  # name -> (positions, vocabulary, *shape)
@@ -142,9 +149,12 @@ def test_sampled_lm_is_an_unbiased_estimate_of_the_exact_fisher(world, tmp_path)
         dtype="float64",
         accumulator_dtype="float64",
     )
-    model = lambda: LlamaForCausalLM.from_pretrained(
-        world["small"], dtype=torch.float64, attn_implementation="eager"
-    )
+
+    def model():
+        return LlamaForCausalLM.from_pretrained(
+            world["small"], dtype=torch.float64, attn_implementation="eager"
+        )
+
     examples = lm_reference_examples(AutoTokenizer.from_pretrained(world["small"]), SMALL_ROWS)
     assert all(
         len(ids) >= 3 and set(ids) <= set(range(2, 7)) for ids, _ in examples
@@ -166,15 +176,17 @@ def test_sampled_lm_is_an_unbiased_estimate_of_the_exact_fisher(world, tmp_path)
 
 
 def test_sampled_reproducible_and_independent_of_batching(world, tmp_path):
-    run = lambda name, **kw: compute(
-        world["lm"],
-        str(tmp_path / name),
-        world["lm_data"],
-        fisher_type="sampled",
-        dtype="float64",
-        accumulator_dtype="float64",
-        **kw,
-    )
+    def run(name, **kw):
+        return compute(
+            world["lm"],
+            str(tmp_path / name),
+            world["lm_data"],
+            fisher_type="sampled",
+            dtype="float64",
+            accumulator_dtype="float64",
+            **kw,
+        )
+
     first = run("a", seed=1, batch_size=2)
     again = run("b", seed=1, batch_size=2)
     other_batching = run("c", seed=1, batch_size=5)
@@ -187,8 +199,8 @@ def test_sampled_reproducible_and_independent_of_batching(world, tmp_path):
 
 
 def test_sampled_mean_approaches_exact_on_classifier(world, tmp_path):
-    """References by brute force (tiny.brute_force_fisher): Σ_c p(c|x) g_c² for the exact Fisher, the data's
-    labels for the empirical one. Also: the draws do not depend on the batch size."""
+    """References by brute force (tiny.brute_force_fisher): Σ_c p(c|x) g_c² for the exact Fisher,
+    the data's labels for the empirical one. Also: the draws do not depend on the batch size."""
     from transformers import LlamaForSequenceClassification
 
     common = dict(task="seq-cls", dtype="float64", accumulator_dtype="float64")
@@ -217,16 +229,20 @@ def test_sampled_mean_approaches_exact_on_classifier(world, tmp_path):
     )
     tokenizer = world["tokenizer"]
     examples = [(tokenizer(r["text"])["input_ids"], r["label"]) for r in CLS_ROWS]
-    model = lambda: LlamaForSequenceClassification.from_pretrained(
-        world["cls"], dtype=torch.float64
-    )
+
+    def model():
+        return LlamaForSequenceClassification.from_pretrained(world["cls"], dtype=torch.float64)
+
     exact = tiny.brute_force_fisher(model(), examples, task="seq-cls", exact_classes=True)
     empirical = tiny.brute_force_fisher(model(), examples, task="seq-cls")
     names = sorted(exact)
     assert set(runs[0]) == set(names)
     target = _flat(exact, names)
     mean = sum(_flat(r, names) for r in runs) / len(runs)
-    error = lambda v: float((v - target).norm() / target.norm())
+
+    def error(v):
+        return float((v - target).norm() / target.norm())
+
     assert error(mean) < 0.05  # 400 draws per example (2 classes)
     assert error(mean) < error(_flat(runs[0], names))  # more draws, closer
     assert error(_flat(empirical, names)) > 5 * error(

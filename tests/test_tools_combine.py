@@ -1,4 +1,5 @@
-"""`mergekit-fisher combine`: the example-weighted mean of shard Fishers equals the all-data Fisher."""
+"""`mergekit-fisher combine`: the example-weighted mean of shard Fishers equals the all-data
+Fisher."""
 
 import os
 
@@ -16,7 +17,8 @@ def run(*args):
 
 
 def brute_force_fisher(model, examples):
-    """Empirical diagonal Fisher, one example at a time: mean over examples of grad(loss)^2, float64."""
+    """Empirical diagonal Fisher, one example at a time: mean over examples of grad(loss)^2,
+    float64."""
     total = {name: torch.zeros_like(p, dtype=torch.float64) for name, p in model.named_parameters()}
     for ids in examples:
         model.zero_grad()
@@ -167,7 +169,8 @@ def test_combine_of_real_compute_runs_equals_one_run(tmp_path, tokenizer_dir):
     shards = {"all": rows, "a": rows[:3], "b": rows[3:]}
     for key, part in shards.items():
         data = tiny.write_jsonl(str(tmp_path / f"{key}.jsonl"), part)
-        # batch size 1 and float64 accumulators: every run computes each example's gradient identically
+        # batch size 1 and float64 accumulators: every run computes each example's gradient
+        # identically
         result = run(
             "compute",
             model_dir,
@@ -220,8 +223,9 @@ def test_bad_shard_size_fails_before_any_work(tmp_path):
 
 
 def test_weights_repeated_or_comma_separated_and_refused_by_click(tmp_path):
-    """`--weights` is a multiple=True option: given twice it means what the comma form means; a weight that
-    is not a positive finite number is refused by click (exit 2, one `Error:` line) before any file is read."""
+    """`--weights` is a multiple=True option: given twice it means what the comma form means; a
+    weight that is not a positive finite number is refused by click (exit 2, one `Error:` line)
+    before any file is read."""
     write_fisher({"w": torch.tensor([1.0, 4.0])}, tmp_path / "a.safetensors")
     write_fisher({"w": torch.tensor([3.0, 0.0])}, tmp_path / "b.safetensors")
     inputs = [tmp_path / "a.safetensors", tmp_path / "b.safetensors"]
@@ -248,8 +252,8 @@ def test_weights_repeated_or_comma_separated_and_refused_by_click(tmp_path):
 
 
 def test_quiet_and_verbose_logging(tmp_path):
-    """The status line is a log message on stderr (stdout stays empty); -q hides it, -v adds debug lines and
-    the traceback of an error; both work before and after the command name."""
+    """The status line is a log message on stderr (stdout stays empty); -q hides it, -v adds debug
+    lines and the traceback of an error; both work before and after the command name."""
     write_fisher({"w": torch.ones(2)}, tmp_path / "a.safetensors", FisherConfig(num_examples=1))
     write_fisher({"w": torch.ones(2)}, tmp_path / "b.safetensors", FisherConfig(num_examples=3))
     inputs = [tmp_path / "a.safetensors", tmp_path / "b.safetensors"]

@@ -1,4 +1,5 @@
-"""`mergekit-fisher convert`: foreign names and containers -> format v1, checked against the model."""
+"""`mergekit-fisher convert`: foreign names and containers -> format v1, checked against the
+model."""
 
 import os
 
@@ -132,7 +133,8 @@ def _bad_inputs(tmp_path, shapes):
     cases = {}
     torch.save({"a": NotATensor()}, tmp_path / "object.pt")
     cases["object.pt"] = (
-        "refusing it: it holds a pickled Python object (test_tools_convert.NotATensor), not only tensors"
+        "refusing it: it holds a pickled Python object (test_tools_convert.NotATensor), "
+        "not only tensors"
     )
     (tmp_path / "junk.pt").write_text("not a torch file")
     cases["junk.pt"] = "refusing it: its pickle uses an instruction a dict of tensors does not need"

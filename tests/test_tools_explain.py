@@ -1,4 +1,5 @@
-"""`explain`: shares against hand-computed values; fails on bad recipes exactly as the merge does."""
+"""`explain`: shares against hand-computed values; fails on bad recipes exactly as the merge
+does."""
 
 from __future__ import annotations
 
@@ -23,8 +24,8 @@ def world(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def crafted(world, tmp_path_factory):
-    """model0: Fisher 1 everywhere but 3 on layer-0 q_proj and 0 on layer-1 k_proj; model1: 1 everywhere
-    but 0 on layer-1 k_proj (so there, both are 0 and the floor decides)."""
+    """model0: Fisher 1 everywhere but 3 on layer-0 q_proj and 0 on layer-1 k_proj; model1: 1
+    everywhere but 0 on layer-1 k_proj (so there, both are 0 and the floor decides)."""
     root = tmp_path_factory.mktemp("crafted")
     paths = []
     for index, model in enumerate(world.models):
@@ -111,8 +112,9 @@ def test_plot_is_a_valid_png(world, crafted, tmp_path):
 )
 def test_explain_fails_like_the_merge(world, tmp_path, case):
     """The same bad recipe through the stock `mergekit-yaml` command (the real merge) and through
-    `explain`: both fail, write no model, and their one `Error:` line names the problem this test planted
-    (the model, file, tensor or parameter), not the good model or its file -- the same line for both."""
+    `explain`: both fail, write no model, and their one `Error:` line names the problem this test
+    planted (the model, file, tensor or parameter), not the good model or its file -- the same line
+    for both."""
     fishers = list(world.fishers)
     shared = {}
     bad_model = world.models[1]
@@ -158,8 +160,8 @@ def test_explain_fails_like_the_merge(world, tmp_path, case):
 
 
 def test_uniform_fisher_counts_every_element(world, tmp_path):
-    """A tensor missing from model1's file gets a uniform Fisher (1 after mean normalization): its mass is
-    1·numel, not 1."""
+    """A tensor missing from model1's file gets a uniform Fisher (1 after mean normalization): its
+    mass is 1·numel, not 1."""
     values = {k: torch.ones_like(v) for k, v in world.states[world.models[0]].items()}
     full = str(tmp_path / "full")
     write_fisher(values, full)

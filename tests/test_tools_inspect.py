@@ -1,4 +1,5 @@
-"""`mergekit-fisher inspect`: statistics against hand-computed and brute-force values, coverage, JSON."""
+"""`mergekit-fisher inspect`: statistics against hand-computed and brute-force values, coverage,
+JSON."""
 
 import json
 import math
@@ -236,10 +237,11 @@ def test_coverage_missing_extra_and_shape_mismatch(tiny_model, tmp_path):
 
 
 def test_coverage_of_a_tied_model_knows_the_tied_lm_head(tmp_path):
-    """A tied checkpoint stores only the embedding; mergekit reads lm_head.weight from it. A Fisher file that
-    also has an lm_head.weight entry (converted from another tool) is complete, its lm_head entry is listed
-    as tied, not extra; with ONLY the lm_head entry the embedding is missing (the merge looks the embedding's
-    Fisher up under its own name). An untied checkpoint has no tied names."""
+    """A tied checkpoint stores only the embedding; mergekit reads lm_head.weight from it. A Fisher
+    file that also has an lm_head.weight entry (converted from another tool) is complete, its
+    lm_head entry is listed as tied, not extra; with ONLY the lm_head entry the embedding is missing
+    (the merge looks the embedding's Fisher up under its own name). An untied checkpoint has no tied
+    names."""
     tied_dir, untied_dir = tmp_path / "tied", tmp_path / "untied"
     tiny.make_llama(str(tied_dir), hidden=16, layers=1, vocab_size=64, tie=True)
     tiny.make_llama(str(untied_dir), hidden=16, layers=1, vocab_size=64, tie=False)
@@ -359,8 +361,8 @@ def test_adapter_space_coverage_against_the_adapter(tiny_model, tmp_path):
 
 
 def test_checkpoint_index_refuses_broken_layouts(tiny_model, tmp_path):
-    """The one model-index reader (mergekit's ShardedTensorIndex + safe_open): a broken index, a missing
-    shard and a pickle-only checkpoint each give one clear error; nothing is unpickled."""
+    """The one model-index reader (mergekit's ShardedTensorIndex + safe_open): a broken index, a
+    missing shard and a pickle-only checkpoint each give one clear error; nothing is unpickled."""
     import shutil
 
     from mergekit_fisher.errors import FisherInputError
@@ -386,7 +388,10 @@ def test_checkpoint_index_refuses_broken_layouts(tiny_model, tmp_path):
     os.remove(missing / first_shard)
     with pytest.raises(
         FisherInputError,
-        match=f"index entry '{first_shard}' names a shard that is missing \\(in model.safetensors.index.json\\)",
+        match=(
+            f"index entry '{first_shard}' names a shard that is missing "
+            "\\(in model.safetensors.index.json\\)"
+        ),
     ):
         checkpoint_shapes(str(missing))
 
