@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 
 from mergekit.common import ModelReference
 from mergekit.config import MergeConfiguration
@@ -100,3 +101,24 @@ def checked_architecture_info(original):
 
     get_architecture_info.checks_fisher_recipes = True
     return get_architecture_info
+
+
+def removing_failed_output(original):
+    """`run_merge` that, for a Fisher method, removes the OUT it created if the merge fails.
+
+    A value error found only when a tensor is loaded (`fisher_validate: headers`) stops the merge
+    after mergekit's writer created OUT; a directory that was not there before is removed again, so
+    a failed merge leaves nothing behind. An OUT that existed before is never touched.
+    """
+
+    def run_merge(merge_config, out_path, *args, **kwargs):
+        existed = os.path.exists(out_path)
+        try:
+            return original(merge_config, out_path, *args, **kwargs)
+        except BaseException:
+            if not existed and is_fisher_method(merge_config.merge_method):
+                shutil.rmtree(out_path, ignore_errors=True)
+            raise
+
+    run_merge.removes_failed_output = True
+    return run_merge

@@ -100,7 +100,7 @@ def patch_merge_entry() -> None:
     `generate_card`: the merged model's card cites the Fisher paper and lists the Fisher files.
     """
     from mergekit_fisher.merge.card import with_fisher_section
-    from mergekit_fisher.merge.preflight import checked_architecture_info
+    from mergekit_fisher.merge.preflight import checked_architecture_info, removing_failed_output
 
     module = importlib.import_module("mergekit.merge")
     current = module.get_architecture_info
@@ -108,6 +108,8 @@ def patch_merge_entry() -> None:
         module.get_architecture_info = checked_architecture_info(current)
     if not getattr(module.generate_card, "adds_fisher_section", False):
         module.generate_card = with_fisher_section(module.generate_card)
+    if not getattr(module.run_merge, "removes_failed_output", False):
+        module.run_merge = removing_failed_output(module.run_merge)
 
 
 def register() -> None:
