@@ -414,6 +414,21 @@ def _model_copy(ctx: Ctx, name: str = "mc") -> str:
     return target
 
 
+CHAT_TEMPLATE = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}</s>{% endfor %}"
+
+
+def _chat_model(ctx: Ctx) -> str:
+    """m with a chat template in its tokenizer: `messages` rows reach their field checks."""
+    model = _model_copy(ctx, "chat")
+    config_path = os.path.join(model, "tokenizer_config.json")
+    with open(config_path, encoding="utf-8") as fp:
+        config = json.load(fp)
+    config["chat_template"] = CHAT_TEMPLATE
+    with open(config_path, "w", encoding="utf-8") as fp:
+        json.dump(config, fp)
+    return model
+
+
 def _auto_map_model(ctx: Ctx) -> str:
     model = _model_copy(ctx, "remote")
     config_path = os.path.join(model, "config.json")
@@ -427,6 +442,14 @@ def _auto_map_model(ctx: Ctx) -> str:
     marker = ctx.path("remote_code_ran")
     with open(os.path.join(model, "modeling_evil.py"), "w", encoding="utf-8") as fp:
         fp.write(f"open({marker!r}, 'w').close()\n")
+    return model
+
+
+def _pickle_only_model(ctx: Ctx) -> str:
+    """m whose only weights are a hostile pytorch_model.bin: refused, never unpickled."""
+    model = _model_copy(ctx, "pickled")
+    os.remove(os.path.join(model, "model.safetensors"))
+    shutil.move(_hostile_pickle(ctx), os.path.join(model, "pytorch_model.bin"))
     return model
 
 
@@ -588,6 +611,23 @@ ROWS: Dict[str, Callable[[Ctx], Case]] = {
         c.path("out"),
         'num.jsonl:1: "prompt" is a number',
         data=tiny.write_jsonl(c.path("num.jsonl"), [{"prompt": 5, "completion": "x"}]),
+    ),
+    "compute/message-content-null": lambda c: _compute(
+        c,
+        _chat_model(c),
+        c.path("out"),
+        'chat.jsonl:1: message 2 "content" is null, not a string',
+        data=tiny.write_jsonl(
+            c.path("chat.jsonl"),
+            [
+                {
+                    "messages": [
+                        {"role": "user", "content": "hi"},
+                        {"role": "assistant", "content": None},
+                    ]
+                }
+            ],
+        ),
     ),
     "compute/data-not-utf8": lambda c: _compute(
         c,
@@ -806,6 +846,14 @@ ROWS: Dict[str, Callable[[Ctx], Case]] = {
         ["cannot write in", "Read-only"],
         roots=[c.fs("ro")],
     ),
+    "combine/another-run-holds-the-lock": lambda c: (
+        _hold_lock(c, c.path("out")),
+        Case(
+            "combine",
+            [c.world.fisher_m, c.world.fisher_m, c.path("out")],
+            ["another run", "out.lock"],
+        ),
+    )[1],
     # ---- convert
     "convert/hostile-pickle": lambda c: Case(
         "convert",
@@ -837,6 +885,14 @@ ROWS: Dict[str, Callable[[Ctx], Case]] = {
         roots=[c.fs("full")],
     ),
     # ---- eval
+    "eval/pickle-only-model": lambda c: (
+        lambda model: Case(
+            "eval",
+            [model, "--data", c.world.data],
+            ["pickle-only", "refusing to unpickle", model],
+            marker=c.path("pwned"),
+        )
+    )(_pickle_only_model(c)),
     "eval/truncated-model": lambda c: (
         lambda model: Case("eval", [model, "--data", c.world.data], ["model.safetensors", model])
     )(_truncated_model(c)),

@@ -327,6 +327,18 @@ def _chat_example(tokenizer, messages, where: str, inputs=None) -> Tuple[List[in
             file=file,
             fix='write messages as [{"role": "user", "content": "..."}, ...]',
         )
+    for number, message in enumerate(messages, 1):
+        # text, or content parts (a list) for templates that take them; null only beside tool_calls
+        content = message.get("content")
+        if not (
+            isinstance(content, (str, list)) or (content is None and message.get("tool_calls"))
+        ):
+            kind = "null" if content is None else type(content).__name__
+            raise DataError(
+                f'{where}: message {number} "content" is {kind}, not a string',
+                file=file,
+                fix='write each message\'s "content" as a JSON string',
+            )
 
     def render(turns, generation_prompt: bool) -> str:
         return tokenizer.apply_chat_template(
