@@ -25,12 +25,14 @@ elsewhere they are skipped with the reason.
 
 from __future__ import annotations
 
+import atexit
 import fcntl
 import hashlib
 import json
 import logging
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -142,15 +144,33 @@ def filesystems(tmp_path_factory):
     skip reasons."""
     root = str(tmp_path_factory.mktemp("filesystems"))
     mounted, result = [], {}
-    for name, size, read_only in (("full", "64k", False), ("ro", "1m", True)):
-        path = os.path.join(root, name)
-        reason = _mount_tmpfs(path, size, read_only)
-        result[name] = (path, reason)
-        if reason is None:
-            mounted.append(path)
-    yield result
-    for path in mounted:
-        subprocess.run(["umount", path], capture_output=True, timeout=30)
+
+    def unmount():
+        while mounted:
+            subprocess.run(["umount", "-l", mounted.pop()], capture_output=True, timeout=30)
+
+    # a mount outlives the process: unmount on SIGTERM (`timeout`, a cancelled CI job) and at exit,
+    # not only in the teardown (a SIGKILL still leaks them: `umount -l` the `filesystems*` folders)
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def on_term(signum, frame):
+        unmount()
+        raise KeyboardInterrupt("SIGTERM")
+
+    signal.signal(signal.SIGTERM, on_term)
+    atexit.register(unmount)
+    try:
+        for name, size, read_only in (("full", "64k", False), ("ro", "1m", True)):
+            path = os.path.join(root, name)
+            reason = _mount_tmpfs(path, size, read_only)
+            result[name] = (path, reason)
+            if reason is None:
+                mounted.append(path)
+        yield result
+    finally:
+        unmount()
+        signal.signal(signal.SIGTERM, previous)
+        atexit.unregister(unmount)
 
 
 # ---------------------------------------------------------------- snapshots
