@@ -60,6 +60,13 @@ class Dtype(StrChoice):
     FLOAT64 = "float64"
 
 
+class SaveDtype(StrChoice):
+    """dtype of the stored Fisher tensors (`compute --save-dtype`)."""
+
+    FLOAT32 = "float32"
+    BFLOAT16 = "bfloat16"
+
+
 class AccumulatorDtype(StrChoice):
     FLOAT32 = "float32"
     FLOAT64 = "float64"

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from typing import Dict, Optional, Tuple
+from typing import Dict, Optional
 
 import torch
 from safetensors import safe_open
@@ -43,11 +43,26 @@ def checkpoint_identity_state(identity: dict) -> dict:
     }
 
 
-def load_checkpoint(
-    path: str, fingerprint: str, identity: Optional[dict] = None
-) -> Optional[Tuple[Dict[str, torch.Tensor], dict]]:
-    """The sums and state of a checkpoint written by the same run: the same options and data
-    (`fingerprint`) and the same weights (`identity`'s fingerprints); anything else is refused."""
+def restore_sums(path: str, sums: Dict[str, torch.Tensor]) -> None:
+    """Copy a checkpoint's sums into the accumulators `sums`, one tensor at a time (never a second
+    copy of them all)."""
+    with safe_open(path, framework="pt") as handle:
+        stored = set(handle.keys())
+        if stored != set(sums):
+            raise FisherInputError(
+                "the checkpoint holds other tensors than this run accumulates",
+                file=path,
+                kind="checkpoint",
+                fix="delete the checkpoint file to start over",
+            )
+        for key, target in sums.items():
+            target.copy_(handle.get_tensor(key).to(target.device, target.dtype))
+
+
+def load_checkpoint(path: str, fingerprint: str, identity: Optional[dict] = None) -> Optional[dict]:
+    """The state of a checkpoint written by the same run: the same options and data
+    (`fingerprint`) and the same weights (`identity`'s fingerprints); anything else is refused.
+    The sums are read later, into the accumulators (`restore_sums`)."""
     if not os.path.lexists(path):
         return None
     try:
@@ -55,7 +70,6 @@ def load_checkpoint(
             raise OSError("not a regular file")
         with safe_open(path, framework="pt") as handle:
             state = json.loads((handle.metadata() or {})[STATE_KEY])
-            sums = {key: handle.get_tensor(key) for key in handle.keys()}
         if not isinstance(state, dict):
             raise ValueError("state is not a JSON object")
     except Exception as error:
@@ -89,4 +103,4 @@ def load_checkpoint(
                     "checkpoint file "
                     "to start over",
                 )
-    return sums, state
+    return state

@@ -9,7 +9,15 @@ import logging
 
 import click
 
-from mergekit_fisher.choices import AccumulatorDtype, Dtype, FisherType, Params, Space, Task
+from mergekit_fisher.choices import (
+    AccumulatorDtype,
+    Dtype,
+    FisherType,
+    Params,
+    SaveDtype,
+    Space,
+    Task,
+)
 from mergekit_fisher.cli import EnumChoice, show_progress, verbosity_options
 
 log = logging.getLogger(__name__)
@@ -26,6 +34,24 @@ POSITIVE = click.IntRange(min=1)
     type=click.Path(),
     help="JSONL (text | prompt+completion | messages; seq-cls: text[/text_pair]+label), "
     ".txt (one example per line), a dataset saved with save_to_disk, or a hub dataset name.",
+)
+@click.option(
+    "--text-field",
+    default=None,
+    metavar="NAME",
+    help="read this column as the text (datasets whose text column is not called `text`)",
+)
+@click.option("--subset", default=None, help="`datasets` config name of a hub dataset")
+@click.option("--split", default=None, help="`datasets` split (default: train, or the only split)")
+@click.option("--revision", default=None, help="Hub revision (branch, tag, commit) of the dataset")
+@click.option(
+    "--shard",
+    default=None,
+    metavar="I/N",
+    help=(
+        "compute the I-th of N disjoint shards of the selected examples (a SLURM array, separate "
+        "machines); `mergekit-fisher combine` of the N outputs equals one run over all of them"
+    ),
 )
 @click.option("--task", type=EnumChoice(Task), default=Task.CAUSAL_LM.value, show_default=True)
 @click.option(
@@ -95,7 +121,26 @@ POSITIVE = click.IntRange(min=1)
     help="model dtype during the computation (accumulation stays float32/64)",
 )
 @click.option(
-    "--device-map", default=None, help="e.g. `auto`: spread one model over this node's GPUs"
+    "--save-dtype",
+    type=EnumChoice(SaveDtype),
+    default=SaveDtype.FLOAT32.value,
+    show_default=True,
+    help="dtype of the stored Fisher (bfloat16: half the size; its statistics are of the stored "
+    "values)",
+)
+@click.option(
+    "--device-map",
+    default=None,
+    help=(
+        "`auto`: spread one model over this node's GPUs, leaving room on each for the "
+        "accumulators of its weights"
+    ),
+)
+@click.option(
+    "--max-memory",
+    default=None,
+    metavar="DEV=SIZE,...",
+    help="capacity per device for --device-map auto, e.g. 0=70GiB,1=70GiB",
 )
 @click.option(
     "--checkpoint-every",
@@ -125,6 +170,11 @@ def compute(
     model,
     out_dir,
     data,
+    text_field,
+    subset,
+    split,
+    revision,
+    shard,
     task,
     fisher_type,
     samples,
@@ -138,7 +188,9 @@ def compute(
     space,
     accumulator_dtype,
     dtype,
+    save_dtype,
     device_map,
+    max_memory,
     checkpoint_every,
     max_shard_size,
     overwrite,
@@ -176,7 +228,14 @@ def compute(
         space=space,
         accumulator_dtype=accumulator_dtype,
         dtype=dtype,
+        save_dtype=save_dtype,
         device_map=device_map,
+        max_memory=max_memory,
+        text_field=text_field,
+        subset=subset,
+        split=split,
+        revision=revision,
+        shard=shard,
         checkpoint_every=checkpoint_every,
         max_shard_size=max_shard_size,
         overwrite=overwrite,

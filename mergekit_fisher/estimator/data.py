@@ -1,20 +1,18 @@
-"""Data for the estimator: read rows, tokenize, mask, truncate (and count), shuffle, hash, batch.
+"""Data for the estimator: plan which rows a run uses, check them, tokenize, mask, truncate (and
+count), batch -- per batch, so nothing but the current batch is held (rows: `sources.py`).
 
 Causal LM rows: ``{"text"}``, ``{"prompt", "completion"}`` (loss on completion tokens only) or
 ``{"messages"}`` (chat template; loss on assistant turns only); a ``.txt`` file is one example per
 line. Sequence classification rows: ``{"text", "label"}`` or ``{"text", "text_pair", "label"}``.
-JSONL, a `datasets` dataset saved with ``save_to_disk``, or a hub dataset name (its ``train``
-split).
+`--text-field NAME` reads another column as "text".
 """
 
 from __future__ import annotations
 
 import functools
-import hashlib
 import io
-import json
+import math
 import os
-import random
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -23,6 +21,14 @@ import torch
 from mergekit_fisher.choices import Task
 from mergekit_fisher.errors import FisherInputError
 from mergekit_fisher.estimator.objectives import IGNORE
+from mergekit_fisher.estimator.sources import (
+    DatasetOptions,
+    Shard,
+    looks_local,
+    open_source,
+    parse_json_line,
+    select,
+)
 
 # every error raised here is about the --data input
 DataError = functools.partial(FisherInputError, kind="data file")
@@ -85,12 +91,6 @@ class Batch:
 
 
 # ---------------------------------------------------------------- reading rows
-def _hash_file(digest, path: str) -> None:
-    with open(path, "rb") as fp:
-        for chunk in iter(lambda: fp.read(1 << 20), b""):
-            digest.update(chunk)
-
-
 def read_jsonl(path: str, limit: Optional[int] = None) -> List[Tuple[str, Dict[str, Any]]]:
     """``("path:line", row)`` for each JSON object of a JSONL file (blank lines skipped), at most
     `limit`; a line that is not a JSON object is a DataError naming it. Also `mergekit-fisher
@@ -100,23 +100,8 @@ def read_jsonl(path: str, limit: Optional[int] = None) -> List[Tuple[str, Dict[s
         for number, line in enumerate(fp, 1):
             if limit is not None and len(rows) >= limit:
                 break
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except ValueError as error:
-                raise DataError(
-                    f"line {number} is not valid JSON ({error})",
-                    file=path,
-                    fix="write one JSON object per line (JSONL)",
-                ) from None
-            if not isinstance(row, dict):
-                raise DataError(
-                    f"line {number} is not a JSON object",
-                    file=path,
-                    fix="write one JSON object per line (JSONL)",
-                )
-            rows.append((f"{path}:{number}", row))
+            if line.strip():
+                rows.append((f"{path}:{number}", parse_json_line(line, number, path)))
     return rows
 
 
@@ -137,83 +122,42 @@ def open_text(path: str) -> io.StringIO:
     return io.StringIO(text, newline=None)
 
 
-def _read_dataset(path: str, *, on_disk: bool) -> Tuple[List[Tuple[str, Dict[str, Any]]], str]:
-    import datasets
-
-    try:
-        loaded = (
-            datasets.load_from_disk(path) if on_disk else datasets.load_dataset(path, split="train")
-        )
-    except Exception as error:  # FileNotFoundError, ConnectionError, DatasetNotFoundError, ...
-        raise DataError(
-            f"cannot load the data ({error.__class__.__name__}: "
-            f"{str(error).splitlines()[0] if str(error) else ''})",
-            file=path,
-            fix=(
-                "pass a .jsonl/.txt file, a dataset saved with `save_to_disk`, or a reachable hub "
-                "dataset name"
-            ),
-        ) from None
-    if isinstance(loaded, datasets.DatasetDict):
-        split = "train" if "train" in loaded else (next(iter(loaded)) if len(loaded) == 1 else None)
-        if split is None:
-            raise DataError(
-                f"the dataset has splits {sorted(loaded)} and none is called 'train'",
-                file=path,
-                fix="save the split you want on its own, or name it 'train'",
-            )
-        loaded = loaded[split]
-    rows = [(f"{path}[{i}]", dict(row)) for i, row in enumerate(loaded)]
-    return rows, getattr(loaded, "_fingerprint", "") or ""
-
-
 def check_data_path(path: str) -> None:
     """A --data path that looks local (not a hub dataset name) must exist; checked before the model
     loads."""
-    looks_local = (
-        path.startswith((".", "/", "~"))
-        or path.endswith((".jsonl", ".json", ".txt"))
-        or path.count("/") > 1
-    )
-    if looks_local and not os.path.exists(path):
+    if looks_local(path) and not os.path.exists(path):
         raise DataError("data file does not exist", file=path, fix="check the --data path")
 
 
-def read_rows(path: str) -> Tuple[List[Tuple[str, Dict[str, Any]]], str, bool]:
-    """(where, row) pairs, a content hash, and whether unknown fields must be refused (our own
-    files)."""
-    digest = hashlib.sha256()
-    if os.path.isfile(path):
-        _hash_file(digest, path)
-        if path.endswith(".txt"):
-            with open_text(path) as fp:
-                rows = [
-                    (f"{path}:{n}", {"text": line.rstrip("\n")})
-                    for n, line in enumerate(fp, 1)
-                    if line.strip()
-                ]
-            return rows, digest.hexdigest(), True
-        return read_jsonl(path), digest.hexdigest(), True
-    if os.path.isdir(path):
-        for root, _dirs, files in sorted(os.walk(path)):
-            for name in sorted(files):
-                digest.update(name.encode())
-                _hash_file(digest, os.path.join(root, name))
-        # `save_to_disk` writes state.json (Dataset) or dataset_dict.json; anything else is a
-        # dataset repository checked out locally (parquet/json/csv files), read the way
-        # `load_dataset` reads the hub
-        saved = any(
-            os.path.exists(os.path.join(path, n)) for n in ("state.json", "dataset_dict.json")
+def with_text_field(where: str, row: Dict[str, Any], text_field: Optional[str]) -> Dict[str, Any]:
+    """`--text-field NAME`: the row's NAME column is its "text"."""
+    if not text_field or text_field == "text":
+        return row
+    if text_field not in row:
+        raise DataError(
+            f"{where}: no field {text_field!r} (has {sorted(row)})",
+            file=where.rsplit(":", 1)[0].split("[", 1)[0],
+            fix="check --text-field",
         )
-        rows, _fingerprint = _read_dataset(path, on_disk=saved)
-        return rows, digest.hexdigest(), False
-    check_data_path(path)
-    rows, fingerprint = _read_dataset(path, on_disk=False)
-    digest.update(f"{path}:{fingerprint}".encode())
-    return rows, digest.hexdigest(), False
+    rest = {key: value for key, value in row.items() if key not in (text_field, "text")}
+    return {**rest, "text": row[text_field]}
 
 
 # ---------------------------------------------------------------- tokenizing
+def _check_label(label, where: str, num_labels: Optional[int]) -> int:
+    if (
+        isinstance(label, bool)
+        or not isinstance(label, int)
+        or not (0 <= label < (num_labels or 0))
+    ):
+        raise DataError(
+            f"{where}: label {label!r} is out of range for a classifier with {num_labels} classes",
+            file=where.rsplit(":", 1)[0],
+            fix=f"use integer labels 0..{(num_labels or 1) - 1}, or a model with more labels",
+        )
+    return label
+
+
 def _check_fields(where: str, row: Dict[str, Any], task: str, strict: bool) -> Dict[str, Any]:
     keys = set(row)
     if task == Task.SEQ_CLS:
@@ -386,18 +330,7 @@ def tokenize_row(
     """(input_ids, token labels or None, class label or None); the tokenizer's other per-token
     outputs (token_type_ids, ...) are appended to `inputs` when given."""
     if task == Task.SEQ_CLS:
-        label = fields["label"]
-        if (
-            isinstance(label, bool)
-            or not isinstance(label, int)
-            or not (0 <= label < (num_labels or 0))
-        ):
-            raise DataError(
-                f"{where}: label {label!r} is out of range for a classifier with {num_labels} "
-                "classes",
-                file=where.rsplit(":", 1)[0],
-                fix=f"use integer labels 0..{(num_labels or 1) - 1}, or a model with more labels",
-            )
+        label = _check_label(fields["label"], where, num_labels)
         pair = _string(fields, "text_pair", where) if fields.get("text_pair") is not None else None
         encoded = tokenizer(_string(fields, "text", where), pair)
         _extend_inputs(inputs, encoded)
@@ -418,6 +351,132 @@ def tokenize_row(
     return ids, list(ids), None
 
 
+@dataclass
+class DataPlan:
+    """The rows a run uses, by position in the source, not yet read: batch `g` is rows
+    ``g * batch_size ...`` of this shard's selection (`sources.select`)."""
+
+    source: Any
+    positions: torch.Tensor  # source row positions, in the order used
+    indices: torch.Tensor  # each row's index in the whole selection: seeds its sampled labels
+    path: str
+
+    @property
+    def dataset_hash(self) -> str:
+        return self.source.dataset_hash
+
+    @property
+    def num_rows(self) -> int:
+        return self.source.num_rows
+
+    def num_batches(self, batch_size: int) -> int:
+        return math.ceil(len(self.positions) / batch_size)
+
+    def batch_rows(self, g: int, batch_size: int):
+        """The rows of batch `g`, read now, with their selection indices."""
+        cut = slice(g * batch_size, (g + 1) * batch_size)
+        positions, indices = self.positions[cut].tolist(), self.indices[cut].tolist()
+        return [self.source.row(p) for p in positions], indices
+
+
+def plan_data(
+    path: str,
+    *,
+    num_examples: Optional[int],
+    seed: int,
+    shuffle: bool,
+    shard: Shard = Shard(),
+    options: DatasetOptions = DatasetOptions(),
+) -> DataPlan:
+    source = open_source(path, options)
+    if source.num_rows == 0:
+        raise DataError(
+            "the data has no examples", file=path, fix="point --data at a non-empty file"
+        )
+    positions, indices = select(
+        source.num_rows, num_examples=num_examples, seed=seed, shuffle=shuffle, shard=shard
+    )
+    if len(positions) == 0:
+        raise DataError(
+            f"shard {shard.index + 1}/{shard.count} of {source.num_rows} rows is empty",
+            file=path,
+            fix="use fewer shards than rows",
+        )
+    return DataPlan(source, positions, indices, path)
+
+
+@dataclass
+class Encoded:
+    """A batch's rows, tokenized: the examples to use and what was cut or dropped."""
+
+    examples: List[Example]
+    num_truncated: int = 0
+    num_skipped: int = 0
+
+
+def check_rows(plan: DataPlan, *, task: str, num_labels: Optional[int], text_field=None) -> None:
+    """Every selected row parsed and checked (fields, types, labels) before the first step, without
+    tokenizing or keeping any: a bad row fails the run now, not hours in."""
+    for g in range(plan.num_batches(1024)):
+        rows, _ = plan.batch_rows(g, 1024)
+        for where, row in rows:
+            check_row(where, row, task, plan.source.strict, num_labels, text_field)
+
+
+def check_row(where, row, task, strict, num_labels, text_field=None) -> Dict[str, Any]:
+    fields = _check_fields(where, with_text_field(where, row, text_field), task, strict)
+    for key in ("text", "prompt", "completion", "text_pair"):
+        if key in fields and not (key == "text_pair" and fields[key] is None):
+            _string(fields, key, where)
+    if task == Task.SEQ_CLS:
+        _check_label(fields["label"], where, num_labels)
+    return fields
+
+
+def encode_rows(
+    rows: Sequence[Tuple[str, Dict[str, Any]]],
+    indices: Sequence[int],
+    tokenizer,
+    *,
+    task: str,
+    max_length: int,
+    strict: bool,
+    num_labels: Optional[int] = None,
+    text_field: Optional[str] = None,
+) -> Encoded:
+    """Tokenize, mask and truncate rows; rows with no token to predict are dropped (counted)."""
+    encoded = Encoded([])
+    for (where, row), index in zip(rows, indices):
+        fields = check_row(where, row, task, strict, num_labels, text_field)
+        inputs: Dict[str, List[int]] = {}
+        ids, labels, label = tokenize_row(tokenizer, fields, task, where, num_labels, inputs)
+        # one value per token (an appended eos takes its neighbour's), cut like the ids
+        inputs = {
+            name: (value + value[-1:] * (len(ids) - len(value)))[:max_length]
+            for name, value in inputs.items()
+            if value
+        }
+        if len(ids) > max_length:
+            encoded.num_truncated += 1
+            ids = ids[:max_length]
+            labels = labels[:max_length] if labels is not None else None
+        example = Example(index, ids, labels, label, inputs)
+        if not ids or example.num_predicted == 0:
+            encoded.num_skipped += 1
+            continue
+        encoded.examples.append(example)
+    return encoded
+
+
+def no_examples_error(path: str, num_skipped: int) -> FisherInputError:
+    return DataError(
+        f"none of the {num_skipped} examples read has a token to predict "
+        "(empty text, or the prompt fills --max-length)",
+        file=path,
+        fix="raise --max-length, or check that rows have completion/assistant text",
+    )
+
+
 def prepare(
     path: str,
     tokenizer,
@@ -428,46 +487,32 @@ def prepare(
     seed: int,
     shuffle: bool,
     num_labels: Optional[int] = None,
+    text_field: Optional[str] = None,
+    options: DatasetOptions = DatasetOptions(),
 ) -> PreparedData:
-    rows, dataset_hash, strict = read_rows(path)
-    if not rows:
-        raise DataError(
-            "the data has no examples", file=path, fix="point --data at a non-empty file"
-        )
-    order = list(range(len(rows)))
-    if shuffle:
-        random.Random(seed).shuffle(order)
-    data = PreparedData([], path, dataset_hash, len(rows))
-    for position in order:
-        if num_examples is not None and len(data.examples) >= num_examples:
-            break
-        where, row = rows[position]
-        fields = _check_fields(where, row, task, strict)
-        inputs: Dict[str, List[int]] = {}
-        ids, labels, label = tokenize_row(tokenizer, fields, task, where, num_labels, inputs)
-        # one value per token (an appended eos takes its neighbour's), cut like the ids
-        inputs = {
-            name: (value + value[-1:] * (len(ids) - len(value)))[:max_length]
-            for name, value in inputs.items()
-            if value
-        }
-        if len(ids) > max_length:
-            data.num_truncated += 1
-            ids = ids[:max_length]
-            labels = labels[:max_length] if labels is not None else None
-        example = Example(len(data.examples), ids, labels, label, inputs)
-        if not ids or example.num_predicted == 0:
-            data.num_skipped += 1
-            continue
-        data.examples.append(example)
-    if not data.examples:
-        raise DataError(
-            f"none of the {data.num_skipped} examples read has a token to predict "
-            "(empty text, or the prompt fills --max-length)",
-            file=path,
-            fix="raise --max-length, or check that rows have completion/assistant text",
-        )
-    return data
+    """Every selected example tokenized at once (for eval and tests; `compute` reads per batch)."""
+    plan = plan_data(path, num_examples=num_examples, seed=seed, shuffle=shuffle, options=options)
+    rows, indices = plan.batch_rows(0, len(plan.positions))
+    encoded = encode_rows(
+        rows,
+        indices,
+        tokenizer,
+        task=task,
+        max_length=max_length,
+        strict=plan.source.strict,
+        num_labels=num_labels,
+        text_field=text_field,
+    )
+    if not encoded.examples:
+        raise no_examples_error(path, encoded.num_skipped)
+    return PreparedData(
+        encoded.examples,
+        path,
+        plan.dataset_hash,
+        plan.num_rows,
+        encoded.num_truncated,
+        encoded.num_skipped,
+    )
 
 
 def collate(examples: Sequence[Example], pad_id: int, task: str) -> Batch:

@@ -113,6 +113,8 @@ class FisherEngine:
                     name,
                     type(self.model).__name__,
                 )
+        if "use_cache" in self.accepted:  # no KV cache: nothing is generated
+            passed["use_cache"] = False
         return self.model(**passed).logits
 
     def step(self, batch: Batch) -> int:

@@ -15,17 +15,36 @@ from typing import Dict, List, Optional
 
 import torch
 
-from mergekit_fisher.choices import AccumulatorDtype, Dtype, FisherType, Params, Space, Task
+from mergekit_fisher.choices import (
+    AccumulatorDtype,
+    Dtype,
+    FisherType,
+    Params,
+    SaveDtype,
+    Space,
+    Task,
+)
 from mergekit_fisher.errors import FisherInputError
 from mergekit_fisher.estimator import lora as lora_mod
 from mergekit_fisher.estimator.checkpoint import (
     checkpoint_identity_state,
     checkpoint_path,
     load_checkpoint,
+    restore_sums,
     save_checkpoint,
 )
-from mergekit_fisher.estimator.data import check_data_path, collate, prepare
+from mergekit_fisher.estimator.data import (
+    DataPlan,
+    check_data_path,
+    check_rows,
+    collate,
+    encode_rows,
+    no_examples_error,
+    plan_data,
+)
+from mergekit_fisher.estimator.device_plan import auto_device_map, parse_max_memory
 from mergekit_fisher.estimator.engine import FisherEngine
+from mergekit_fisher.estimator.finalize import check_finite, stream_to_writer
 from mergekit_fisher.estimator.loading import (
     DTYPES,
     check_model_path,
@@ -33,9 +52,11 @@ from mergekit_fisher.estimator.loading import (
     load_model,
     load_tokenizer,
 )
+from mergekit_fisher.estimator.peers import Peers
+from mergekit_fisher.estimator.sources import DatasetOptions, Shard, parse_shard
 from mergekit_fisher.fisher_file import check_output_free, parse_shard_size
 from mergekit_fisher.fisher_file.provenance import model_identity
-from mergekit_fisher.fisher_file.writer import estimated_size, output_lock
+from mergekit_fisher.fisher_file.writer import FisherWriter, estimated_size, output_lock
 from mergekit_fisher.naming import output_names, to_stored_layout
 
 log = logging.getLogger(__name__)
@@ -60,7 +81,14 @@ class ComputeOptions:
     space: Space = Space.DENSE
     accumulator_dtype: AccumulatorDtype = AccumulatorDtype.FLOAT32
     dtype: Dtype = Dtype.FLOAT32  # model dtype for the computation
+    save_dtype: SaveDtype = SaveDtype.FLOAT32  # dtype of the stored Fisher
     device_map: Optional[str] = None
+    max_memory: Optional[str] = None  # "0=70GiB,1=70GiB": capacity per device for --device-map
+    text_field: Optional[str] = None
+    subset: Optional[str] = None  # datasets: config name
+    split: Optional[str] = None
+    revision: Optional[str] = None
+    shard: Optional[str] = None  # "I/N"
     checkpoint_every: Optional[int] = None  # examples
     overwrite: bool = False
     trust_remote_code: bool = False
@@ -72,11 +100,25 @@ class ComputeOptions:
             return FisherType(self.fisher_type)
         return FisherType.EXACT if self.task == Task.SEQ_CLS else FisherType.SAMPLED
 
+    def data_options(self) -> DatasetOptions:
+        return DatasetOptions(subset=self.subset, split=self.split, revision=self.revision)
+
+    def parsed_shard(self) -> Shard:
+        return parse_shard(self.shard) if self.shard else Shard()
+
     def fingerprint(self, dataset_hash: str) -> str:
         """Everything that changes the result (not the process count, progress, or checkpoint
         cadence)."""
         relevant = asdict(self)
-        for key in ("overwrite", "progress", "checkpoint_every", "device_map", "max_shard_size"):
+        for key in (
+            "overwrite",
+            "progress",
+            "checkpoint_every",
+            "device_map",
+            "max_memory",
+            "max_shard_size",
+            "save_dtype",
+        ):
             relevant.pop(key)
         relevant["fisher_type"] = self.resolved_fisher_type()
         relevant["dataset_hash"] = dataset_hash
@@ -124,6 +166,14 @@ def _validate(opts: ComputeOptions) -> None:
         if value is not None and value < 1:
             raise FisherInputError(f"{name} must be at least 1, got {value}")
     parse_shard_size(opts.max_shard_size)  # fail now, not after hours of computation
+    if opts.save_dtype not in SaveDtype.values():
+        raise FisherInputError(
+            f"unknown --save-dtype {opts.save_dtype!r}",
+            fix=f"use {' or '.join(SaveDtype.values())}",
+        )
+    opts.parsed_shard()
+    if opts.max_memory:
+        parse_max_memory(opts.max_memory)
     _check_output(opts)
     check_model_path(opts.model)
     if opts.lora and not os.path.exists(os.path.join(opts.lora, "adapter_config.json")):
@@ -150,42 +200,12 @@ def _check_output(opts: ComputeOptions, needed_bytes: Optional[int] = None) -> N
 def _needed_bytes(opts: ComputeOptions, keys, names, params) -> int:
     """The output (float32, one copy per stored name) plus, when checkpointing, the accumulators."""
     output = sum(params[pid].numel() * len(names[key]) for pid, key in keys.items())
-    needed = estimated_size(output)
+    needed = estimated_size(output, DTYPES[opts.save_dtype])
     if opts.checkpoint_every:
         needed += estimated_size(
             sum(params[pid].numel() for pid in keys), DTYPES[opts.accumulator_dtype]
         )
     return needed
-
-
-@contextlib.contextmanager
-def _output_guard(opts: ComputeOptions, accelerator):
-    """The main process holds OUT_DIR's lock for the whole run (and re-checks OUT_DIR under it);
-    every process learns if it could not, so none waits forever in a collective."""
-    failure = None
-    lock = contextlib.ExitStack()
-    if accelerator.is_main_process:
-        try:
-            lock.enter_context(output_lock(opts.out_dir))
-            _check_output(opts)
-        except FisherInputError as error:
-            lock.close()
-            failure = error
-    if accelerator.num_processes > 1:
-        failed = _reduce(
-            accelerator, torch.tensor([float(failure is not None)], device=accelerator.device)
-        )
-        if failure is None and float(failed.item()) > 0:
-            failure = FisherInputError(
-                "the main process could not take the output",
-                file=opts.out_dir,
-                kind="output",
-                fix="see the main process's error",
-            )
-    if failure is not None:
-        raise failure
-    with lock:
-        yield
 
 
 def _plan_targets(model, opts: ComputeOptions, stored):
@@ -221,12 +241,6 @@ def _plan_targets(model, opts: ComputeOptions, stored):
     return keys, names, params, (wrappers if opts.space == Space.DENSE else {})
 
 
-def _reduce(accelerator, tensor: torch.Tensor) -> torch.Tensor:
-    if accelerator is None or accelerator.num_processes == 1:
-        return tensor.clone()
-    return accelerator.reduce(tensor.clone(), reduction="sum")
-
-
 def _oom_error(error: Exception) -> FisherInputError:
     return FisherInputError(
         f"out of memory ({str(error).splitlines()[0][:200]})",
@@ -257,41 +271,60 @@ def run_compute(
     opts: ComputeOptions, *, accelerator=None, interrupt_after_rounds: Optional[int] = None
 ):
     """Compute and write the Fisher; returns the written FisherConfig on the main process (None
-    elsewhere)."""
+    elsewhere). With several processes, any failure on any of them stops all of them together
+    (`peers.py`): one `Error:` from the main process, `PeerStopped` on the others."""
     from accelerate import Accelerator
 
     _validate(opts)
     if accelerator is None:
         accelerator = Accelerator(cpu=not torch.cuda.is_available())
-    with _output_guard(opts, accelerator):
-        return _run(opts, accelerator, interrupt_after_rounds)
+    peers = Peers(accelerator)
+    with contextlib.ExitStack() as lock:
+        # the main process holds OUT_DIR's lock for the whole run (and re-checks OUT_DIR under it)
+        with peers.phase("taking the output"):
+            if peers.is_main:
+                lock.enter_context(output_lock(opts.out_dir))
+                _check_output(opts)
+        return _run(opts, peers, interrupt_after_rounds)
 
 
-def _run(opts: ComputeOptions, accelerator, interrupt_after_rounds: Optional[int]):
-    from mergekit_fisher.fisher_file import FisherConfig, write_fisher
+@dataclass
+class Counters:
+    """What a run has counted so far; the main process's include a resumed checkpoint's."""
 
-    # the identity of the weights about to be loaded: recorded in the output, and a resumed
-    # checkpoint must have been written for the very same weights
-    identity = model_identity(opts.model, opts.lora)
-    fisher_type = opts.resolved_fisher_type()
-    acc_dtype = DTYPES[opts.accumulator_dtype]
+    done_batches: int = 0
+    num_tokens: int = 0
+    num_examples: int = 0
+    num_truncated: int = 0
+    num_skipped: int = 0
 
-    log.debug(
-        "loading tokenizer and model %s (task %s, dtype %s, fisher %s)",
-        opts.model,
-        opts.task,
-        opts.dtype,
-        fisher_type,
-    )
+    def as_list(self) -> List[int]:
+        return [getattr(self, name) for name in COUNTERS]
+
+
+COUNTERS = ("done_batches", "num_tokens", "num_examples", "num_truncated", "num_skipped")
+
+
+def _load(opts: ComputeOptions, device):
     with _loading_bars(opts.progress):
         tokenizer = load_tokenizer(
             opts.model, trust_remote_code=opts.trust_remote_code, fallback=opts.lora
         )
+        device_map = opts.device_map
+        if device_map == "auto":  # room for the accumulators beside the weights (device_plan.py)
+            device_map = auto_device_map(
+                opts.model,
+                task=opts.task,
+                dtype=DTYPES[opts.dtype],
+                accumulator_dtype=DTYPES[opts.accumulator_dtype],
+                max_memory=parse_max_memory(opts.max_memory) if opts.max_memory else None,
+                trust_remote_code=opts.trust_remote_code,
+            )
         model = load_model(
             opts.model,
             task=opts.task,
             dtype=opts.dtype,
-            device_map=opts.device_map,
+            device_map=device_map,
             trust_remote_code=opts.trust_remote_code,
         )
     if opts.lora:
@@ -299,10 +332,8 @@ def _run(opts: ComputeOptions, accelerator, interrupt_after_rounds: Optional[int
         model.eval()
         for param in model.parameters():
             param.requires_grad_(False)
-    if not opts.device_map:
-        model.to(accelerator.device)
-    device = model.get_input_embeddings().weight.device
-
+    if not device_map:
+        model.to(device)
     pad_id = model.config.pad_token_id
     if pad_id is None:
         pad_id = (
@@ -310,121 +341,186 @@ def _run(opts: ComputeOptions, accelerator, interrupt_after_rounds: Optional[int
         )
         pad_id = 0 if pad_id is None else pad_id
         model.config.pad_token_id = pad_id  # seq-cls pooling finds the last real token through it
-    num_labels = getattr(model.config, "num_labels", None) if opts.task == Task.SEQ_CLS else None
+    return tokenizer, model
 
-    data = prepare(
-        opts.data,
+
+def _resume(opts, peers, accumulator, fingerprint, identity) -> Counters:
+    """The main process alone reads the checkpoint (other nodes may not see the file) and tells
+    the others where to start."""
+    ckpt = checkpoint_path(opts.out_dir)
+    counters = Counters()
+    with peers.phase("reading the checkpoint"):
+        state = None
+        if peers.is_main and opts.checkpoint_every:
+            state = load_checkpoint(ckpt, fingerprint, identity)
+        if state is not None:
+            restore_sums(ckpt, accumulator.sums)
+            counters = Counters(**{name: int(state.get(name, 0)) for name in COUNTERS})
+            log.info(
+                "resuming from %s: %d batches (%d examples) done, written by %s process(es)",
+                ckpt,
+                counters.done_batches,
+                counters.num_examples,
+                state.get("num_processes", "?"),
+            )
+    done_batches = peers.from_main(counters.as_list())[0]
+    if not peers.is_main:  # the others start from zero counts at the same position
+        counters = Counters(done_batches=done_batches)
+    return counters
+
+
+def _step(engine, plan: DataPlan, g: int, opts, tokenizer, num_labels, pad_id, device, counts):
+    rows, indices = plan.batch_rows(g, opts.batch_size)
+    encoded = encode_rows(
+        rows,
+        indices,
         tokenizer,
         task=opts.task,
-        num_examples=opts.num_examples,
         max_length=opts.max_length,
-        seed=opts.seed,
-        shuffle=opts.shuffle,
+        strict=plan.source.strict,
         num_labels=num_labels,
+        text_field=opts.text_field,
+    )
+    counts.num_truncated += encoded.num_truncated
+    counts.num_skipped += encoded.num_skipped
+    if not encoded.examples:
+        return
+    batch = collate(encoded.examples, pad_id, opts.task).to(device)
+    try:
+        counts.num_tokens += engine.step(batch)
+    except torch.OutOfMemoryError as error:
+        raise _oom_error(error) from None
+    except RuntimeError as error:
+        if "out of memory" not in str(error).lower():
+            raise
+        raise _oom_error(error) from None
+    counts.num_examples += len(encoded.examples)
+
+
+def _progress_bar(opts, peers, total: int, initial: int):
+    if not (opts.progress and peers.is_main):
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(
+        total=total, initial=min(total, initial), unit="ex", desc="fisher", dynamic_ncols=True
     )
 
+
+def _run(opts: ComputeOptions, peers: Peers, interrupt_after_rounds: Optional[int]):
+    # the identity of the weights about to be loaded: recorded in the output, and a resumed
+    # checkpoint must have been written for the very same weights
+    identity = model_identity(opts.model, opts.lora)
+    fisher_type = opts.resolved_fisher_type()
     log.debug(
-        "data %s: %d examples of %d rows (%d truncated, %d skipped)",
-        opts.data,
-        len(data.examples),
-        data.num_rows,
-        data.num_truncated,
-        data.num_skipped,
+        "loading tokenizer and model %s (task %s, dtype %s, fisher %s)",
+        opts.model,
+        opts.task,
+        opts.dtype,
+        fisher_type,
     )
-
-    stored = checkpoint_names(opts.lora if opts.space == Space.ADAPTER else opts.model)
-    keys, names, params, wrappers = _plan_targets(model, opts, stored)
-    if not keys:
-        raise FisherInputError(
-            "no parameters selected", model=opts.model, fix="check --params / --space / --lora"
+    with peers.phase("loading the tokenizer and the model"):
+        tokenizer, model = _load(opts, peers.device)
+    device = model.get_input_embeddings().weight.device
+    pad_id = model.config.pad_token_id
+    num_labels = getattr(model.config, "num_labels", None) if opts.task == Task.SEQ_CLS else None
+    with peers.phase("reading the data"):
+        plan = plan_data(
+            opts.data,
+            num_examples=opts.num_examples,
+            seed=opts.seed,
+            shuffle=opts.shuffle,
+            shard=opts.parsed_shard(),
+            options=opts.data_options(),
         )
-    if (
-        accelerator.is_main_process
-    ):  # read-only, OUT's parent a file, disk full: now, not after the computation
-        _check_output(opts, _needed_bytes(opts, keys, names, params))
-    engine = FisherEngine(
-        model,
-        task=opts.task,
-        fisher_type=fisher_type,
-        samples=opts.samples,
-        seed=opts.seed,
-        accumulator_dtype=acc_dtype,
-        keys=keys,
-        wrappers=wrappers,
-        model_name=opts.model,
-    )
-    accumulator = engine.accumulator
-    log.debug(
-        "%d parameter tensors selected; %d take the exact per-example fallback",
-        len(keys),
-        len(engine.fallback_keys()),
-    )
+        if peers.is_main:  # every selected row checked now, not hours in
+            check_rows(plan, task=opts.task, num_labels=num_labels, text_field=opts.text_field)
+    log.debug("data %s: %d of %d rows selected", opts.data, len(plan.positions), plan.num_rows)
 
-    # resume
-    fingerprint = opts.fingerprint(data.dataset_hash)
-    ckpt = checkpoint_path(opts.out_dir)
-    done_batches, num_tokens = 0, 0
-    loaded = load_checkpoint(ckpt, fingerprint, identity) if opts.checkpoint_every else None
-    if loaded is not None:
-        sums, state = loaded
-        done_batches = int(state["done_batches"])
-        if accelerator.is_main_process:
-            accumulator.load_state(sums)
-            num_tokens = int(state["num_tokens"])
-        log.info("resuming from %s after %d batches", ckpt, done_batches)
-
-    examples = data.examples
-    total_batches = math.ceil(len(examples) / opts.batch_size)
-    world, rank = accelerator.num_processes, accelerator.process_index
-    rounds = math.ceil((total_batches - done_batches) / world)
-    progress = None
-    if opts.progress and accelerator.is_main_process:
-        from tqdm.auto import tqdm
-
-        progress = tqdm(
-            total=len(examples),
-            initial=min(len(examples), done_batches * opts.batch_size),
-            unit="ex",
-            desc="fisher",
-            dynamic_ncols=True,
+    engine = None
+    with peers.phase("planning the tensors"):
+        stored = checkpoint_names(opts.lora if opts.space == Space.ADAPTER else opts.model)
+        keys, names, params, wrappers = _plan_targets(model, opts, stored)
+        if not keys:
+            raise FisherInputError(
+                "no parameters selected", model=opts.model, fix="check --params / --space / --lora"
+            )
+        if peers.is_main:  # read-only, OUT's parent a file, disk full: now, not at the end
+            _check_output(opts, _needed_bytes(opts, keys, names, params))
+        engine = FisherEngine(
+            model,
+            task=opts.task,
+            fisher_type=fisher_type,
+            samples=opts.samples,
+            seed=opts.seed,
+            accumulator_dtype=DTYPES[opts.accumulator_dtype],
+            keys=keys,
+            wrappers=wrappers,
+            model_name=opts.model,
         )
+    try:
+        fingerprint = opts.fingerprint(plan.dataset_hash)
+        counts = _resume(opts, peers, engine.accumulator, fingerprint, identity)
+        _loop(
+            opts,
+            peers,
+            engine,
+            plan,
+            counts,
+            tokenizer,
+            num_labels,
+            pad_id,
+            device,
+            fingerprint,
+            identity,
+            interrupt_after_rounds,
+        )
+    finally:
+        engine.close()
+    with peers.phase("checking the sums"):
+        check_finite(engine.accumulator.sums, names, opts.model)
+    totals = Counters(*peers.sum_ints(counts.as_list()))
+    if totals.num_examples == 0:
+        with peers.phase("counting the examples"):
+            if peers.is_main:
+                raise no_examples_error(opts.data, totals.num_skipped)
+    config = _config(opts, identity, plan, totals, peers, engine, names)
+    return _write(opts, peers, engine, model, names, totals, config)
+
+
+def _loop(
+    opts,
+    peers,
+    engine,
+    plan,
+    counts,
+    tokenizer,
+    num_labels,
+    pad_id,
+    device,
+    fingerprint,
+    identity,
+    interrupt_after_rounds,
+) -> None:
+    total_batches = plan.num_batches(opts.batch_size)
+    done = counts.done_batches
+    rounds = math.ceil((total_batches - done) / peers.world)
+    num_selected = len(plan.positions)
+    progress = _progress_bar(opts, peers, num_selected, done * opts.batch_size)
     started, since_checkpoint = time.time(), 0
     try:
         for round_index in range(rounds):
-            g = done_batches + round_index * world + rank
-            failure = None
-            if g < total_batches:
-                chunk = examples[g * opts.batch_size : (g + 1) * opts.batch_size]
-                batch = collate(chunk, pad_id, opts.task).to(device)
-                try:
-                    num_tokens += engine.step(batch)
-                except torch.OutOfMemoryError as error:
-                    failure = _oom_error(error)
-                except RuntimeError as error:
-                    if "out of memory" not in str(error).lower():
-                        raise
-                    failure = _oom_error(error)
-            if world > 1:
-                # Every process learns of a failure in this round, so none waits forever in a later
-                # reduce.
-                failed = _reduce(
-                    accelerator, torch.tensor([float(failure is not None)], device=device)
-                )
-                if failure is None and float(failed.item()) > 0:
-                    failure = FisherInputError(
-                        "another process ran out of memory",
-                        model=opts.model,
-                        fix="lower --batch-size or --max-length, or use --device-map",
-                    )
-            if failure is not None:
-                raise failure
-            round_end = min(total_batches, done_batches + (round_index + 1) * world)
-            finished = min(len(examples), round_end * opts.batch_size)
-            since_checkpoint += world * opts.batch_size
+            g = done + round_index * peers.world + peers.rank
+            with peers.phase(f"computing round {round_index + 1} of {rounds}"):
+                if g < total_batches:
+                    _step(engine, plan, g, opts, tokenizer, num_labels, pad_id, device, counts)
+            round_end = min(total_batches, done + (round_index + 1) * peers.world)
+            since_checkpoint += peers.world * opts.batch_size
             if progress is not None:
-                progress.update(finished - progress.n)  # tqdm's rate and ETA: examples/s
+                progress.update(min(num_selected, round_end * opts.batch_size) - progress.n)
                 elapsed = max(1e-9, time.time() - started)
-                progress.set_postfix(tok_s=f"{num_tokens * world / elapsed:.0f}", refresh=False)
+                rate = counts.num_tokens * peers.world / elapsed
+                progress.set_postfix(tok_s=f"{rate:.0f}", refresh=False)
                 progress.refresh()
             if (
                 opts.checkpoint_every
@@ -432,97 +528,111 @@ def _run(opts: ComputeOptions, accelerator, interrupt_after_rounds: Optional[int
                 and round_end < total_batches
             ):
                 since_checkpoint = 0
-                _save_state(
-                    accelerator, accumulator, ckpt, fingerprint, round_end, num_tokens, identity
-                )
+                counts.done_batches = round_end
+                _save_state(opts, peers, engine.accumulator, fingerprint, counts, identity)
             if interrupt_after_rounds is not None and round_index + 1 >= interrupt_after_rounds:
                 raise Interrupted(f"interrupted after {round_index + 1} rounds (test hook)")
     finally:
-        engine.close()
         if progress is not None:
             progress.close()
 
-    sums = {key: _reduce(accelerator, value) for key, value in accumulator.sums.items()}
-    total_tokens = int(
-        _reduce(accelerator, torch.tensor([num_tokens], dtype=torch.float64, device=device)).item()
-    )
-    means = {key: value / len(examples) for key, value in sums.items()}
-    for key, mean in means.items():  # every process holds the reduced sums: all of them stop alike
-        if not bool(torch.isfinite(mean).all()):
-            raise FisherInputError(
-                "non-finite (NaN/Inf) gradients",
-                model=opts.model,
-                tensor=names[key][0],
-                fix=(
-                    "check the model weights and data; try --dtype float32 if the model ran in "
-                    "half precision"
-                ),
-            )
-    if not accelerator.is_main_process:
-        accelerator.wait_for_everyone()
-        return None
-    fisher: Dict[str, torch.Tensor] = {}
-    for key, mean in means.items():
-        for name in names[key]:  # tied weights stored under several names get one copy each
-            fisher[name] = mean.clone()
-    if opts.space != Space.ADAPTER:  # fused in-memory tensors (MoE experts) -> the stored ones
-        fisher = to_stored_layout(model, fisher)
-    config = FisherConfig(
+
+def _config(opts, identity, plan, totals: Counters, peers, engine, names):
+    from mergekit_fisher.fisher_file import FisherConfig
+
+    fisher_type = opts.resolved_fisher_type()
+    source = plan.source
+    return FisherConfig(
         **{key: value for key, value in identity.items() if value is not None},
         space=opts.space,
         fisher_type=fisher_type,
         task=opts.task,
-        num_examples=len(examples),
-        num_tokens=total_tokens,
+        num_examples=totals.num_examples,
+        num_tokens=totals.num_tokens,
         dataset=opts.data,
-        dataset_hash=data.dataset_hash,
+        dataset_hash=plan.dataset_hash,
+        dataset_subset=opts.subset,
+        dataset_split=getattr(source, "split", None),
+        dataset_revision=opts.revision,
+        text_field=opts.text_field,
+        shard=opts.shard,
         samples_per_example=opts.samples if fisher_type == FisherType.SAMPLED else None,
         seed=opts.seed,
         accumulator_dtype=opts.accumulator_dtype,
-        num_truncated=data.num_truncated,
-        num_skipped=data.num_skipped,
-        num_rows=data.num_rows,
+        num_truncated=totals.num_truncated,
+        num_skipped=totals.num_skipped,
+        num_rows=plan.num_rows,
         max_length=opts.max_length,
         batch_size=opts.batch_size,
         params=str(opts.params),
         model_dtype=str(opts.dtype),
         shuffle=opts.shuffle,
-        num_processes=world,
+        num_processes=peers.world,
         fallback_tensors=sorted(names[k][0] for k in engine.fallback_keys()),
     )
+
+
+def _write(opts, peers, engine, model, names, totals: Counters, config):
+    """Streaming finalization (finalize.py): accumulators + one tensor at most, on every process."""
+    writer = None
+    with peers.phase("opening the output"):
+        if peers.is_main:
+            writer = FisherWriter(
+                opts.out_dir,
+                config,
+                dtype=DTYPES[opts.save_dtype],
+                max_shard_size=opts.max_shard_size,
+                overwrite=opts.overwrite,
+            )
+    if opts.space == Space.ADAPTER:
+        stored_layout = dict
+    else:  # fused in-memory tensors (MoE experts) -> the stored ones
+
+        def stored_layout(tensors):
+            return to_stored_layout(model, tensors)
+
+    written = None
     try:
-        written = write_fisher(
-            fisher,
-            opts.out_dir,
-            config,
-            max_shard_size=opts.max_shard_size,
-            overwrite=opts.overwrite,
+        failure = stream_to_writer(
+            engine.accumulator.sums,
+            peers,
+            names=names,
+            num_examples=totals.num_examples,
+            stored_layout=stored_layout,
+            writer=writer,
         )
-        if opts.checkpoint_every and os.path.exists(ckpt):
-            os.remove(ckpt)
+        with peers.phase("writing the Fisher"):
+            if failure is not None:
+                raise failure
+            if writer is not None:
+                written = writer.close()
+                ckpt = checkpoint_path(opts.out_dir)
+                if opts.checkpoint_every and os.path.exists(ckpt):
+                    os.remove(ckpt)
     finally:
-        # the other processes wait here: release them even on failure
-        accelerator.wait_for_everyone()
+        if writer is not None and written is None:
+            writer.abort()
     return written
 
 
-def _save_state(
-    accelerator, accumulator, path, fingerprint, done_batches, num_tokens, identity
-) -> None:
-    sums = {key: _reduce(accelerator, value) for key, value in accumulator.sums.items()}
-    device = next(iter(sums.values())).device
-    tokens = int(
-        _reduce(accelerator, torch.tensor([num_tokens], dtype=torch.float64, device=device)).item()
-    )
-    if accelerator.is_main_process:
-        save_checkpoint(
-            path,
-            sums,
-            {
+def _save_state(opts, peers, accumulator, fingerprint, counts: Counters, identity) -> None:
+    """The checkpoint: every sum reduced onto the main process one tensor at a time (a copy, as
+    accumulation goes on), written there alone."""
+    ckpt = checkpoint_path(opts.out_dir)
+    sums: Dict[str, torch.Tensor] = {}
+    for key, value in accumulator.sums.items():
+        reduced = peers.sum_to_main_(value.clone()) if peers.world > 1 else value
+        if peers.is_main:
+            sums[key] = reduced.to("cpu")
+        del reduced
+    totals = Counters(*peers.sum_ints(counts.as_list()))
+    with peers.phase("writing the checkpoint"):
+        if peers.is_main:
+            state = {
                 "fingerprint": fingerprint,
-                "done_batches": done_batches,
-                "num_tokens": tokens,
+                **{name: getattr(totals, name) for name in COUNTERS},
+                "done_batches": counts.done_batches,
+                "num_processes": peers.world,
                 **checkpoint_identity_state(identity),
-            },
-        )
-    accelerator.wait_for_everyone()
+            }
+            save_checkpoint(ckpt, sums, state)

@@ -90,6 +90,11 @@ class FisherConfig(BaseModel):
     num_tokens: Optional[int] = None
     dataset: Optional[str] = None
     dataset_hash: Optional[str] = None
+    dataset_subset: Optional[str] = Field(None, description="`datasets` config name (--subset)")
+    dataset_split: Optional[str] = Field(None, description="`datasets` split read (--split)")
+    dataset_revision: Optional[str] = Field(None, description="Hub revision of the dataset")
+    text_field: Optional[str] = Field(None, description="column read as text (--text-field)")
+    shard: Optional[str] = Field(None, description="`I/N`: the I-th of N disjoint data shards")
     samples_per_example: Optional[int] = None
     seed: Optional[int] = None
     dtype: Optional[str] = Field(None, description="dtype of the stored tensors")
