@@ -181,7 +181,8 @@ def _oom_on_rank_one_worker(options_dict):
     try:
         run_compute(ComputeOptions(**options_dict), accelerator=accelerator)
     except FisherInputError as error:
-        print(f"rank {accelerator.process_index}: {error.message}", flush=True)
+        kind = type(error).__name__
+        print(f"rank {accelerator.process_index}: {kind}: {error.message}", flush=True)
         return
     raise AssertionError("run_compute should have failed")
 
@@ -205,6 +206,128 @@ def test_out_of_memory_on_one_process_stops_every_process(world, tmp_path):
         [sys.executable, "-c", code], env=ENV, capture_output=True, text=True, timeout=120
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "rank 1: " in result.stdout and "--batch-size" in result.stdout
-    assert "rank 0: another process ran out of memory" in result.stdout
+    # the main process names the process and the cause; the other stops quietly
+    assert (
+        "rank 0: FisherInputError: process 1 of 2 failed while computing round 1" in result.stdout
+    )
+    assert "out of memory" in result.stdout and "--batch-size" in result.stdout
+    assert "rank 1: PeerStopped" in result.stdout
     assert not os.path.exists(out)
+
+
+# ---------------------------------------------------------------- in the default suite
+POISON = "zebra quiz jukebox"
+
+
+def _poisoned_model(world, root, others) -> str:
+    """A model like the world's with a NaN embedding row for a token of POISON that no other row has:
+    only the process that gets the POISON row sees non-finite log-likelihoods."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = str(root / "poisoned")
+    # untied: a NaN row of a tied head would make every position's softmax NaN
+    tiny.make_llama(str(root / "untied"), seed=31, tie=False, tokenizer_dir=world["model"])
+    model = AutoModelForCausalLM.from_pretrained(str(root / "untied"))
+    tokenizer = AutoTokenizer.from_pretrained(world["model"])
+    seen = {t for text in others for t in tokenizer(text)["input_ids"]}
+    token = next(t for t in tokenizer(POISON)["input_ids"] if t not in seen)
+    with torch.no_grad():
+        model.get_input_embeddings().weight[token] = float("nan")
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def test_a_failure_on_one_process_stops_both_with_one_error(world, tmp_path):
+    model = _poisoned_model(world, tmp_path, tiny.CORPUS)
+    # no shuffle, batch size 1, 2 processes: row 2 (index 1) is batch 1, which process 1 computes
+    rows = [{"text": tiny.CORPUS[0]}, {"text": POISON}, *({"text": t} for t in tiny.CORPUS[1:])]
+    data = tiny.write_jsonl(str(tmp_path / "poison.jsonl"), rows)
+    out = tmp_path / "out"
+    command = [
+        sys.executable,
+        *LAUNCHERS["torchrun"],
+        "-m",
+        "mergekit_fisher",
+        "compute",
+        model,
+        str(out),
+        "--data",
+        data,
+        "--no-shuffle",
+        "--batch-size",
+        "1",
+        "--fisher-type",
+        "empirical",
+        "--no-progress",
+    ]
+    result = subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1, result.stderr[-3000:]
+    assert errors[0].startswith("Error: process 1 of 2 failed while computing round 1"), errors
+    assert "non-finite" in errors[0] and "model.embed_tokens.weight" in errors[0], errors
+    assert "exitcode  : 2" in result.stderr  # the main process exited 2 (torchrun's report)
+    assert not out.exists() and not os.path.exists(str(out) + ".lock")
+
+
+def _resume_worker(options_dict, interrupt, hide_checkpoint_from_rank_one):
+    from accelerate import Accelerator
+
+    from mergekit_fisher.estimator import checkpoint as checkpoint_mod
+    from mergekit_fisher.estimator import runner as runner_mod
+
+    accelerator = Accelerator(cpu=True)
+    if hide_checkpoint_from_rank_one and accelerator.process_index == 1:
+        # as on a node without the main node's filesystem: the file is not there for this process
+        def unreadable(*args, **kwargs):
+            raise AssertionError("only the main process may read the checkpoint")
+
+        checkpoint_mod.load_checkpoint = runner_mod.load_checkpoint = unreadable
+        checkpoint_mod.restore_sums = runner_mod.restore_sums = unreadable
+    runner_mod.run_compute(
+        runner_mod.ComputeOptions(**options_dict),
+        accelerator=accelerator,
+        interrupt_after_rounds=interrupt,
+    )
+
+
+def launch_resume(options_json: str, interrupt, hide: bool) -> None:
+    from accelerate import debug_launcher
+
+    debug_launcher(
+        _resume_worker, args=(json.loads(options_json), interrupt, hide), num_processes=2
+    )
+
+
+def test_killed_two_process_run_resumes_with_two_main_reads_the_checkpoint(world, tmp_path):
+    whole = compute(world["model"], str(tmp_path / "whole"), world["data"], **COMMON)
+    out = str(tmp_path / "resumed")
+    options = dict(
+        model=world["model"],
+        out_dir=out,
+        data=world["data"],
+        checkpoint_every=4,
+        progress=False,
+        **COMMON,
+    )
+    code = (
+        f"import sys, json; sys.path.insert(0, {TESTS!r}); import test_estimator_distributed as t; "
+        f"t.launch_resume({json.dumps(options)!r}, 2, False)"
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", code], env=ENV, capture_output=True, text=True, timeout=300
+    )
+    assert run.returncode != 0 and "Interrupted" in run.stderr, run.stderr[-3000:]
+    assert not os.path.exists(out) and os.path.exists(out + ".checkpoint.safetensors")
+    # resume with 2 processes; process 1 cannot read the checkpoint (the patch fails if it tries)
+    code = code.replace(", 2, False)", ", None, True)")
+    run = subprocess.run(
+        [sys.executable, "-c", code], env=ENV, capture_output=True, text=True, timeout=300
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    resumed = open_fisher(out)
+    assert resumed.config.num_examples == len(ROWS) and resumed.config.num_processes == 2
+    assert not os.path.exists(out + ".checkpoint.safetensors")
+    for name in whole:
+        torch.testing.assert_close(resumed.get_tensor(name), whole[name], rtol=1e-6, atol=0)

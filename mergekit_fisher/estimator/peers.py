@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from typing import Iterator, List, Optional, Sequence
 
 import torch
@@ -23,6 +24,7 @@ from mergekit_fisher.errors import FisherInputError
 log = logging.getLogger(__name__)
 
 MESSAGE_BYTES = 1024  # per process and phase: room for one error line, cut if longer
+LINGER_S = 1.0
 
 
 class PeerStopped(FisherInputError):
@@ -92,6 +94,9 @@ class Peers:
         if not failed:
             return
         if not self.is_main:
+            # a launcher (torchrun) stops every process once the first one exits: let the main
+            # process print the error and exit first
+            time.sleep(LINGER_S)
             raise PeerStopped(f"process {failed[0][0]} failed") from None
         if failure is not None and isinstance(failure, FisherInputError) and len(failed) == 1:
             raise failure  # the main process's own error, as a single process would show it
@@ -121,6 +126,15 @@ class Peers:
         everyone = [torch.empty_like(mine) for _ in range(self.world)]
         dist.all_gather(everyone, mine)
         return [_decode(buffer) for buffer in everyone]
+
+    def close(self) -> None:
+        """Leave the process group before the interpreter exits: gloo's threads, torn down by
+        the interpreter instead, abort the process ("terminate called without an active
+        exception")."""
+        import torch.distributed as dist
+
+        if self.world > 1 and dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
 
     # ------------------------------------------------------------------ moving numbers
     def sum_to_main_(self, tensor: torch.Tensor) -> torch.Tensor:

@@ -276,16 +276,21 @@ def run_compute(
     from accelerate import Accelerator
 
     _validate(opts)
-    if accelerator is None:
+    owned = accelerator is None
+    if owned:
         accelerator = Accelerator(cpu=not torch.cuda.is_available())
     peers = Peers(accelerator)
-    with contextlib.ExitStack() as lock:
-        # the main process holds OUT_DIR's lock for the whole run (and re-checks OUT_DIR under it)
-        with peers.phase("taking the output"):
-            if peers.is_main:
-                lock.enter_context(output_lock(opts.out_dir))
-                _check_output(opts)
-        return _run(opts, peers, interrupt_after_rounds)
+    try:
+        with contextlib.ExitStack() as lock:
+            # the main process holds OUT_DIR's lock for the whole run (and re-checks it under it)
+            with peers.phase("taking the output"):
+                if peers.is_main:
+                    lock.enter_context(output_lock(opts.out_dir))
+                    _check_output(opts)
+            return _run(opts, peers, interrupt_after_rounds)
+    finally:
+        if owned:
+            peers.close()
 
 
 @dataclass
