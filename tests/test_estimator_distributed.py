@@ -220,7 +220,7 @@ POISON = "zebra quiz jukebox"
 
 
 def _poisoned_model(world, root, others) -> str:
-    """A model like the world's with a NaN embedding row for a token of POISON that no other row has:
+    """A model like the world's with a NaN embedding row for a token of POISON no other row has:
     only the process that gets the POISON row sees non-finite log-likelihoods."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -20,6 +20,7 @@ from typing import Dict, Optional, Union
 import torch
 
 from mergekit_fisher.errors import FisherInputError
+from mergekit_fisher.fisher_file.writer import human_bytes
 
 Capacity = Dict[Union[int, str], int]
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20}
@@ -82,8 +83,8 @@ def plan_device_map(
         )
         have = sum(capacity[d] for d in gpus)
         raise FisherInputError(
-            f"the model and its accumulators need about {need / 1e9:.1f} GB, the GPUs offer "
-            f"{have / 1e9:.1f} GB: part of the model would go to {' and '.join(spilled)}, where no "
+            f"the model and its accumulators need about {human_bytes(need)}, the GPUs offer "
+            f"{human_bytes(have)}: part of the model would go to {' and '.join(spilled)}, where no "
             "per-example gradient can be taken",
             fix=(
                 "use more GPUs (or --max-memory to give them more), --dtype bfloat16, or a LoRA "

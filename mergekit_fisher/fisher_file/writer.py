@@ -120,7 +120,7 @@ def _existing_ancestor(path: str) -> str:
     return parent
 
 
-def _human_bytes(count: float) -> str:
+def human_bytes(count: float) -> str:
     for unit in ("B", "KB", "MB", "GB", "TB"):
         if count < 1000 or unit == "TB":
             return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
@@ -156,8 +156,8 @@ def check_output_writable(path: str, needed_bytes: Optional[int] = None) -> None
         if free < needed_bytes:
             raise FisherInputError(
                 f"not enough free space in {ancestor}: the output needs about "
-                f"{_human_bytes(needed_bytes)}, "
-                f"{_human_bytes(free)} are free",
+                f"{human_bytes(needed_bytes)}, "
+                f"{human_bytes(free)} are free",
                 file=path,
                 kind="output",
                 fix="free some space, or choose an OUT on another filesystem",
