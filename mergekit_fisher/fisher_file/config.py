@@ -19,6 +19,9 @@ SHARD_PATTERN = "fisher{suffix}.safetensors"
 HEADER_CONFIG_KEY = "fisher_config"
 
 
+STATS_CHUNK = 1 << 20  # elements: an 8 MB float64 chunk at a time
+
+
 class GlobalStats(BaseModel):
     """Sum and sum of squares over every element of every tensor: enough for `mean` and `l2`."""
 
@@ -34,11 +37,15 @@ class GlobalStats(BaseModel):
         rule)."""
         import torch
 
-        return cls(
-            sum=float(tensor.sum(dtype=torch.float64)),
-            sum_sq=float(torch.linalg.vector_norm(tensor, dtype=torch.float64)) ** 2,
-            num_elements=tensor.numel(),
-        )
+        # in chunks: `vector_norm(dtype=float64)` upcasts its whole input internally (2x a
+        # float32 tensor, measured by bench/bench_memory.py), which the writer cannot afford
+        flat = tensor.reshape(-1)
+        total = squares = 0.0
+        for start in range(0, flat.numel(), STATS_CHUNK):
+            chunk = flat[start : start + STATS_CHUNK].to(torch.float64)
+            total += float(chunk.sum())
+            squares += float(chunk.square_().sum())
+        return cls(sum=total, sum_sq=squares, num_elements=tensor.numel())
 
     def __add__(self, other: "GlobalStats") -> "GlobalStats":
         return GlobalStats(
