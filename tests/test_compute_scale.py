@@ -227,6 +227,11 @@ def test_text_field_split_and_subset_of_datasets_sources(world, tmp_path):
         "content",
         len(tiny.CORPUS),
     )
+    # provenance that travels: the card and inspect say which split and column
+    card = open(os.path.join(out, "README.md"), encoding="utf-8").read()
+    assert "| data split | validation |" in card and "| text field | content |" in card
+    shown = CliRunner().invoke(main, ["inspect", out])
+    assert shown.exit_code == 0 and "validation" in shown.output, shown.output
     # a local dataset repository with two configs (subsets), read as load_dataset reads the hub
     repo = tmp_path / "repo"
     for subset, texts in (("small", tiny.CORPUS[:3]), ("all", tiny.CORPUS)):
