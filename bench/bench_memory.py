@@ -156,14 +156,16 @@ def throughput(world: dict, args, processes: int, out: str) -> float:
     command = [sys.executable]
     if processes > 1:
         command += ["-m", "torch.distributed.run", "--nproc_per_node", str(processes)]
-        command += ["--master_port", "29533"]
+        command += ["--master_port", str(29533 + int(time.time()) % 200)]  # no TIME_WAIT reuse
     command += ["-m", "mergekit_fisher", "-q", "compute", world["model"], out, "--data",
                 world["data"], "--fisher-type", "empirical", "--batch-size", str(args.batch_size),
                 "--max-length", str(args.max_length), "--no-progress"]  # fmt: skip
     env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": str(2 // processes or 1)}
     env["ACCELERATE_USE_CPU"] = "1"
     started = time.perf_counter()
-    subprocess.run(command, check=True, env=env, capture_output=True)
+    done = subprocess.run(command, env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(done.stderr[-3000:])
     return args.examples / (time.perf_counter() - started)
 
 

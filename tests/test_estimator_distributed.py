@@ -134,10 +134,9 @@ def test_two_launched_processes_equal_one(world, tmp_path, launcher):
         torch.testing.assert_close(two.get_tensor(name), one[name], rtol=1e-6, atol=0)
 
 
-@pytest.mark.slow
-def test_interrupted_two_process_run_resumes_with_one(world, tmp_path):
-    from mergekit_fisher.estimator.runner import ComputeOptions, run_compute
-
+def _interrupted_two_process_run(world, tmp_path, launch: str):
+    """The Fisher of an uninterrupted run, and a 2-process run of the same options killed (the
+    test hook) after 2 rounds with a checkpoint: (whole, out, options, resume command)."""
     whole = compute(world["model"], str(tmp_path / "whole"), world["data"], **COMMON)
     out = str(tmp_path / "resumed")
     options = dict(
@@ -150,13 +149,23 @@ def test_interrupted_two_process_run_resumes_with_one(world, tmp_path):
     )
     code = (
         f"import sys; sys.path.insert(0, {TESTS!r}); import test_estimator_distributed as t; "
-        f"t.launch_debug({json.dumps(options)!r}, 2)"
+        f"t.{launch.format(options=repr(json.dumps(options)), interrupt=2)}"
     )
     result = subprocess.run(
         [sys.executable, "-c", code], env=ENV, capture_output=True, text=True, timeout=300
     )
     assert result.returncode != 0 and "Interrupted" in result.stderr, result.stderr[-3000:]
     assert not os.path.exists(out) and os.path.exists(out + ".checkpoint.safetensors")
+    return whole, out, options, code
+
+
+@pytest.mark.slow
+def test_interrupted_two_process_run_resumes_with_one(world, tmp_path):
+    from mergekit_fisher.estimator.runner import ComputeOptions, run_compute
+
+    whole, out, options, _ = _interrupted_two_process_run(
+        world, tmp_path, "launch_debug({options}, {interrupt})"
+    )
     run_compute(ComputeOptions(**options))  # resume with ONE process
     resumed = open_fisher(out)
     for name in whole:
@@ -301,25 +310,9 @@ def launch_resume(options_json: str, interrupt, hide: bool) -> None:
 
 
 def test_killed_two_process_run_resumes_with_two_main_reads_the_checkpoint(world, tmp_path):
-    whole = compute(world["model"], str(tmp_path / "whole"), world["data"], **COMMON)
-    out = str(tmp_path / "resumed")
-    options = dict(
-        model=world["model"],
-        out_dir=out,
-        data=world["data"],
-        checkpoint_every=4,
-        progress=False,
-        **COMMON,
+    whole, out, options, code = _interrupted_two_process_run(
+        world, tmp_path, "launch_resume({options}, {interrupt}, False)"
     )
-    code = (
-        f"import sys, json; sys.path.insert(0, {TESTS!r}); import test_estimator_distributed as t; "
-        f"t.launch_resume({json.dumps(options)!r}, 2, False)"
-    )
-    run = subprocess.run(
-        [sys.executable, "-c", code], env=ENV, capture_output=True, text=True, timeout=300
-    )
-    assert run.returncode != 0 and "Interrupted" in run.stderr, run.stderr[-3000:]
-    assert not os.path.exists(out) and os.path.exists(out + ".checkpoint.safetensors")
     # resume with 2 processes; process 1 cannot read the checkpoint (the patch fails if it tries)
     code = code.replace(", 2, False)", ", None, True)")
     run = subprocess.run(

@@ -278,7 +278,18 @@ def run_compute(
     _validate(opts)
     owned = accelerator is None
     if owned:
-        accelerator = Accelerator(cpu=not torch.cuda.is_available())
+        try:  # joins the launcher's process group: every process must arrive
+            accelerator = Accelerator(cpu=not torch.cuda.is_available())
+        except Exception as error:  # DistStoreError, timeouts: a process never joined
+            raise FisherInputError(
+                f"the processes of this run could not all join ({type(error).__name__}: "
+                f"{(str(error).strip().splitlines() or [''])[0][:200]})",
+                fix=(
+                    "start every process with the same launch command (same --num_machines, "
+                    "--num_processes, main process address and port); read the log of the process "
+                    "that did not start"
+                ),
+            ) from None
     peers = Peers(accelerator)
     try:
         with contextlib.ExitStack() as lock:
@@ -374,25 +385,26 @@ def _resume(opts, peers, accumulator, fingerprint, identity) -> Counters:
     return counters
 
 
-def _step(engine, plan: DataPlan, g: int, opts, tokenizer, num_labels, pad_id, device, counts):
-    rows, indices = plan.batch_rows(g, opts.batch_size)
+def _step(run: Run, g: int, counts: Counters) -> None:
+    opts = run.opts
+    rows, indices = run.plan.batch_rows(g, opts.batch_size)
     encoded = encode_rows(
         rows,
         indices,
-        tokenizer,
+        run.tokenizer,
         task=opts.task,
         max_length=opts.max_length,
-        strict=plan.source.strict,
-        num_labels=num_labels,
+        strict=run.plan.source.strict,
+        num_labels=run.num_labels,
         text_field=opts.text_field,
     )
     counts.num_truncated += encoded.num_truncated
     counts.num_skipped += encoded.num_skipped
     if not encoded.examples:
         return
-    batch = collate(encoded.examples, pad_id, opts.task).to(device)
+    batch = collate(encoded.examples, run.pad_id, opts.task).to(run.device)
     try:
-        counts.num_tokens += engine.step(batch)
+        counts.num_tokens += run.engine.step(batch)
     except torch.OutOfMemoryError as error:
         raise _oom_error(error) from None
     except RuntimeError as error:
@@ -466,20 +478,8 @@ def _run(opts: ComputeOptions, peers: Peers, interrupt_after_rounds: Optional[in
     try:
         fingerprint = opts.fingerprint(plan.dataset_hash)
         counts = _resume(opts, peers, engine.accumulator, fingerprint, identity)
-        _loop(
-            opts,
-            peers,
-            engine,
-            plan,
-            counts,
-            tokenizer,
-            num_labels,
-            pad_id,
-            device,
-            fingerprint,
-            identity,
-            interrupt_after_rounds,
-        )
+        run = Run(opts, peers, engine, plan, tokenizer, num_labels, pad_id, device)
+        _loop(run, counts, fingerprint, identity, interrupt_after_rounds)
     finally:
         engine.close()
     with peers.phase("checking the sums"):
@@ -493,20 +493,22 @@ def _run(opts: ComputeOptions, peers: Peers, interrupt_after_rounds: Optional[in
     return _write(opts, peers, engine, model, names, totals, config)
 
 
-def _loop(
-    opts,
-    peers,
-    engine,
-    plan,
-    counts,
-    tokenizer,
-    num_labels,
-    pad_id,
-    device,
-    fingerprint,
-    identity,
-    interrupt_after_rounds,
-) -> None:
+@dataclass
+class Run:
+    """What every batch of a run needs."""
+
+    opts: ComputeOptions
+    peers: Peers
+    engine: FisherEngine
+    plan: DataPlan
+    tokenizer: object
+    num_labels: Optional[int]
+    pad_id: int
+    device: torch.device
+
+
+def _loop(run: Run, counts: Counters, fingerprint, identity, interrupt_after_rounds) -> None:
+    opts, peers, plan = run.opts, run.peers, run.plan
     total_batches = plan.num_batches(opts.batch_size)
     done = counts.done_batches
     rounds = math.ceil((total_batches - done) / peers.world)
@@ -518,7 +520,7 @@ def _loop(
             g = done + round_index * peers.world + peers.rank
             with peers.phase(f"computing round {round_index + 1} of {rounds}"):
                 if g < total_batches:
-                    _step(engine, plan, g, opts, tokenizer, num_labels, pad_id, device, counts)
+                    _step(run, g, counts)
             round_end = min(total_batches, done + (round_index + 1) * peers.world)
             since_checkpoint += peers.world * opts.batch_size
             if progress is not None:
@@ -534,7 +536,7 @@ def _loop(
             ):
                 since_checkpoint = 0
                 counts.done_batches = round_end
-                _save_state(opts, peers, engine.accumulator, fingerprint, counts, identity)
+                _save_state(opts, peers, run.engine.accumulator, fingerprint, counts, identity)
             if interrupt_after_rounds is not None and round_index + 1 >= interrupt_after_rounds:
                 raise Interrupted(f"interrupted after {round_index + 1} rounds (test hook)")
     finally:
