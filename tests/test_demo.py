@@ -29,17 +29,20 @@ TEXTS = [
 ]
 
 
-def brute_force_loss(model_dir: str, texts, max_length: int) -> float:
-    """Token-weighted NLL, one unpadded sequence and one position at a time."""
+def brute_force_loss(model_dir: str, texts, max_length: int, bos: bool = True) -> float:
+    """Token-weighted NLL, one unpadded sequence and one position at a time. `bos`: the demo's
+    encoding (BOS + text); else the tokenizer's own (`compute`'s, for `text` rows)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     total, count = 0.0, 0
     for text in texts:
-        ids = ([tokenizer.bos_token_id] + tokenizer(text, add_special_tokens=False)["input_ids"])[
-            :max_length
-        ]
+        if bos:
+            ids = [tokenizer.bos_token_id] + tokenizer(text, add_special_tokens=False)["input_ids"]
+        else:
+            ids = tokenizer(text)["input_ids"]
+        ids = ids[:max_length]
         with torch.no_grad():
             logits = model(input_ids=torch.tensor([ids])).logits[0].double()
         for position in range(len(ids) - 1):
@@ -102,9 +105,14 @@ def test_eval_command_jsonl_and_txt(two_models, tmp_path):
     assert result.exit_code == 0, result.output
     payload = json.loads(result.stdout)
     assert list(payload) == two_models
+    # JSONL: compute's tokens (the tokenizer's own special tokens; this one adds none)
     assert payload[two_models[0]]["held"]["loss"] == pytest.approx(
-        brute_force_loss(two_models[0], TEXTS, 16), rel=1e-5
+        brute_force_loss(two_models[0], TEXTS, 16, bos=False), rel=1e-5
     )
+    means = payload[two_models[0]]["mean"]
+    cells = [payload[two_models[0]][name]["loss"] for name in ("held", "book")]
+    assert means["loss"] == pytest.approx(sum(cells) / 2)
+    assert means["perplexity"] == pytest.approx(math.exp(means["loss"]))
     # .txt: one text cut into 16-token windows, each scored without BOS
     from transformers import AutoTokenizer
 
@@ -128,8 +136,8 @@ def test_eval_command_bad_inputs(two_models, tmp_path):
     result = runner.invoke(main, ["eval", two_models[0], "--data", str(bad)])
     assert result.exit_code == 2
     assert (
-        "line 2" in result.output and str(bad) in result.output and "Traceback" not in result.output
-    )
+        f"{bad}:2" in result.output and "no usable fields" in result.output
+    ) and "Traceback" not in result.output
     missing = runner.invoke(main, ["eval", str(tmp_path / "nope"), "--data", str(bad)])
     assert missing.exit_code == 2 and str(tmp_path / "nope") in missing.output
 

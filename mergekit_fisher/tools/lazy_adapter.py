@@ -27,14 +27,15 @@ PEFT_PREFIX = "base_model.model."
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 
-def _refuse(adapter: str, problem: str) -> FisherInputError:
-    return FisherInputError(
-        problem,
-        file=adapter,
-        kind="LoRA adapter",
-        fix="explain reads plain LoRA adapters on linear layers; merge this one into its base "
-        "(peft's merge_and_unload) and point the recipe at the merged model",
-    )
+UNSUPPORTED = (
+    "only plain LoRA on linear layers is read without merging; merge this adapter into its base "
+    "(peft's merge_and_unload) and use the merged model"
+)
+OTHER_BASE = "pair the adapter with the base model it was trained on"
+
+
+def _refuse(adapter: str, problem: str, fix: str = UNSUPPORTED) -> FisherInputError:
+    return FisherInputError(problem, file=adapter, kind="LoRA adapter", fix=fix)
 
 
 def _config(adapter: str) -> dict:
@@ -120,6 +121,41 @@ class AdapterDeltas:
         known = set(stored)
         return [name for name in [*self.lora, *self.replaced] if name not in known]
 
+    def check_fits(self, shapes: Dict[str, Tuple[int, ...]]) -> None:
+        """Refuse, from headers only, an adapter whose tensors do not fit the base (`shapes`: the
+        base checkpoint's tensor shapes): a module the base lacks, or B·A of another shape."""
+        missing = self.unknown_targets(list(shapes))
+        if missing:
+            raise _refuse(
+                self.adapter,
+                f"the adapter changes {missing[0]}, which the base checkpoint does not store "
+                f"({len(missing)} such tensor(s)): an adapter for another base?",
+                OTHER_BASE,
+            )
+        for name, (a_key, b_key, _scale) in self.lora.items():
+            rows = self._file.get_slice(b_key).get_shape()[0]
+            cols = self._file.get_slice(a_key).get_shape()[-1]
+            shape = (cols, rows) if self.config.get("fan_in_fan_out") else (rows, cols)
+            if tuple(shapes[name]) != shape:
+                raise _refuse(
+                    self.adapter,
+                    f"B·A of {name} is {shape}, the base's tensor is {tuple(shapes[name])}: an "
+                    "adapter for another base?",
+                    OTHER_BASE,
+                )
+
+
+def header_shapes(index) -> Dict[str, Tuple[int, ...]]:
+    """{tensor: shape} of a mergekit `ShardedTensorIndex`, from the safetensors headers."""
+    from safetensors import safe_open
+
+    shapes: Dict[str, Tuple[int, ...]] = {}
+    for shard in sorted(set(index.tensor_paths.values())):
+        with safe_open(os.path.join(index.base_path, shard), framework="pt") as handle:
+            for name in handle.keys():
+                shapes[name] = tuple(handle.get_slice(name).get_shape())
+    return shapes
+
 
 class AdaptedLoader(LazyTensorLoader):
     """The base checkpoint's loader, each tensor read with the adapter applied (float32 where
@@ -128,13 +164,7 @@ class AdaptedLoader(LazyTensorLoader):
     def __init__(self, base: LazyTensorLoader, deltas: AdapterDeltas):
         super().__init__(base.index, lazy_unpickle=base.lazy_unpickle)
         self.deltas = deltas
-        missing = deltas.unknown_targets(list(base.index.tensor_paths))
-        if missing:
-            raise _refuse(
-                deltas.adapter,
-                f"the adapter changes {missing[0]}, which the base checkpoint does not store "
-                f"({len(missing)} such tensor(s)): an adapter for another base?",
-            )
+        deltas.check_fits(header_shapes(base.index))
 
     def get_tensor(
         self,
