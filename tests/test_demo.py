@@ -10,6 +10,7 @@ import json
 import math
 import os
 
+import click
 import pytest
 import tiny
 import torch
@@ -402,3 +403,22 @@ def test_default_demo_tells_the_papers_story(tmp_path):
     }
     assert mean["fisher"] < mean["linear"]
     assert mean["fisher_ties"] < mean["ties"]
+
+
+def test_tiny_demo_runs_its_commands_in_one_process(tmp_path):
+    """`demo --tiny` runs compute and mergekit-yaml through their entry points in this process
+    (no start-up per command), and its stage lines survive the commands' own -q."""
+    result = CliRunner().invoke(main, ["demo", str(tmp_path / "w"), "--tiny", "--no-plot"])
+    assert result.exit_code == 0, result.output
+    assert "(in process)" in result.stderr and "[5/5]" in result.stderr
+    assert "beat" in result.stdout  # the verdict lines
+
+
+def test_an_in_process_command_that_fails_names_itself(tmp_path):
+    from mergekit_fisher.demo.pipeline import run_in_process
+
+    with pytest.raises(click.ClickException, match="compute x failed"):
+        run_in_process(
+            "compute x",
+            ["python", "-m", "mergekit_fisher", "compute", str(tmp_path / "no"), str(tmp_path)],
+        )
