@@ -1,7 +1,8 @@
 """The demo and `mergekit-fisher eval`.
 
-The pipeline test runs the whole demo once at `--tiny` size (real `mergekit-fisher compute` and
-`mergekit-yaml` subprocesses) and checks each stage's outputs against independent references.
+The pipeline test runs the whole demo once at `--tiny` size (the real `mergekit-fisher compute` and
+`mergekit-yaml` entry points, in process as `--tiny` runs them) and checks each stage's outputs
+against independent references.
 """
 
 from __future__ import annotations
