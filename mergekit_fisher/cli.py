@@ -68,6 +68,29 @@ COMMANDS = {
 }
 
 
+# name -> the example shown at the end of that command's --help (kept here, beside COMMANDS, so
+# every command has one and the README's commands can be checked against them in one place)
+EXAMPLES = {
+    "compute": "mergekit-fisher compute /models/llama-math /fisher/math --data math_train.jsonl",
+    "inspect": "mergekit-fisher inspect /fisher/math --model /models/llama-math --by layer",
+    "explain": "mergekit-fisher explain recipes/fisher_two_finetunes.yml --plot share.png",
+    "combine": "mergekit-fisher combine /fisher/part0 /fisher/part1 /fisher/all",
+    "convert": "mergekit-fisher convert scores.safetensors /fisher/math --model /models/llama-math",
+    "push": "mergekit-fisher push /fisher/math my-org/llama-math-fisher",
+    "recipes": "mergekit-fisher recipes fisher_two_finetunes --out recipes",
+    "eval": "mergekit-fisher eval ./merged /models/llama-math --data math_test.jsonl --json",
+    "demo": "mergekit-fisher demo fisher-demo --tiny",
+}
+
+
+def with_example(name: str, command: click.Command) -> click.Command:
+    """`command` with its EXAMPLES line as the --help epilog (unless it shows one already)."""
+    if name in EXAMPLES and not command.epilog and "Example" not in (command.help or ""):
+        # \b: click keeps the block's line breaks instead of rewrapping it
+        command.epilog = f"\b\nExample:\n  {EXAMPLES[name]}"
+    return command
+
+
 # ---------------------------------------------------------------- logging
 class _ClickHandler(logging.Handler):
     """Records to stderr through `click.echo`, which looks the stream up at each call (so it follows
@@ -244,7 +267,7 @@ class LazyGroup(click.Group):
             if error.name and error.name.startswith("mergekit_fisher"):
                 return None  # command not available in this build
             raise
-        return getattr(module, attribute)
+        return with_example(name, getattr(module, attribute))
 
     def format_commands(self, ctx, formatter):
         # Help text without importing every command module (torch, transformers, ...).

@@ -929,7 +929,7 @@ ROWS: Dict[str, Callable[[Ctx], Case]] = {
     "eval/text-null": lambda c: Case(
         "eval",
         [c.world.m, "--data", tiny.write_jsonl(c.path("n.jsonl"), [{"text": None}])],
-        ['line 1 has no string "text"', "n.jsonl"],
+        ['n.jsonl:1: "text" is null, not a string'],
     ),
 }
 

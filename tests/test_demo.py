@@ -1,7 +1,8 @@
 """The demo and `mergekit-fisher eval`.
 
-The pipeline test runs the whole demo once at `--tiny` size (real `mergekit-fisher compute` and
-`mergekit-yaml` subprocesses) and checks each stage's outputs against independent references.
+The pipeline test runs the whole demo once at `--tiny` size (the real `mergekit-fisher compute` and
+`mergekit-yaml` entry points, in process as `--tiny` runs them) and checks each stage's outputs
+against independent references.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import json
 import math
 import os
 
+import click
 import pytest
 import tiny
 import torch
@@ -29,17 +31,20 @@ TEXTS = [
 ]
 
 
-def brute_force_loss(model_dir: str, texts, max_length: int) -> float:
-    """Token-weighted NLL, one unpadded sequence and one position at a time."""
+def brute_force_loss(model_dir: str, texts, max_length: int, bos: bool = True) -> float:
+    """Token-weighted NLL, one unpadded sequence and one position at a time. `bos`: the demo's
+    encoding (BOS + text); else the tokenizer's own (`compute`'s, for `text` rows)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     total, count = 0.0, 0
     for text in texts:
-        ids = ([tokenizer.bos_token_id] + tokenizer(text, add_special_tokens=False)["input_ids"])[
-            :max_length
-        ]
+        if bos:
+            ids = [tokenizer.bos_token_id] + tokenizer(text, add_special_tokens=False)["input_ids"]
+        else:
+            ids = tokenizer(text)["input_ids"]
+        ids = ids[:max_length]
         with torch.no_grad():
             logits = model(input_ids=torch.tensor([ids])).logits[0].double()
         for position in range(len(ids) - 1):
@@ -102,9 +107,14 @@ def test_eval_command_jsonl_and_txt(two_models, tmp_path):
     assert result.exit_code == 0, result.output
     payload = json.loads(result.stdout)
     assert list(payload) == two_models
+    # JSONL: compute's tokens (the tokenizer's own special tokens; this one adds none)
     assert payload[two_models[0]]["held"]["loss"] == pytest.approx(
-        brute_force_loss(two_models[0], TEXTS, 16), rel=1e-5
+        brute_force_loss(two_models[0], TEXTS, 16, bos=False), rel=1e-5
     )
+    means = payload[two_models[0]]["mean"]
+    cells = [payload[two_models[0]][name]["loss"] for name in ("held", "book")]
+    assert means["loss"] == pytest.approx(sum(cells) / 2)
+    assert means["perplexity"] == pytest.approx(math.exp(means["loss"]))
     # .txt: one text cut into 16-token windows, each scored without BOS
     from transformers import AutoTokenizer
 
@@ -128,8 +138,8 @@ def test_eval_command_bad_inputs(two_models, tmp_path):
     result = runner.invoke(main, ["eval", two_models[0], "--data", str(bad)])
     assert result.exit_code == 2
     assert (
-        "line 2" in result.output and str(bad) in result.output and "Traceback" not in result.output
-    )
+        f"{bad}:2" in result.output and "no usable fields" in result.output
+    ) and "Traceback" not in result.output
     missing = runner.invoke(main, ["eval", str(tmp_path / "nope"), "--data", str(bad)])
     assert missing.exit_code == 2 and str(tmp_path / "nope") in missing.output
 
@@ -394,3 +404,22 @@ def test_default_demo_tells_the_papers_story(tmp_path):
     }
     assert mean["fisher"] < mean["linear"]
     assert mean["fisher_ties"] < mean["ties"]
+
+
+def test_tiny_demo_runs_its_commands_in_one_process(tmp_path):
+    """`demo --tiny` runs compute and mergekit-yaml through their entry points in this process
+    (no start-up per command), and its stage lines survive the commands' own -q."""
+    result = CliRunner().invoke(main, ["demo", str(tmp_path / "w"), "--tiny", "--no-plot"])
+    assert result.exit_code == 0, result.output
+    assert "(in process)" in result.stderr and "[5/5]" in result.stderr
+    assert "beat" in result.stdout  # the verdict lines
+
+
+def test_an_in_process_command_that_fails_names_itself(tmp_path):
+    from mergekit_fisher.demo.pipeline import run_in_process
+
+    with pytest.raises(click.ClickException, match="compute x failed"):
+        run_in_process(
+            "compute x",
+            ["python", "-m", "mergekit_fisher", "compute", str(tmp_path / "no"), str(tmp_path)],
+        )

@@ -111,7 +111,17 @@ def _option(name: str, help_text: str, **extra):
     help="torch threads per process (training, compute, merges)",
 )
 @click.option(
-    "--tiny", is_flag=True, help="a seconds-long run at toy sizes (for tests and a first look)"
+    "--tiny",
+    is_flag=True,
+    help="a seconds-long run at toy sizes, in one process: it shows the pipeline works, not that "
+    "Fisher merging helps",
+)
+@click.option(
+    "--in-process/--subprocesses",
+    "in_process",
+    default=None,
+    help="run compute and mergekit-yaml inside this process (saves their start-up) or as the "
+    "command lines a user types [default: --in-process with --tiny, else --subprocesses]",
 )
 @click.option(
     "--plot/--no-plot",

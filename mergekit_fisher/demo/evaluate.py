@@ -2,6 +2,13 @@
 
 The loss is the mean next-token negative log-likelihood (nats) over every predicted token of a
 dataset (token-weighted, so long and short examples count by their size); perplexity = exp(loss).
+
+`eval` reads data exactly as `compute` does (`estimator.data.prepare`): JSONL `text`,
+`prompt`/`completion` (loss on the completion tokens only), chat `messages` (assistant turns only),
+a `datasets` dataset -- so the loss is on the very tokens `compute` differentiates. A `.txt` file is
+the exception: one long text cut into `--max-length` windows. Models are directories or
+`base+adapter` references (the adapter applied by peft in memory, nothing written). Every model and
+every data file is checked, and every data file tokenized, before the first forward pass.
 """
 
 from __future__ import annotations
@@ -10,7 +17,8 @@ import json
 import logging
 import math
 import os
-from typing import Dict, List, Optional, Sequence
+from dataclasses import dataclass
+from typing import Dict, Optional, Sequence
 
 import click
 
@@ -35,44 +43,10 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def load_texts(path: str, max_examples: Optional[int] = None) -> List[str]:
-    """Examples of a data file: JSONL rows' `text`, or a `.txt` file as one text (cut into windows
-    later).
-
-    JSONL is read by the estimator's reader (`estimator.data.read_jsonl`), so both commands refuse
-    the same bad lines with the same errors."""
-    from mergekit_fisher.estimator.data import DataError, read_jsonl
-
-    if not os.path.isfile(path):
-        raise DataError(
-            "data file does not exist",
-            file=path,
-            fix="pass an existing .jsonl or .txt file to --data",
-        )
-    if path.endswith(".txt"):
-        from mergekit_fisher.estimator.data import open_text
-
-        with open_text(path) as fp:  # bytes that are not UTF-8: a DataError naming the line
-            return [fp.read()]
-    texts = []
-    for where, row in read_jsonl(path, limit=max_examples):
-        if not isinstance(row.get("text"), str):
-            line = where.rsplit(":", 1)[1]
-            raise DataError(
-                f'line {line} has no string "text" field',
-                file=path,
-                fix='write one JSON object per line, like {"text": "..."}',
-            )
-        texts.append(row["text"])
-    if not texts:
-        raise DataError("the data has no examples", file=path, fix='add rows like {"text": "..."}')
-    return texts
-
-
-def load_tokenizer(model_dir: str, fallback: Optional[str] = None):
+def load_tokenizer(model_dir: str, fallback: Optional[str] = None, adapter: Optional[str] = None):
     from transformers import AutoTokenizer
 
-    for source in (model_dir, fallback):
+    for source in (model_dir, adapter, fallback):
         if source and os.path.exists(os.path.join(source, "tokenizer_config.json")):
             return AutoTokenizer.from_pretrained(source)
     raise FisherInputError(
@@ -82,22 +56,31 @@ def load_tokenizer(model_dir: str, fallback: Optional[str] = None):
     )
 
 
-def load_model(model_dir: str, device: str):
-    from transformers import AutoModelForCausalLM
+def check_model_dir(model_dir: str) -> Dict[str, tuple]:
+    """A loadable causal LM directory, from its files and headers only: config.json, safetensors
+    (a pickle-only checkpoint is refused, never unpickled), every shard present, inside the
+    directory and readable. Returns the checkpoint's {tensor: shape}."""
+    from mergekit_fisher.tools.checkpoint import checkpoint_shapes
 
+    if not os.path.isdir(model_dir):
+        raise FisherInputError(
+            "model directory does not exist", model=model_dir, fix="pass a saved model directory"
+        )
     if not os.path.isfile(os.path.join(model_dir, "config.json")):
         raise FisherInputError(
             "not a model directory (no config.json)",
             model=model_dir,
             fix="pass a saved Hugging Face model directory",
         )
+    return checkpoint_shapes(model_dir)
+
+
+def load_model(model_dir: str, device: str, adapter: Optional[str] = None):
+    from transformers import AutoModelForCausalLM
+
+    check_model_dir(model_dir)
     import torch
 
-    from mergekit_fisher.tools.checkpoint import checkpoint_index
-
-    # safetensors only (a pickle-only checkpoint is refused, never unpickled), every shard present
-    # and inside the directory: checked from the headers before transformers opens anything
-    checkpoint_index(model_dir)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             model_dir, dtype=torch.float32, use_safetensors=True
@@ -110,29 +93,41 @@ def load_model(model_dir: str, device: str):
             model=model_dir,
             fix="re-download or re-save it (a truncated or partial copy?)",
         ) from None
+    if adapter is not None:
+        from mergekit_fisher.estimator.lora import load_adapter
+
+        # peft's own forward (W0 + s·B·A), in memory: nothing is merged or written
+        model = load_adapter(model, adapter, model_name=model_dir)
     return model.to(device).eval()
 
 
 def token_loss(model, batches, device: str) -> Dict[str, float]:
-    """Token-weighted mean next-token NLL of `model` over already-collated batches."""
+    """Token-weighted mean next-token NLL of `model` over already-collated batches: each is
+    (model inputs, labels) with labels IGNORE (-100) where nothing is predicted, or the demo's
+    (input_ids, attention_mask, labels)."""
     import torch
     import torch.nn.functional as F
 
+    from mergekit_fisher.estimator.objectives import IGNORE
+
     total, count = 0.0, 0
     with torch.no_grad():
-        for input_ids, attention_mask, labels in batches:
-            logits = model(
-                input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)
-            ).logits
+        for batch in batches:
+            if len(batch) == 3:
+                input_ids, attention_mask, labels = batch
+                inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
+            else:
+                inputs, labels = batch
+            logits = model(**{name: value.to(device) for name, value in inputs.items()}).logits
             shifted_logits = logits[:, :-1].float()
             shifted_labels = labels[:, 1:].to(device)
             total += F.cross_entropy(
                 shifted_logits.reshape(-1, shifted_logits.shape[-1]),
                 shifted_labels.reshape(-1),
-                ignore_index=-100,
+                ignore_index=IGNORE,
                 reduction="sum",
             ).item()
-            count += int((shifted_labels != -100).sum().item())
+            count += int((shifted_labels != IGNORE).sum().item())
     loss = total / count if count else float("nan")
     return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "tokens": count}
 
@@ -229,22 +224,161 @@ def format_table(results: Results, *, markdown: bool = False) -> str:
 
 
 def _dataset_label(path: str, taken: Dict[str, object]) -> str:
-    label = os.path.splitext(os.path.basename(path))[0]
-    return label if label not in taken else path
+    label = os.path.splitext(os.path.basename(path.rstrip("/")))[0]
+    # "mean" is the --json key of the mean over files
+    return label if label not in taken and label != "mean" else path
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One MODEL argument: a directory, or mergekit's `base+adapter` reference."""
+
+    label: str
+    path: str
+    adapter: Optional[str] = None
+
+
+def parse_model(argument: str, label: str) -> ModelSpec:
+    if "+" in argument and not os.path.exists(argument):
+        parts = argument.split("+")
+        if len(parts) != 2:
+            raise FisherInputError(
+                "a base+adapter reference has exactly one '+'",
+                model=argument,
+                fix="write BASE_DIR+ADAPTER_DIR",
+            )
+        return ModelSpec(label, parts[0], parts[1])
+    return ModelSpec(label, argument)
+
+
+def check_model(spec: ModelSpec, tokenizer_dir: Optional[str]):
+    """Everything about one model that can be checked without loading it; returns its tokenizer."""
+    shapes = check_model_dir(spec.path)
+    if spec.adapter is not None:
+        from mergekit_fisher.tools.checkpoint import checkpoint_index
+        from mergekit_fisher.tools.lazy_adapter import AdapterDeltas
+
+        if not os.path.isfile(os.path.join(spec.adapter, "adapter_config.json")):
+            raise FisherInputError(
+                "adapter not found (expected a directory with adapter_config.json)",
+                model=spec.adapter,
+                fix="pass the PEFT adapter directory saved with `save_pretrained`",
+            )
+        checkpoint_index(spec.adapter)  # safetensors only, never unpickled
+        AdapterDeltas(spec.adapter).check_fits(shapes)  # names and shapes against the base
+    return load_tokenizer(spec.path, tokenizer_dir, adapter=spec.adapter)
+
+
+def prepare_data(path: str, tokenizer, max_length: int, max_examples: Optional[int]) -> list:
+    """(model inputs, labels) per example, read and masked by compute's own `prepare`; a `.txt`
+    file is one text in `max_length` windows."""
+    from mergekit_fisher.choices import Task
+    from mergekit_fisher.estimator.data import DataError, open_text, prepare
+
+    if path.endswith(".txt") and os.path.isfile(path):
+        from mergekit_fisher.demo.tokenizer import encode_stream
+
+        with open_text(path) as fp:  # bytes that are not UTF-8: a DataError naming the line
+            windows = encode_stream(tokenizer, fp.read(), max_length)
+        if not windows:
+            raise DataError("the data has no examples", file=path, fix="add text to the file")
+        return [("stream", window) for window in windows]
+    if path.endswith(".txt") and not os.path.exists(path):
+        raise DataError("data file does not exist", file=path, fix="check the --data path")
+    data = prepare(
+        path,
+        tokenizer,
+        task=Task.CAUSAL_LM,
+        num_examples=max_examples,
+        max_length=max_length,
+        seed=0,
+        shuffle=False,
+    )
+    return data.examples
+
+
+def batches_of(examples: list, pad_id: int, batch_size: int) -> list:
+    from mergekit_fisher.choices import Task
+    from mergekit_fisher.demo.tokenizer import collate as collate_windows
+    from mergekit_fisher.estimator.data import collate
+
+    out = []
+    for start in range(0, len(examples), batch_size):
+        chunk = examples[start : start + batch_size]
+        if chunk and isinstance(chunk[0], tuple):  # .txt windows
+            out.append(collate_windows([window for _kind, window in chunk], pad_id))
+        else:
+            batch = collate(chunk, pad_id, Task.CAUSAL_LM)
+            out.append((batch.model_inputs(), batch.labels))
+    return out
+
+
+def evaluate_files(
+    specs: Sequence[ModelSpec],
+    data_paths: Sequence[str],
+    *,
+    max_length: int = 256,
+    max_examples: Optional[int] = None,
+    batch_size: int = 8,
+    device: str = "cpu",
+    tokenizer_dir: Optional[str] = None,
+    progress: bool = False,
+) -> Results:
+    """`eval`: every model and data file checked (and tokenized, once per distinct tokenizer)
+    first, then one model in memory at a time."""
+    from tqdm.auto import tqdm
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()
+    device = resolve_device(device)
+    tokenizers = {spec: check_model(spec, tokenizer_dir) for spec in specs}
+    labels: Dict[str, str] = {}
+    for path in data_paths:
+        labels[_dataset_label(path, labels)] = path
+    prepared: Dict[tuple, list] = {}  # (tokenizer source, data label) -> examples
+    for tokenizer in tokenizers.values():
+        source = tokenizer.name_or_path
+        for label, path in labels.items():
+            if (source, label) not in prepared:
+                prepared[(source, label)] = prepare_data(path, tokenizer, max_length, max_examples)
+    results: Results = {}
+    for spec in tqdm(specs, desc="evaluate", unit="model", disable=not progress):
+        tokenizer = tokenizers[spec]
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        model = load_model(spec.path, device, adapter=spec.adapter)
+        results[spec.label] = {
+            label: token_loss(
+                model,
+                batches_of(prepared[(tokenizer.name_or_path, label)], pad_id, batch_size),
+                device,
+            )
+            for label in labels
+        }
+        del model
+    return results
+
+
+def with_means(results: Results) -> dict:
+    """--json: each model's cells plus "mean" (the unweighted mean loss over files, as in the
+    table)."""
+    out = {}
+    for label, row in results.items():
+        mean = mean_loss(row)
+        out[label] = {**row, "mean": {"loss": mean, "perplexity": math.exp(min(mean, 700.0))}}
+    return out
 
 
 @click.command("eval")
 @verbosity_options
-@click.argument("models", nargs=-1, required=True, type=click.Path(file_okay=False))
+@click.argument("models", nargs=-1, required=True)
 @click.option(
     "--data",
     "data_paths",
     multiple=True,
     required=True,
-    type=click.Path(dir_okay=False),
     help=(
-        "JSONL with a `text` field per row (one example each), or .txt (cut into windows). "
-        "Repeatable."
+        "What compute reads: JSONL (text | prompt+completion | messages), a dataset saved with "
+        "save_to_disk or a dataset repository; or .txt (one text, cut into windows). Repeatable."
     ),
 )
 @click.option(
@@ -258,7 +392,7 @@ def _dataset_label(path: str, taken: Dict[str, object]) -> str:
     "--max-examples",
     type=click.IntRange(min=1),
     default=None,
-    help="use only the first N rows of each JSONL file",
+    help="use only the first N examples of each JSONL file or dataset",
 )
 @click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
 @click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda | cuda:N")
@@ -270,44 +404,34 @@ def _dataset_label(path: str, taken: Dict[str, object]) -> str:
     help="tokenizer for models saved without one",
 )
 @click.option(
-    "--json", "as_json", is_flag=True, help="print the results as JSON instead of a table"
+    "--json", "as_json", is_flag=True, help="print the results (and each model's mean) as JSON"
 )
 def eval_command(
     models, data_paths, max_length, max_examples, batch_size, device, tokenizer_dir, as_json
 ):
-    """Held-out loss and perplexity of each MODEL directory on each --data file.
+    """Held-out loss and perplexity of each MODEL (a directory, or BASE+ADAPTER) on each --data.
 
-    Prints one row per model: loss (perplexity) per data file and the mean over files.
+    Prints one row per model: loss (perplexity) per data file and the mean over files. The loss is
+    on the tokens compute differentiates (completions, assistant turns). Every model and file is
+    checked before the first forward pass.
     """
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    for model_dir in models:
-        if not os.path.isdir(model_dir):
-            raise FisherInputError(
-                "model directory does not exist",
-                model=model_dir,
-                fix="pass a saved model directory",
-            )
-    datasets: Dict[str, List[str]] = {}
-    stream = []
-    for path in data_paths:
-        label = _dataset_label(path, datasets)
-        datasets[label] = load_texts(path, max_examples)
-        if path.endswith(".txt"):
-            stream.append(label)
-    labels: Dict[str, str] = {}
-    for model_dir in models:
-        labels[model_dir if model_dir not in labels else f"{model_dir} ({len(labels)})"] = model_dir
-    results = evaluate_models(
-        labels,
-        datasets,
+    specs, taken = [], set()
+    for argument in models:
+        label = argument if argument not in taken else f"{argument} ({len(taken)})"
+        taken.add(label)
+        specs.append(parse_model(argument, label))
+    results = evaluate_files(
+        specs,
+        data_paths,
         max_length=max_length,
+        max_examples=max_examples,
         batch_size=batch_size,
         device=device,
         tokenizer_dir=tokenizer_dir,
-        stream=stream,
         progress=not as_json and show_progress(),
     )
     if as_json:
-        click.echo(json.dumps(results, indent=2))
+        click.echo(json.dumps(with_means(results), indent=2))
     else:
         click.echo(format_table(results))

@@ -8,7 +8,9 @@
     merges/      <method>/ written by the stock `mergekit-yaml`
     results.json, results.md, chart.png
 
-Stages 2 and 3 call the real command lines in subprocesses, exactly as a user would.
+Stages 2 and 3 call the real command lines in subprocesses, exactly as a user would; with
+`in_process` (what `--tiny` uses) through the same entry points inside this process, which saves
+each command's start-up.
 """
 
 from __future__ import annotations
@@ -80,6 +82,10 @@ class DemoSettings:
     # threads oversubscribing a busy 2-core machine made training 4x slower in our measurements
     threads: int = 1
     plot: bool = True
+    # run compute and mergekit-yaml through their own entry points inside this process instead of
+    # as subprocesses: the same code, without paying each command's start-up (mergekit's import
+    # alone took ~20 s per command on a loaded 2-core machine)
+    in_process: bool = False
 
 
 TINY = dict(
@@ -94,6 +100,7 @@ TINY = dict(
     pretrain_steps=40,
     finetune_steps=40,
     fisher_examples=8,
+    in_process=True,
 )
 
 
@@ -197,9 +204,59 @@ def child_env(settings: DemoSettings) -> Dict[str, str]:
     return env
 
 
+def run_in_process(name: str, command: List[str]) -> None:
+    """One of the demo's commands through its own click entry point, in this process:
+    `python -m mergekit_fisher ...` is `mergekit-fisher ...`, `mergekit-yaml ...` is mergekit's
+    `main` (with the Fisher methods registered, as the .pth hook does in a fresh process)."""
+    import contextlib
+    import io
+
+    output = io.StringIO()
+    package_log = logging.getLogger("mergekit_fisher")
+    level = package_log.level  # `-q` below sets it for the command; the demo's lines stay shown
+    try:
+        with contextlib.redirect_stdout(output):
+            if command[1:3] == ["-m", "mergekit_fisher"]:
+                from mergekit_fisher.cli import main
+
+                main.main(
+                    args=["-q", *command[3:]], prog_name="mergekit-fisher", standalone_mode=False
+                )
+            else:
+                from mergekit.scripts.run_yaml import main as mergekit_yaml
+
+                from mergekit_fisher.merge.registry import ensure_registered
+
+                ensure_registered()
+                mergekit_yaml.main(
+                    args=command[1:], prog_name="mergekit-yaml", standalone_mode=False
+                )
+    except Exception as error:
+        tail = "\n".join(output.getvalue().strip().splitlines()[-25:])
+        raise click.ClickException(
+            f"{name} failed ({error.__class__.__name__}: {error}): {' '.join(command)}\n{tail}"
+        ) from error
+    finally:
+        package_log.setLevel(level)
+
+
+def in_process_ok(settings: DemoSettings) -> bool:
+    """In-process runs share this process's devices: `compute` would take a visible GPU even with
+    --device cpu, which only a subprocess (CUDA_VISIBLE_DEVICES="") can hide."""
+    import torch
+
+    return settings.in_process and not (settings.device == "cpu" and torch.cuda.is_available())
+
+
 def run_commands(commands: Dict[str, List[str]], settings: DemoSettings, log: StageLog) -> None:
-    """Run named commands, `settings.jobs` at a time; on a failure show its output's tail and
-    stop."""
+    """Run named commands, `settings.jobs` at a time (or one after another in this process, with
+    `in_process`); on a failure show its output's tail and stop."""
+    if in_process_ok(settings):
+        for name, command in commands.items():
+            start = time.perf_counter()
+            run_in_process(name, command)
+            log.echo(f"  {name}: {time.perf_counter() - start:.1f}s (in process)")
+        return
     env = child_env(settings)
     jobs = settings.jobs
 
@@ -306,11 +363,17 @@ def build_models(workdir: str, settings: DemoSettings, log: StageLog) -> dict:
 
 
 def compute_fishers(
-    workdir: str, settings: DemoSettings, models: Dict[str, str], log: StageLog
+    workdir: str,
+    settings: DemoSettings,
+    models: Dict[str, str],
+    log: StageLog,
+    folder: Optional[str] = None,
 ) -> Dict[str, str]:
+    """Each specialist's Fisher, into `folder` (default WORKDIR/fisher)."""
+    folder = folder or os.path.join(workdir, "fisher")
     fishers, commands = {}, {}
     for name in settings.domains:
-        fishers[name] = os.path.join(workdir, "fisher", name)
+        fishers[name] = os.path.join(folder, name)
         commands[f"compute {name}"] = [
             sys.executable,
             "-m",
@@ -332,7 +395,7 @@ def compute_fishers(
             str(settings.seed),
             "--no-progress",
         ]
-    os.makedirs(os.path.join(workdir, "fisher"), exist_ok=True)
+    os.makedirs(folder, exist_ok=True)
     run_commands(commands, settings, log)
     return fishers
 

@@ -149,6 +149,7 @@ def fisher_task_arithmetic(
     normalize: bool = False,
     lambda_: float = 1.0,
     mask_dtype: Optional[torch.dtype] = None,
+    observe_kept: Optional[Callable[[torch.Tensor], None]] = None,
 ) -> torch.Tensor:
     """mergekit's generalized task arithmetic with per-element weights wᵢ·F̃ᵢ/meanⱼ(F̃ⱼ).
 
@@ -157,6 +158,8 @@ def fisher_task_arithmetic(
     models, scale by lambda); only the scalar weight became a tensor.
     `sparsify_delta(i, delta)` sparsifies model i's delta (mergekit.sparsify, same RNG order).
     `consensus` is None, "sum" or "count" (mergekit's TIES mask, `get_mask`).
+    `observe_kept`, if given, is called with the [n, *shape] bool mask of the deltas the merge
+    uses: those that survived sparsification and (with `consensus`) agree with the elected sign.
     """
     from mergekit.merge_methods.generalized_task_arithmetic import get_mask
 
@@ -173,6 +176,12 @@ def fisher_task_arithmetic(
     element_weights = fisher_element_weights(fishers, weights, base.shape, dtype=base.dtype)
     deltas.mul_(element_weights)
 
+    if observe_kept is not None:
+        # a zero (dropped, or zero-weight) delta never agrees with a sign: get_mask excludes it too
+        kept = deltas != 0
+        if consensus:
+            kept &= get_mask(deltas, method=consensus, mask_dtype=mask_dtype or base.dtype).bool()
+        observe_kept(kept)
     if consensus:
         mask = get_mask(deltas, method=consensus, mask_dtype=mask_dtype or base.dtype)
         mixed_delta = (deltas * mask).sum(dim=0)

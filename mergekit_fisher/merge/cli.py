@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import click
 
+EXAMPLE = "mergekit-fisher merge recipes/fisher_two_finetunes.yml ./merged --cuda"
+
 
 @click.command(
     "merge",
@@ -27,4 +29,12 @@ def merge(ctx: click.Context) -> None:
     from mergekit_fisher.merge.registry import ensure_registered
 
     ensure_registered()
-    mergekit_yaml.main(args=list(ctx.args), prog_name="mergekit-fisher merge", standalone_mode=True)
+    args = list(ctx.args)
+    # mergekit-yaml knows only --help; -h is every other mergekit-fisher command's help flag
+    if "-h" in args or "--help" in args:
+        args = [arg for arg in args if arg not in ("-h", "--help")] + ["--help"]
+        click.echo(
+            "mergekit-fisher merge: mergekit-yaml with the Fisher methods registered.\n\n"
+            f"Example:\n  {EXAMPLE}\n\nmergekit-yaml's arguments and options:\n"
+        )
+    mergekit_yaml.main(args=args, prog_name="mergekit-fisher merge", standalone_mode=True)

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from contextvars import ContextVar
 from functools import cached_property
-from typing import Any, List, Mapping, Sequence
+from typing import Any, Callable, List, Mapping, Optional, Sequence
 
 import torch
 from mergekit.merge_methods import registry as mergekit_registry
@@ -37,6 +38,12 @@ from mergekit_fisher.merge.parameters import FISHER, fisher_parameter_specs
 LOG = logging.getLogger(__name__)
 PAPER_URL = "https://arxiv.org/abs/2111.09832"
 DEFAULT_WEIGHT = 1.0
+# `explain`'s window into the task-arithmetic family: while set, each `fisher_X` kernel call hands
+# it the mask of the deltas it keeps (after mergekit's sparsification, with the run's RNG), so the
+# shares `explain` reports are those of the merge itself, not a re-implementation of it
+KEPT_DELTAS_OBSERVER: ContextVar[Optional[Callable[[torch.Tensor], None]]] = ContextVar(
+    "kept_deltas_observer", default=None
+)
 
 
 def bound_fishers(
@@ -169,6 +176,7 @@ class FisherTaskArithmeticMerge(GroupMergeMethod):
             normalize=parameters["normalize"],
             lambda_=parameters["lambda"],
             mask_dtype=torch.int8 if parameters["int8_mask"] else base.dtype,
+            observe_kept=KEPT_DELTAS_OBSERVER.get(),
         )
 
 

@@ -53,11 +53,25 @@ def _check_path(path: str, what: str, write_card: bool) -> None:
     )
 
 
-def check_model(model: ModelReference, options: MergeOptions) -> None:
+def _has_loader(model: ModelReference) -> bool:
+    """Whether mergekit's loader cache already serves `model` (`explain`'s lazy adapter loader), in
+    which case mergekit never builds the merged copy the cache directory is for."""
+    from mergekit.io.tasks import LoaderCache
+
+    return model in LoaderCache().loaders
+
+
+def check_paths(model: ModelReference, options: MergeOptions) -> None:
+    """The model's (and adapter's) path exists, or is a Hub id."""
     _check_path(model.model.path, "model", options.write_model_card)
     if model.lora is not None:
         _check_path(model.lora.path, "LoRA adapter", options.write_model_card)
-        if not options.lora_merge_cache:
+
+
+def check_model(model: ModelReference, options: MergeOptions) -> None:
+    check_paths(model, options)
+    if model.lora is not None:
+        if not options.lora_merge_cache and not _has_loader(model):
             raise FisherInputError(
                 f"model {model} is a base+adapter reference, which mergekit merges into a full "
                 "model first and needs a cache directory for",
