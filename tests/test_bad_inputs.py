@@ -1137,9 +1137,35 @@ def test_compute_records_the_model_and_adapter_identity(world, tmp_path):
     assert (config.model, config.model_path) == (link, os.path.realpath(world.m))
     assert config.model_fingerprint == model_fingerprint(
         world.m
-    ) and config.model_fingerprint.startswith("w1:")
+    ) and config.model_fingerprint.startswith("w2:")
     assert (config.adapter, config.adapter_path) == (adapter, os.path.realpath(adapter))
     assert config.adapter_fingerprint == model_fingerprint(adapter) != config.model_fingerprint
+
+
+def test_fingerprint_sees_one_changed_element_of_an_adapter_factor(tmp_path):
+    """Small tensors (LoRA factors) are hashed whole: two adapters that differ in one element of
+    one factor, away from the start, middle and end, have different fingerprints."""
+    from safetensors.torch import save_file
+
+    from mergekit_fisher.tools.checkpoint import model_fingerprint
+
+    factor = torch.randn(16, 4096, generator=torch.Generator().manual_seed(0))  # 256 KiB
+    paths = []
+    for index, value in enumerate((0.0, 1e-3)):
+        changed = factor.clone()
+        changed[3, 77] += value
+        path = tmp_path / f"adapter{index}"
+        path.mkdir()
+        save_file({"base_model.model.q_proj.lora_A.weight": changed}, str(path / "a.safetensors"))
+        paths.append(str(path))
+    first, second = (model_fingerprint(p) for p in paths)
+    assert first != second and first.startswith("w2:")
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    save_file(
+        {"base_model.model.q_proj.lora_A.weight": factor}, str(copy / "other-name.safetensors")
+    )
+    assert model_fingerprint(str(copy)) == first  # the same weights elsewhere: the same identity
 
 
 def test_merge_provenance_warns_by_default_and_knows_a_copy(world, tmp_path):

@@ -239,8 +239,10 @@ def checkpoint_shapes(model: str) -> Dict[str, Tuple[int, ...]]:
 
 
 # ---------------------------------------------------------------- fingerprint
-FINGERPRINT_VERSION = "w1"
-_SAMPLE_BYTES = 64  # per sample; three samples (start, middle, end) of every tensor's data
+FINGERPRINT_VERSION = "w2"
+_SAMPLE_BYTES = 64  # per sample of a large tensor's data
+_SAMPLES = 16  # evenly spaced samples of a large tensor (first and last included)
+_FULL_BYTES = 1 << 20  # tensors up to 1 MiB (every LoRA factor, norms, biases) are read whole
 
 
 def _read_header(fd: int, shard_path: str, model: str) -> Tuple[dict, int]:
@@ -258,17 +260,27 @@ def _read_header(fd: int, shard_path: str, model: str) -> Tuple[dict, int]:
     return header, 8 + size
 
 
+def _sample_spans(begin: int, end: int):
+    """(offset, size) of what the fingerprint reads of one tensor's data: all of a small tensor
+    (a LoRA factor changes little in few bytes), evenly spaced samples of a large one."""
+    length = end - begin
+    if length <= _FULL_BYTES:
+        return [(begin, length)]
+    step = (length - _SAMPLE_BYTES) // (_SAMPLES - 1)
+    return [(begin + i * step, _SAMPLE_BYTES) for i in range(_SAMPLES)]
+
+
 def model_fingerprint(model: str, path: Optional[str] = None) -> str:
     """The identity of a local checkpoint's weights, cheap enough to take before every compute,
     resume and merge: sha256 over the sorted (tensor name, dtype, shape) of its safetensors headers
-    plus three 64-byte samples (start, middle, end) of every tensor's data -- a few KB read in all,
-    no tensor loaded.
+    plus every byte of each tensor up to 1 MiB (adapters are hashed whole) and sixteen evenly spaced
+    64-byte samples of each larger one -- a few MB read at most, no tensor loaded.
 
     The same weights give the same fingerprint wherever they are copied and however they are
     sharded; a replaced, fine-tuned or LoRA-merged model of the same architecture gives another (its
-    weights differ everywhere). It is not a hash of every byte: a change confined to a few rows can
-    go unseen. The one fingerprint function: `compute` records it, resume, `combine` and the merge
-    compare it.
+    weights differ everywhere). It is not a hash of every byte of a large tensor: a change confined
+    to a few rows of one can go unseen. The one fingerprint function: `compute` records it, resume,
+    `combine` and the merge compare it.
     """
     index = checkpoint_index(model, path)
     entries = []
@@ -288,18 +300,9 @@ def model_fingerprint(model: str, path: Optional[str] = None) -> str:
                     record = [name, str(info["dtype"]), [int(n) for n in info["shape"]]]
                 except (KeyError, TypeError, ValueError) as error:
                     raise _header_error(shard_path, model, error) from None
-                length = end - begin
-                offsets = (
-                    [begin]
-                    if length <= 3 * _SAMPLE_BYTES
-                    else [
-                        begin,
-                        begin + (length // 2) - (length // 2) % _SAMPLE_BYTES,
-                        end - _SAMPLE_BYTES,
-                    ]
+                samples = b"".join(
+                    os.pread(fd, size, offset) for offset, size in _sample_spans(begin, end)
                 )
-                size = length if length <= 3 * _SAMPLE_BYTES else _SAMPLE_BYTES
-                samples = b"".join(os.pread(fd, size, offset) for offset in offsets)
                 entries.append((name, json.dumps(record).encode(), samples))
         finally:
             os.close(fd)
