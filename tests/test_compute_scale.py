@@ -333,3 +333,45 @@ def test_max_memory_is_parsed_and_checked():
     }
     with pytest.raises(FisherInputError, match="invalid --max-memory entry 'gpu0=1GB'"):
         parse_max_memory("gpu0=1GB")
+
+
+def test_streaming_a_datasets_source(world, tmp_path):
+    """--streaming reads a `datasets` source as a stream: the same rows give the same Fisher; two
+    shards of the stream combine into one run; a stream needs --num-examples."""
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    tiny.write_jsonl(str(repo / "train.jsonl"), [{"text": t} for t in tiny.CORPUS])
+    n = len(tiny.CORPUS)
+    common = dict(fisher_type="empirical", num_examples=n)
+    expected = compute(
+        world["model"], str(tmp_path / "ref"), world["data"], fisher_type="empirical"
+    )
+    streamed = str(tmp_path / "streamed")
+    got = compute(world["model"], streamed, str(repo), streaming=True, shuffle=True, **common)
+    for name in expected:  # every row, in a shuffled order: the same mean
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-6, atol=0)
+    config = open_fisher(streamed).config
+    assert config.dataset_streamed and config.num_examples == n
+    assert getattr(config, "num_rows", None) is None  # a stream's length is not known
+    parts = []
+    for index in (1, 2):
+        part = str(tmp_path / f"s{index}")
+        compute(world["model"], part, str(repo), streaming=True, shard=f"{index}/2", **common)
+        parts.append(part)
+    result = CliRunner().invoke(main, ["combine", *parts, str(tmp_path / "both")])
+    assert result.exit_code == 0, result.output
+    both = open_fisher(str(tmp_path / "both"))
+    for name in expected:
+        # float32 files re-weighted by their example counts: rounding on values ~1e-6 of the mean
+        torch.testing.assert_close(both.get_tensor(name), expected[name], rtol=1e-5, atol=1e-9)
+    # more examples asked than the stream has: the run uses what there is
+    longer = compute(
+        world["model"], str(tmp_path / "longer"), str(repo), streaming=True,
+        fisher_type="empirical", num_examples=n + 5, batch_size=3,
+    )  # fmt: skip
+    for name in expected:  # (other batches: another summation order)
+        torch.testing.assert_close(longer[name], expected[name], rtol=1e-5, atol=1e-12)
+    bad = CliRunner().invoke(
+        main, ["compute", world["model"], str(tmp_path / "z"), "--data", str(repo), "--streaming"]
+    )
+    assert bad.exit_code == 2 and "--streaming needs --num-examples" in bad.output

@@ -45,6 +45,15 @@ POSITIVE = click.IntRange(min=1)
 @click.option("--split", default=None, help="`datasets` split (default: train, or the only split)")
 @click.option("--revision", default=None, help="Hub revision (branch, tag, commit) of the dataset")
 @click.option(
+    "--streaming",
+    is_flag=True,
+    help=(
+        "read a `datasets` dataset as a stream (nothing downloaded up front; needs --num-examples; "
+        "shuffled in datasets' buffer of --shuffle-buffer rows)"
+    ),
+)
+@click.option("--shuffle-buffer", type=POSITIVE, default=10_000, show_default=True)
+@click.option(
     "--shard",
     default=None,
     metavar="I/N",
@@ -174,6 +183,8 @@ def compute(
     subset,
     split,
     revision,
+    streaming,
+    shuffle_buffer,
     shard,
     task,
     fisher_type,
@@ -236,6 +247,8 @@ def compute(
         split=split,
         revision=revision,
         shard=shard,
+        streaming=streaming,
+        shuffle_buffer=shuffle_buffer,
         checkpoint_every=checkpoint_every,
         max_shard_size=max_shard_size,
         overwrite=overwrite,

@@ -24,6 +24,7 @@ from mergekit_fisher.estimator.objectives import IGNORE
 from mergekit_fisher.estimator.sources import (
     DatasetOptions,
     Shard,
+    StreamSource,
     looks_local,
     open_source,
     parse_json_line,
@@ -360,6 +361,7 @@ class DataPlan:
     positions: torch.Tensor  # source row positions, in the order used
     indices: torch.Tensor  # each row's index in the whole selection: seeds its sampled labels
     path: str
+    checks_rows_up_front = True
 
     @property
     def dataset_hash(self) -> str:
@@ -369,14 +371,50 @@ class DataPlan:
     def num_rows(self) -> int:
         return self.source.num_rows
 
+    @property
+    def num_selected(self) -> int:
+        return len(self.positions)
+
     def num_batches(self, batch_size: int) -> int:
-        return math.ceil(len(self.positions) / batch_size)
+        return math.ceil(self.num_selected / batch_size)
 
     def batch_rows(self, g: int, batch_size: int):
         """The rows of batch `g`, read now, with their selection indices."""
         cut = slice(g * batch_size, (g + 1) * batch_size)
         positions, indices = self.positions[cut].tolist(), self.indices[cut].tolist()
         return [self.source.row(p) for p in positions], indices
+
+
+@dataclass
+class StreamPlan:
+    """`--streaming`: at most `limit` rows of a stream; this shard's rows are every `count`-th
+    (from `index`), batches asked in increasing order (each process skips the others' rows)."""
+
+    source: Any
+    limit: int
+    shard: Shard
+    path: str
+    checks_rows_up_front = False  # that would read the whole stream before the first step
+
+    @property
+    def dataset_hash(self) -> str:
+        return self.source.dataset_hash
+
+    num_rows = None
+
+    @property
+    def num_selected(self) -> int:
+        return len(range(self.shard.index, self.limit, self.shard.count))
+
+    def num_batches(self, batch_size: int) -> int:
+        return math.ceil(self.num_selected / batch_size)
+
+    def batch_rows(self, g: int, batch_size: int):
+        local = range(g * batch_size, min(self.num_selected, (g + 1) * batch_size))
+        indices = [self.shard.index + k * self.shard.count for k in local]
+        rows = [self.source.row(i) for i in indices]
+        kept = [(row, i) for row, i in zip(rows, indices) if row is not None]  # a short stream
+        return [row for row, _ in kept], [i for _, i in kept]
 
 
 def plan_data(
@@ -387,7 +425,26 @@ def plan_data(
     shuffle: bool,
     shard: Shard = Shard(),
     options: DatasetOptions = DatasetOptions(),
-) -> DataPlan:
+    streaming: bool = False,
+    shuffle_buffer: int = 10_000,
+):
+    if streaming:
+        if num_examples is None:
+            raise DataError(
+                "--streaming needs --num-examples (a stream's length is unknown until read)",
+                file=path,
+                fix="pass --num-examples N",
+            )
+        if os.path.isfile(path):
+            raise DataError(
+                "--streaming reads `datasets` datasets; files are read lazily already",
+                file=path,
+                fix="drop --streaming",
+            )
+        source = StreamSource(
+            path, options, seed=seed, shuffle=shuffle, buffer=shuffle_buffer, limit=num_examples
+        )
+        return StreamPlan(source, num_examples, shard, path)
     source = open_source(path, options)
     if source.num_rows == 0:
         raise DataError(
@@ -417,6 +474,8 @@ class Encoded:
 def check_rows(plan: DataPlan, *, task: str, num_labels: Optional[int], text_field=None) -> None:
     """Every selected row parsed and checked (fields, types, labels) before the first step, without
     tokenizing or keeping any: a bad row fails the run now, not hours in."""
+    if not plan.checks_rows_up_front:
+        return
     for g in range(plan.num_batches(1024)):
         rows, _ = plan.batch_rows(g, 1024)
         for where, row in rows:

@@ -89,6 +89,8 @@ class ComputeOptions:
     split: Optional[str] = None
     revision: Optional[str] = None
     shard: Optional[str] = None  # "I/N"
+    streaming: bool = False  # datasets: read as a stream (needs num_examples)
+    shuffle_buffer: int = 10_000  # rows in datasets' shuffle buffer, with streaming
     checkpoint_every: Optional[int] = None  # examples
     overwrite: bool = False
     trust_remote_code: bool = False
@@ -125,7 +127,14 @@ class ComputeOptions:
         return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()
 
 
-AT_LEAST_ONE = ("samples", "num_examples", "max_length", "batch_size", "checkpoint_every")
+AT_LEAST_ONE = (
+    "samples",
+    "num_examples",
+    "max_length",
+    "batch_size",
+    "checkpoint_every",
+    "shuffle_buffer",
+)
 
 
 class Interrupted(RuntimeError):
@@ -449,10 +458,12 @@ def _run(opts: ComputeOptions, peers: Peers, interrupt_after_rounds: Optional[in
             shuffle=opts.shuffle,
             shard=opts.parsed_shard(),
             options=opts.data_options(),
+            streaming=opts.streaming,
+            shuffle_buffer=opts.shuffle_buffer,
         )
         if peers.is_main:  # every selected row checked now, not hours in
             check_rows(plan, task=opts.task, num_labels=num_labels, text_field=opts.text_field)
-    log.debug("data %s: %d of %d rows selected", opts.data, len(plan.positions), plan.num_rows)
+    log.debug("data %s: %d of %s rows selected", opts.data, plan.num_selected, plan.num_rows)
 
     engine = None
     with peers.phase("planning the tensors"):
@@ -512,7 +523,7 @@ def _loop(run: Run, counts: Counters, fingerprint, identity, interrupt_after_rou
     total_batches = plan.num_batches(opts.batch_size)
     done = counts.done_batches
     rounds = math.ceil((total_batches - done) / peers.world)
-    num_selected = len(plan.positions)
+    num_selected = plan.num_selected
     progress = _progress_bar(opts, peers, num_selected, done * opts.batch_size)
     started, since_checkpoint = time.time(), 0
     try:
@@ -560,6 +571,7 @@ def _config(opts, identity, plan, totals: Counters, peers, engine, names):
         dataset_hash=plan.dataset_hash,
         dataset_subset=opts.subset,
         dataset_split=getattr(source, "split", None),
+        dataset_streamed=opts.streaming or None,
         dataset_revision=opts.revision,
         text_field=opts.text_field,
         shard=opts.shard,

@@ -242,3 +242,57 @@ def parse_shard(text: str) -> Shard:
             fix="write I/N with 1 <= I <= N, e.g. --shard 3/8 for the third of eight shards",
         )
     return shard
+
+
+class StreamSource:
+    """A `datasets` source read as a stream (`--streaming`): `load_dataset(..., streaming=True)`,
+    shuffled by datasets' own buffer shuffle (`--shuffle-buffer` rows) and cut with `take`. Nothing
+    is downloaded or prepared up front; rows are read in order, once, as the run reaches them."""
+
+    strict = False
+    num_rows = None  # unknown until read
+
+    def __init__(self, path: str, options: DatasetOptions, *, seed, shuffle, buffer, limit):
+        import datasets
+
+        self.path, self.split = path, options.split or "train"
+        try:
+            stream = datasets.load_dataset(
+                path,
+                name=options.subset,
+                split=self.split,
+                revision=options.revision,
+                streaming=True,
+            )
+        except Exception as error:
+            first = str(error).splitlines()[0] if str(error) else ""
+            raise DataError(
+                f"cannot stream the data ({error.__class__.__name__}: {first})",
+                file=path,
+                fix="check the dataset name, --subset/--split/--revision, or drop --streaming",
+            ) from None
+        if shuffle:
+            stream = stream.shuffle(seed=seed, buffer_size=buffer)
+        self.stream = stream.take(limit)
+        # what the rows are cannot be hashed before reading them: the hash names the source
+        described = f"stream:{path}:{options.subset}:{self.split}:{options.revision}"
+        self.dataset_hash = hashlib.sha256(
+            f"{described}:{seed if shuffle else None}:{buffer if shuffle else None}".encode()
+        ).hexdigest()
+        self._rows = None
+        self._next = 0
+
+    def row(self, position: int) -> Optional[Row]:
+        """Row `position` of the stream (None past its end); positions only go forwards."""
+        if position < self._next:
+            raise RuntimeError("a stream is read forwards only")
+        if self._rows is None:
+            self._rows = iter(self.stream)
+        row = None
+        while self._next <= position:
+            row = next(self._rows, None)
+            self._next += 1
+            if row is None:  # shorter than --num-examples
+                self._next = position + 1
+                return None
+        return f"{self.path}[{position}]", dict(row)

@@ -101,6 +101,7 @@ class FisherConfig(BaseModel):
     dataset_split: Optional[str] = Field(None, description="`datasets` split read (--split)")
     dataset_revision: Optional[str] = Field(None, description="Hub revision of the dataset")
     text_field: Optional[str] = Field(None, description="column read as text (--text-field)")
+    dataset_streamed: Optional[bool] = Field(None, description="read with --streaming")
     shard: Optional[str] = Field(None, description="`I/N`: the I-th of N disjoint data shards")
     samples_per_example: Optional[int] = None
     seed: Optional[int] = None
