@@ -301,3 +301,70 @@ def test_headers_validation_still_refuses_bad_values_without_output(world, tmp_p
     result, shards = run_stock_cli(recipe, tmp_path)
     assert_clean_failure(result, shards, bad, "non-finite", LINEAR)
     assert not os.path.exists(tmp_path / "out")
+
+
+# ---------------------------------------------------------------- inspect / explain
+
+
+def _cli(*args):
+    from click.testing import CliRunner
+
+    from mergekit_fisher.cli import main
+
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def test_inspect_reports_a_gram_file(world):
+    import json
+
+    import numpy as np
+
+    result = _cli("inspect", world.grams[0], "--model", world.models[0], "--json", "--check")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["statistic"] == "gram"
+    rows = {row["name"]: row for row in report["gram"]["rows"]}
+    query = "model.layers.0.self_attn.q_proj.weight"
+    x = world.inputs[world.models[0]][query]  # 40 rows, width 32: full rank
+    mean = (x.T @ x / x.shape[0]).numpy()
+    row = rows[query]
+    assert row["rows"] == x.shape[0] and row["width"] == x.shape[1] and row["problem"] is None
+    assert row["trace"] == pytest.approx(float(np.trace(mean)), rel=1e-5)
+    assert row["condition"] == pytest.approx(float(np.linalg.cond(mean)), rel=1e-3)
+    assert row["rank"] == x.shape[1]
+    inputs = world.inputs[world.models[0]]
+    traces = {n: float(np.trace((v.T @ v).numpy())) / v.shape[0] for n, v in inputs.items()}
+    assert row["share"] == pytest.approx(traces[query] / sum(traces.values()), rel=1e-5)
+    # down_proj: width 64 from 40 rows -- rank 40, singular (condition inf: null in JSON)
+    assert rows[LINEAR]["rank"] == 40 and rows[LINEAR]["condition"] is None
+    coverage = report["gram"]["coverage"]
+    assert coverage["covered"] == 15 and not coverage["extra"] and not coverage["shape_mismatches"]
+    assert EMBED in coverage["without_gram"]
+    text = _cli("inspect", world.grams[0])
+    assert text.exit_code == 0 and "Gram file:" in text.output and "condition" in text.output
+
+
+def test_inspect_check_flags_a_bad_gram(world, tmp_path):
+    bad = edited_gram(world, tmp_path, "bad", _asymmetric)
+    result = _cli("inspect", bad, "--check")
+    assert result.exit_code == 1
+    assert "not symmetric" in result.output
+
+
+def test_explain_shows_each_models_share_of_the_trace(world, tmp_path):
+    import json
+
+    from merge_world import write_recipe
+
+    recipe = write_recipe(world.regmean(weights=(1.0, 3.0)), str(tmp_path / "r.yml"))
+    result = _cli("explain", recipe, "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["merge_method"] == "regmean"
+    group = next(g for g in report["groups"] if g["layer"] == 1 and g["module"] == "mlp.down_proj")
+    traces = []
+    for model, weight in zip(world.models, (1.0, 3.0)):
+        x = world.inputs[model][LINEAR]
+        traces.append(weight * float((x * x).sum()) / x.shape[0])
+    shares = list(group["shares"].values())
+    assert shares == pytest.approx([t / sum(traces) for t in traces], rel=1e-5)

@@ -9,7 +9,15 @@ import logging
 
 import click
 
-from mergekit_fisher.choices import AccumulatorDtype, Dtype, FisherType, Params, Space, Task
+from mergekit_fisher.choices import (
+    AccumulatorDtype,
+    Dtype,
+    FisherType,
+    Params,
+    Space,
+    Statistic,
+    Task,
+)
 from mergekit_fisher.cli import EnumChoice, show_progress, verbosity_options
 
 log = logging.getLogger(__name__)
@@ -28,6 +36,14 @@ POSITIVE = click.IntRange(min=1)
     ".txt (one example per line), a dataset saved with save_to_disk, or a hub dataset name.",
 )
 @click.option("--task", type=EnumChoice(Task), default=Task.CAUSAL_LM.value, show_default=True)
+@click.option(
+    "--statistic",
+    type=EnumChoice(Statistic),
+    default=Statistic.FISHER.value,
+    show_default=True,
+    help="fisher: the diagonal Fisher (for the Fisher methods); gram: Σ xᵀx of every linear "
+    "layer's inputs over non-padding tokens (for merge_method: regmean; forward passes only)",
+)
 @click.option(
     "--fisher-type",
     type=EnumChoice(FisherType),
@@ -126,6 +142,7 @@ def compute(
     out_dir,
     data,
     task,
+    statistic,
     fisher_type,
     samples,
     num_examples,
@@ -164,6 +181,7 @@ def compute(
         out_dir=out_dir,
         data=data,
         task=task,
+        statistic=statistic,
         fisher_type=fisher_type,
         samples=samples,
         num_examples=num_examples,

@@ -15,7 +15,15 @@ from typing import Dict, List, Optional
 
 import torch
 
-from mergekit_fisher.choices import AccumulatorDtype, Dtype, FisherType, Params, Space, Task
+from mergekit_fisher.choices import (
+    AccumulatorDtype,
+    Dtype,
+    FisherType,
+    Params,
+    Space,
+    Statistic,
+    Task,
+)
 from mergekit_fisher.errors import FisherInputError
 from mergekit_fisher.estimator import lora as lora_mod
 from mergekit_fisher.estimator.checkpoint import (
@@ -26,6 +34,7 @@ from mergekit_fisher.estimator.checkpoint import (
 )
 from mergekit_fisher.estimator.data import check_data_path, collate, prepare
 from mergekit_fisher.estimator.engine import FisherEngine
+from mergekit_fisher.estimator.gram import GramEngine, check_gram_options, gram_outputs
 from mergekit_fisher.estimator.loading import (
     DTYPES,
     check_model_path,
@@ -66,6 +75,7 @@ class ComputeOptions:
     trust_remote_code: bool = False
     max_shard_size: str = "5GB"
     progress: bool = True
+    statistic: Statistic = Statistic.FISHER  # gram: RegMean's input Grams (estimator/gram.py)
 
     def resolved_fisher_type(self) -> FisherType:
         if self.fisher_type:
@@ -79,6 +89,8 @@ class ComputeOptions:
         for key in ("overwrite", "progress", "checkpoint_every", "device_map", "max_shard_size"):
             relevant.pop(key)
         relevant["fisher_type"] = self.resolved_fisher_type()
+        if relevant["statistic"] == Statistic.FISHER:
+            relevant.pop("statistic")  # Fisher checkpoints written before --statistic still resume
         relevant["dataset_hash"] = dataset_hash
         return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()
 
@@ -124,6 +136,7 @@ def _validate(opts: ComputeOptions) -> None:
         if value is not None and value < 1:
             raise FisherInputError(f"{name} must be at least 1, got {value}")
     parse_shard_size(opts.max_shard_size)  # fail now, not after hours of computation
+    check_gram_options(opts)
     _check_output(opts)
     check_model_path(opts.model)
     if opts.lora and not os.path.exists(os.path.join(opts.lora, "adapter_config.json")):
@@ -342,17 +355,21 @@ def _run(opts: ComputeOptions, accelerator, interrupt_after_rounds: Optional[int
         accelerator.is_main_process
     ):  # read-only, OUT's parent a file, disk full: now, not after the computation
         _check_output(opts, _needed_bytes(opts, keys, names, params))
-    engine = FisherEngine(
-        model,
-        task=opts.task,
-        fisher_type=fisher_type,
-        samples=opts.samples,
-        seed=opts.seed,
-        accumulator_dtype=acc_dtype,
-        keys=keys,
-        wrappers=wrappers,
-        model_name=opts.model,
-    )
+    # --- statistic: gram (estimator/gram.py): forward-only Gram hooks instead of the Fisher
+    if opts.statistic == Statistic.GRAM:
+        engine = GramEngine(model, keys=keys, accumulator_dtype=acc_dtype, model_name=opts.model)
+    else:
+        engine = FisherEngine(
+            model,
+            task=opts.task,
+            fisher_type=fisher_type,
+            samples=opts.samples,
+            seed=opts.seed,
+            accumulator_dtype=acc_dtype,
+            keys=keys,
+            wrappers=wrappers,
+            model_name=opts.model,
+        )
     accumulator = engine.accumulator
     log.debug(
         "%d parameter tensors selected; %d take the exact per-example fallback",
@@ -446,7 +463,10 @@ def _run(opts: ComputeOptions, accelerator, interrupt_after_rounds: Optional[int
     total_tokens = int(
         _reduce(accelerator, torch.tensor([num_tokens], dtype=torch.float64, device=device)).item()
     )
-    means = {key: value / len(examples) for key, value in sums.items()}
+    gram = opts.statistic == Statistic.GRAM
+    means = {} if gram else {key: value / len(examples) for key, value in sums.items()}
+    if gram:  # Grams are written as sums, with their row counts
+        fisher, gram_fields = gram_outputs(sums, names, engine.transposed_keys(), opts.model)
     for key, mean in means.items():  # every process holds the reduced sums: all of them stop alike
         if not bool(torch.isfinite(mean).all()):
             raise FisherInputError(
@@ -461,12 +481,13 @@ def _run(opts: ComputeOptions, accelerator, interrupt_after_rounds: Optional[int
     if not accelerator.is_main_process:
         accelerator.wait_for_everyone()
         return None
-    fisher: Dict[str, torch.Tensor] = {}
-    for key, mean in means.items():
-        for name in names[key]:  # tied weights stored under several names get one copy each
-            fisher[name] = mean.clone()
-    if opts.space != Space.ADAPTER:  # fused in-memory tensors (MoE experts) -> the stored ones
-        fisher = to_stored_layout(model, fisher)
+    if not gram:
+        fisher: Dict[str, torch.Tensor] = {}
+        for key, mean in means.items():
+            for name in names[key]:  # tied weights stored under several names get one copy each
+                fisher[name] = mean.clone()
+        if opts.space != Space.ADAPTER:  # fused in-memory tensors (MoE experts) -> the stored ones
+            fisher = to_stored_layout(model, fisher)
     config = FisherConfig(
         **{key: value for key, value in identity.items() if value is not None},
         space=opts.space,
@@ -490,6 +511,10 @@ def _run(opts: ComputeOptions, accelerator, interrupt_after_rounds: Optional[int
         num_processes=world,
         fallback_tensors=sorted(names[k][0] for k in engine.fallback_keys()),
     )
+    if gram:
+        config = config.model_copy(
+            update={**gram_fields, "fisher_type": None, "samples_per_example": None}
+        )
     try:
         written = write_fisher(
             fisher,

@@ -148,6 +148,7 @@ def plan_recipe(
 
 def collect_masses(planned) -> tuple:
     """{(module, layer): GroupMass}, model labels in recipe order, and the method name."""
+    from mergekit_fisher.merge.gram_tasks import GramMergeTask
     from mergekit_fisher.merge.tasks import FisherMergeTask, PermuteFisherVocabulary
 
     groups: Dict[tuple, GroupMass] = defaultdict(GroupMass)
@@ -155,6 +156,10 @@ def collect_masses(planned) -> tuple:
     method = None
     tokenizers: Dict[object, object] = {}  # one tokenizer merge per recipe, built once
     for weight_info, task in planned:
+        if isinstance(task, GramMergeTask):
+            method = task.method_name
+            _add_gram_masses(groups, labels, weight_info.name, task)
+            continue
         if not isinstance(task, FisherMergeTask):
             continue
         method = task.method_name
@@ -202,6 +207,24 @@ def collect_masses(planned) -> tuple:
     for group in groups.values():
         group.mass = {names[model]: mass for model, mass in group.mass.items()}
     return groups, [names[model] for model in labels], method
+
+
+def _add_gram_masses(groups, labels: List, name: str, task) -> None:
+    """regmean: each model's share of the layer's trace Σ wᵢ tr(Gᵢ) (mean Grams; α leaves the
+    diagonal alone) -- how much of the layer's input energy the solve weighs from each model.
+    Tensors without a Gram (averaged) are not counted."""
+    grams = task.gram_tensors.execute()
+    if not any(gram.numel() for gram in grams.values()):
+        return
+    layer, module = layer_and_module(name)
+    group = groups[(module, layer)]
+    for model, gram in grams.items():
+        if model not in labels:
+            labels.append(model)
+        weight = float(task.input_parameters[model].get("weight", 1.0))
+        trace = float(gram.double().diagonal().sum())
+        group.mass[model] = group.mass.get(model, 0.0) + weight * trace
+    group.elements += next(gram.shape[0] for gram in grams.values()) ** 2
 
 
 def build_explanation(recipe_path: str, lora_merge_cache: Optional[str] = None) -> dict:
