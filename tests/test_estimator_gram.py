@@ -234,3 +234,51 @@ def test_computed_grams_merge_to_the_least_squares_solution(world, tmp_path, tok
         # Grams are stored float32: the solve inherits their rounding times the condition number
         torch.testing.assert_close(merged[name], expected, rtol=1e-4, atol=1e-5, msg=name)
         assert (merged[name] - sum(s[name] for s in states) / 2).abs().max() > 1e-3
+
+
+def test_conv1d_weights_merge_in_their_own_layout(tmp_path, tokenizer_dir):
+    """GPT-2 stores its linear weights [in, out] (y = x W): regmean solves W = (Σ Gᵢ)⁻¹ Σ Gᵢ Wᵢ
+    there, the square attention c_proj included (whose layout a shape cannot tell)."""
+    base = tiny.make_family("gpt2", seed=5, dtype=torch.float64)
+    models, grams, inputs, states = [], [], [], []
+    for index, rows in enumerate([ROWS[:6], ROWS[4:]]):
+        path = str(tmp_path / f"ft{index}")
+        tiny.perturbed_copy(base, path, seed=80 + index, scale=0.05, tokenizer_dir=tokenizer_dir)
+        data = tiny.write_jsonl(str(tmp_path / f"d{index}.jsonl"), rows)
+        gram = str(tmp_path / f"gram{index}")
+        compute_gram(path, gram, data, batch_size=3, **COMMON)
+        models.append(path)
+        grams.append(gram)
+        inputs.append(brute_force_inputs(path, tokenizer_dir, rows))
+        states.append(tiny.state_dict_from_dir(path))
+    recipe = {
+        "merge_method": "regmean",
+        "dtype": "float64",
+        "parameters": {"regmean_alpha": 1.0, "regmean_ridge": 0.0},
+        "models": [{"model": m, "parameters": {"gram": g}} for m, g in zip(models, grams)],
+    }
+    merged = run_recipe(recipe, str(tmp_path / "out"))
+    for name in ("transformer.h.0.attn.c_attn.weight", "transformer.h.1.attn.c_proj.weight"):
+        blocks = [x[name] / x[name].shape[0] ** 0.5 for x in inputs]
+        targets = [b @ s[name].double() for b, s in zip(blocks, states)]  # x W: [in, out]
+        expected = torch.linalg.lstsq(torch.cat(blocks), torch.cat(targets)).solution
+        # float32 Grams, condition numbers up to ~4e5 here: agreement to ~1e-4 of max |W|
+        torch.testing.assert_close(merged[name], expected, rtol=1e-3, atol=1e-3, msg=name)
+        if name.endswith("c_attn.weight"):
+            continue  # [32, 96]: no other layout is possible; c_proj [32, 32] is square
+        # the other layout (solving as if the weight were [out, in]) is far off
+        flipped = [b @ s[name].double().T for b, s in zip(blocks, states)]
+        wrong = torch.linalg.lstsq(torch.cat(blocks), torch.cat(flipped)).solution.T
+        assert (merged[name] - wrong).abs().max() > 0.05, name
+
+
+def test_combine_refuses_gram_files(world, tmp_path):
+    from click.testing import CliRunner
+
+    from mergekit_fisher.cli import main
+
+    gram = str(tmp_path / "g")
+    compute_gram(world["model"], gram, world["data"], batch_size=4, **COMMON)
+    result = CliRunner().invoke(main, ["combine", gram, gram, str(tmp_path / "out")])
+    assert result.exit_code == 2 and "is a Gram file" in result.output, result.output
+    assert not os.path.exists(tmp_path / "out")
