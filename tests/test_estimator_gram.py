@@ -106,6 +106,10 @@ def test_padded_batches_equal_brute_force(world, tmp_path):
     assert config.num_tokens == world["inputs"]["lm_head.weight"].shape[0]
     assert config.fisher_type is None and not gram.config.gram_transposed
     assert config.num_examples == len(ROWS)
+    with open(os.path.join(out, "README.md"), encoding="utf-8") as fp:
+        card = fp.read()  # the card says what the file is and how to merge with it
+    assert "# Gram matrices (RegMean)" in card and "merge_method: regmean" in card
+    assert f"gram: {out}" in card and "jin2023dataless" in card
 
 
 def test_tied_head_gets_no_gram_and_conv1d_is_marked_transposed(tmp_path, tokenizer_dir):
