@@ -368,3 +368,25 @@ def test_explain_shows_each_models_share_of_the_trace(world, tmp_path):
         traces.append(weight * float((x * x).sum()) / x.shape[0])
     shares = list(group["shares"].values())
     assert shares == pytest.approx([t / sum(traces) for t in traces], rel=1e-5)
+
+
+def test_demo_regmean_recipe():
+    from mergekit_fisher.demo.recipes import MERGE_METHODS, recipe_for
+
+    assert "regmean" in MERGE_METHODS
+    recipe = recipe_for(
+        "regmean",
+        base="/m/base",
+        specialists={"docs": "/m/docs", "asyncio": "/m/asyncio"},
+        fishers={"docs": "/f/docs", "asyncio": "/f/asyncio"},
+        grams={"docs": "/g/docs", "asyncio": "/g/asyncio"},
+        density=0.5,
+    )
+    assert recipe == {
+        "merge_method": "regmean",
+        "dtype": "float32",
+        "models": [
+            {"model": "/m/docs", "parameters": {"weight": 1.0, "gram": "/g/docs"}},
+            {"model": "/m/asyncio", "parameters": {"weight": 1.0, "gram": "/g/asyncio"}},
+        ],
+    }
