@@ -171,6 +171,23 @@ def test_lora_wrapped_layers_get_their_inputs_under_base_names(world, tmp_path, 
     assert not torch.allclose(inputs[name].T @ inputs[name], base_x.T @ base_x)
 
 
+def test_adapter_targets_only(world, tmp_path):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(world["model"], dtype=torch.float64)
+    peft_model = get_peft_model(base, LoraConfig(r=2, target_modules=["v_proj", "down_proj"]))
+    adapter = str(tmp_path / "adapter")
+    peft_model.save_pretrained(adapter)  # B = 0: the dense model is the base
+    out = str(tmp_path / "g")
+    compute_gram(
+        world["model"], out, world["data"], lora=adapter, params="adapter-targets", **COMMON
+    )
+    wanted = {n: x for n, x in world["inputs"].items() if "v_proj" in n or "down_proj" in n}
+    assert len(wanted) == 4
+    assert_grams_match(out, wanted)
+
+
 def test_adapter_space_is_refused(world, tmp_path):
     with pytest.raises(FisherInputError, match="--space dense"):
         compute_gram(

@@ -390,3 +390,21 @@ def test_demo_regmean_recipe():
             {"model": "/m/asyncio", "parameters": {"weight": 1.0, "gram": "/g/asyncio"}},
         ],
     }
+
+
+def test_hub_references_for_gram_files(world, tmp_path, monkeypatch):
+    from huggingface_hub import constants
+    from test_hub import SHA, cache_repo
+
+    cache = str(tmp_path / "hf_cache")
+    os.makedirs(cache)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", cache)
+    cache_repo(cache, "org/grams", world.grams[1], sub="model1")
+    local = run_recipe(world.regmean(), str(tmp_path / "local"))
+    merged = run_recipe(
+        world.regmean(grams=[world.grams[0], f"org/grams/model1@{SHA}"]), str(tmp_path / "hub")
+    )
+    for name, value in local.items():
+        assert torch.equal(merged[name], value), name
+    result, shards = run_stock_cli(world.regmean(grams=[world.grams[0], "org/no-grams"]), tmp_path)
+    assert_clean_failure(result, shards, "org/no-grams", "neither a local path")
