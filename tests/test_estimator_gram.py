@@ -64,8 +64,13 @@ def brute_force_inputs(model_dir, tokenizer_dir, rows, *, model=None):
 
 
 def gram_of(out):
+    """The file and every layer's Gram, shared ones (`gram_shared`: stored once) included."""
     gram = open_fisher(out)
-    return gram, {name: gram.get_tensor(name, check=False).double() for name in gram.names()}
+    values = {name: gram.get_tensor(name, check=False).double() for name in gram.names()}
+    for name, stored in (gram.config.gram_shared or {}).items():
+        assert name not in values
+        values[name] = values[stored]
+    return gram, values
 
 
 def assert_grams_match(out, inputs, rtol=1e-6):
@@ -105,6 +110,15 @@ def test_padded_batches_equal_brute_force(world, tmp_path):
     gram = assert_grams_match(out, world["inputs"])
     assert config.num_tokens == world["inputs"]["lm_head.weight"].shape[0]
     assert config.fisher_type is None and not gram.config.gram_transposed
+    # q/k/v read one input, gate/up another: their Grams are stored once
+    expected_shared = {}
+    for layer in (0, 1):
+        attn, mlp = f"model.layers.{layer}.self_attn", f"model.layers.{layer}.mlp"
+        expected_shared[f"{attn}.k_proj.weight"] = f"{attn}.q_proj.weight"
+        expected_shared[f"{attn}.v_proj.weight"] = f"{attn}.q_proj.weight"
+        expected_shared[f"{mlp}.up_proj.weight"] = f"{mlp}.gate_proj.weight"
+    assert gram.config.gram_shared == expected_shared
+    assert len(gram.names()) == 15 - 6
     assert config.num_examples == len(ROWS)
     with open(os.path.join(out, "README.md"), encoding="utf-8") as fp:
         card = fp.read()  # the card says what the file is and how to merge with it

@@ -408,3 +408,54 @@ def test_hub_references_for_gram_files(world, tmp_path, monkeypatch):
         assert torch.equal(merged[name], value), name
     result, shards = run_stock_cli(world.regmean(grams=[world.grams[0], "org/no-grams"]), tmp_path)
     assert_clean_failure(result, shards, "org/no-grams", "neither a local path")
+
+
+def _qkv_shared_files(world, tmp_path, label, share: bool, target=None):
+    """Gram files where k_proj and v_proj read q_proj's input (as in a real model): stored three
+    times, or once with `gram_shared`."""
+    paths = []
+    for index, model in enumerate(world.models):
+        inputs = dict(world.inputs[model])
+        shared = {}
+        for layer in (0, 1):
+            q = f"model.layers.{layer}.self_attn.q_proj.weight"
+            for other in ("k_proj", "v_proj"):
+                name = f"model.layers.{layer}.self_attn.{other}.weight"
+                inputs[name] = inputs[q]
+                shared[name] = target or q
+        grams = {name: (x.T @ x).float() for name, x in inputs.items()}
+        counts = {name: int(x.shape[0]) for name, x in inputs.items()}
+        config = {"model": model, "statistic": "gram", "gram_counts": counts}
+        if share:
+            grams = {name: g for name, g in grams.items() if name not in shared}
+            config["gram_shared"] = shared
+        path = str(tmp_path / f"{label}{index}")
+        write_fisher(grams, path, FisherConfig(**config))
+        paths.append(path)
+    return paths
+
+
+def test_shared_grams_merge_like_stored_copies(world, tmp_path):
+    copies = _qkv_shared_files(world, tmp_path, "copies", share=False)
+    shared = _qkv_shared_files(world, tmp_path, "shared", share=True)
+    a = run_recipe(world.regmean(grams=copies), str(tmp_path / "a"))
+    b = run_recipe(world.regmean(grams=shared), str(tmp_path / "b"))
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    k = "model.layers.1.self_attn.k_proj.weight"
+    plain = run_recipe(world.regmean(), str(tmp_path / "plain"))
+    assert not torch.allclose(a[k], plain[k])  # k_proj did use q_proj's (different) Gram
+    import json
+
+    report = json.loads(_cli("inspect", shared[0], "--model", world.models[0], "--json").stdout)
+    assert report["gram"]["coverage"]["covered"] == 15
+    q_row = next(
+        r for r in report["gram"]["rows"] if r["name"].endswith("1.self_attn.q_proj.weight")
+    )
+    assert q_row["shared_by"] == [k, "model.layers.1.self_attn.v_proj.weight"]
+
+
+def test_shared_gram_pointing_nowhere(world, tmp_path):
+    bad = _qkv_shared_files(world, tmp_path, "bad", share=True, target="model.nothing.weight")
+    result, shards = run_stock_cli(world.regmean(grams=bad), tmp_path)
+    assert_clean_failure(result, shards, "gram_shared", "model.nothing.weight", bad[0])

@@ -13,6 +13,9 @@ anything else (inputs routed token by token, e.g. MoE experts) -> every row it w
 whose weight is an embedding's too (a tied LM head) gets no Gram: the merge would otherwise apply
 the head's least-squares solution to the embedding table.
 
+Layers that read the very same input tensor (q/k/v, gate/up) get bit-identical sums: the file
+stores such a Gram once and maps the other names to it (`gram_shared`, see `fisher_file/gram.py`).
+
 `GramEngine` has the runner's engine interface (`step`, `accumulator.sums` / `load_state`,
 `close`, `fallback_keys`), so reduction over processes, checkpoints and resume are the Fisher's.
 Counts travel in `accumulator.sums` as float64 scalars under `count_key(key)`.
@@ -218,7 +221,39 @@ def gram_outputs(
             counts[name] = count
             if key in transposed:
                 flipped.append(name)
+    shared = shared_inputs(tensors, counts)
+    for name in shared:
+        del tensors[name]
     fields = {"statistic": "gram", "gram_counts": counts}
     if flipped:
         fields["gram_transposed"] = sorted(flipped)
+    if shared:
+        fields["gram_shared"] = shared
     return tensors, fields
+
+
+def shared_inputs(tensors: Dict[str, torch.Tensor], counts: Dict[str, int]) -> Dict[str, str]:
+    """{name: earlier name} for Grams identical to an earlier one of the same module (q/k/v and
+    gate/up read the very same input tensor, so their sums are bit for bit equal): stored once."""
+    by_parent: Dict[str, List[str]] = {}
+    for name in tensors:
+        by_parent.setdefault(name.rsplit(".", 2)[0], []).append(name)
+    shared: Dict[str, str] = {}
+    for group in by_parent.values():
+        kept: List[str] = []
+        for name in group:
+            twin = next(
+                (
+                    other
+                    for other in kept
+                    if counts[other] == counts[name]
+                    and tensors[other].shape == tensors[name].shape
+                    and torch.equal(tensors[other], tensors[name])
+                ),
+                None,
+            )
+            if twin is None:
+                kept.append(name)
+            else:
+                shared[name] = twin
+    return shared

@@ -95,6 +95,11 @@ class FisherConfig(BaseModel):
     gram_transposed: Optional[List[str]] = Field(
         None, description="Gram tensors whose weight is stored [in, out] (HF Conv1D)"
     )
+    gram_shared: Optional[Dict[str, str]] = Field(
+        None,
+        description="{layer weight: stored tensor}: layers whose input is another's (q/k/v, "
+        "gate/up), whose Gram is stored once under that other name",
+    )
     fisher_type: Optional[str] = Field(None, description="empirical | sampled | exact")
     task: Optional[str] = None
     num_examples: Optional[int] = None

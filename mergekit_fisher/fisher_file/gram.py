@@ -12,6 +12,8 @@ existed) for a Fisher file. What differs:
 * ``gram_counts[name]``: the number of input rows summed into it (sum / count is the mean Gram the
   merge uses, so models measured on different amounts of data weigh alike);
 * ``gram_transposed``: the weights stored [in, out] (HF Conv1D), whose input is their first axis;
+* ``gram_shared``: ``{weight name: stored name}`` for layers that read the same input as another
+  (q/k/v, gate/up): their Gram is identical and stored once, under the other layer's name;
 * values are symmetric, finite, with a diagonal >= 0; off-diagonal entries may be negative.
 """
 
@@ -63,6 +65,35 @@ def check_is_fisher(fisher_file: FisherFile, model: Optional[str] = None) -> Non
             fix="pass it as `gram:` to a regmean merge, or compute a Fisher with "
             "`mergekit-fisher compute` (the default --statistic fisher)",
         )
+
+
+def shared_names(fisher_file: FisherFile) -> dict:
+    return dict(getattr(fisher_file.config, "gram_shared", None) or {})
+
+
+def locate_gram(fisher_file: FisherFile, *candidates: str) -> Optional[tuple]:
+    """(the candidate found, the tensor that holds its Gram) for the first candidate the file has
+    a Gram for -- stored under its own name or, through `gram_shared`, another's; else None."""
+    shared = shared_names(fisher_file)
+    for name in candidates:
+        if name in fisher_file:
+            return name, name
+        if name in shared:
+            return name, shared[name]
+    return None
+
+
+def check_shared(fisher_file: FisherFile) -> None:
+    """Every `gram_shared` entry points at a stored tensor (a name of the file)."""
+    for name, stored in shared_names(fisher_file).items():
+        if not isinstance(stored, str) or stored not in fisher_file:
+            raise FisherInputError(
+                f"gram_shared maps this layer to {stored!r}, which the file does not store",
+                file=fisher_file.path,
+                tensor=name,
+                kind="Gram file",
+                fix=f"the config was edited or is incomplete: recompute it ({GRAM_FIX})",
+            )
 
 
 def input_axis(fisher_file: FisherFile, name: str) -> int:
@@ -139,6 +170,7 @@ def scan_gram_file(fisher_file: FisherFile) -> None:
     """Every tensor's values and count, once per opened file (plan time, before any merging)."""
     if fisher_file.values_checked:
         return
+    check_shared(fisher_file)
     for name in fisher_file.names():
         read_gram(fisher_file, name, check=True)
         gram_count(fisher_file, name)

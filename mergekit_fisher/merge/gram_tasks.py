@@ -26,8 +26,10 @@ from mergekit_fisher.fisher_file import FisherFile, open_fisher
 from mergekit_fisher.fisher_file.gram import (
     GRAM_FIX,
     check_is_gram,
+    check_shared,
     gram_count,
     input_axis,
+    locate_gram,
     mean_gram,
     scan_gram_file,
 )
@@ -88,6 +90,7 @@ def _checked_gram_file(model, input_parameters, shared) -> FisherFile:
         if shared[VALIDATE] == GramValidation.FULL:
             scan_gram_file(gram_file)
         else:
+            check_shared(gram_file)
             for name in gram_file.names():
                 gram_count(gram_file, name)
     except FisherInputError as error:
@@ -112,7 +115,8 @@ def resolve_gram_inputs(
 ) -> Tuple[Dict[ModelReference, GramInput], int]:
     """({model: GramInput}, the weight's input axis) for one output tensor."""
     check_regmean_shared(shared_parameters)
-    found: Dict[ModelReference, Tuple[FisherFile, Optional[str], Optional[tuple]]] = {}
+    # model -> (its Gram file, (name found, tensor holding its Gram) or None, the weight's shape)
+    found: Dict[ModelReference, Tuple[FisherFile, Optional[tuple], Optional[tuple]]] = {}
     for model in model_order:
         info = weight_info[model]
         tensor = _model_tensor(model, info)
@@ -122,7 +126,7 @@ def resolve_gram_inputs(
         stored = None
         if tensor.model_type is None:  # converted (fused MoE) tensors are not linear layers here
             candidates = dict.fromkeys([tensor.name, info.name, *(info.aliases or ())])
-            stored = gram_file.find(*candidates)
+            stored = locate_gram(gram_file, *candidates)
         found[model] = (gram_file, stored, tensor.shape)
     with_gram = [model for model, (_, stored, _) in found.items() if stored]
     if with_gram and len(with_gram) < len(found):
@@ -138,7 +142,7 @@ def resolve_gram_inputs(
         )
     axis = 1
     if with_gram:
-        axes = {input_axis(found[model][0], found[model][1]) for model in with_gram}
+        axes = {input_axis(found[model][0], found[model][1][0]) for model in with_gram}
         if len(axes) > 1:
             raise FisherInputError(
                 "the Gram files disagree on the weight's layout (`gram_transposed`)",
@@ -150,8 +154,8 @@ def resolve_gram_inputs(
     inputs = {}
     for model, (gram_file, stored, shape) in found.items():
         if stored is not None:
-            _check_shape(model, gram_file, stored, shape, axis)
-        inputs[model] = GramInput(path=gram_file.path, tensor=stored)
+            _check_shape(model, gram_file, stored[1], shape, axis)
+        inputs[model] = GramInput(path=gram_file.path, tensor=stored[1] if stored else None)
     return inputs, axis
 
 

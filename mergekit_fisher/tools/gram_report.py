@@ -18,7 +18,7 @@ import torch
 
 from mergekit_fisher.errors import FisherInputError
 from mergekit_fisher.fisher_file import FisherFile
-from mergekit_fisher.fisher_file.gram import check_gram_values, input_axis
+from mergekit_fisher.fisher_file.gram import check_gram_values, input_axis, shared_names
 from mergekit_fisher.fisher_file.reader import ALLOWED_DTYPES
 from mergekit_fisher.tools.report import format_table, human_count, human_float, percent
 
@@ -38,7 +38,14 @@ def gram_row(gram_file: FisherFile, name: str) -> dict:
         problem = error.problem
     counts = getattr(gram_file.config, "gram_counts", None) or {}
     count = counts.get(name)
-    row = {"name": name, "width": int(values.shape[-1]), "rows": count, "problem": problem}
+    shared_by = sorted(k for k, v in shared_names(gram_file).items() if v == name)
+    row = {
+        "name": name,
+        "shared_by": shared_by,  # layers reading the same input: the same Gram
+        "width": int(values.shape[-1]),
+        "rows": count,
+        "problem": problem,
+    }
     if problem is None and count is None:
         row["problem"] = "no row count in gram_counts"
     if row["problem"] is not None:
@@ -58,19 +65,20 @@ def model_coverage(gram_file: FisherFile, model_shapes: Dict[str, tuple]) -> dic
     """The model's 2-D weights with / without a Gram, and Grams whose width does not fit."""
     linear = {name: shape for name, shape in model_shapes.items() if len(shape) == 2}
     covered, mismatches, extra = [], [], []
-    for name in gram_file.names():
+    holder = {name: name for name in gram_file.names()}
+    holder.update(shared_names(gram_file))  # a shared layer's Gram is another name's tensor
+    for name, stored in holder.items():
         shape = linear.get(name)
         if shape is None:
             extra.append(name)
             continue
         width = shape[input_axis(gram_file, name)]
-        if tuple(gram_file.header(name).shape) != (width, width):
-            mismatches.append(
-                {"name": name, "gram_shape": list(gram_file.header(name).shape), "weight": shape}
-            )
+        gram_shape = tuple(gram_file.header(stored).shape) if stored in gram_file else None
+        if gram_shape != (width, width):
+            mismatches.append({"name": name, "gram_shape": list(gram_shape or ()), "weight": shape})
         else:
             covered.append(name)
-    without = sorted(name for name in linear if name not in gram_file)
+    without = sorted(name for name in linear if name not in holder)
     return {
         "covered": len(covered),
         "without_gram": without,  # averaged by regmean: embeddings, tied heads, non-linear 2-D
@@ -94,9 +102,10 @@ def format_gram_rows(report: dict) -> str:
     headers = ["layer weight", "width", "rows", "trace", "share", "condition", "rank", "problem"]
     cells = []
     for row in report["rows"]:
+        shared = f" (+{len(row['shared_by'])} shared)" if row["shared_by"] else ""
         cells.append(
             [
-                row["name"],
+                row["name"] + shared,
                 str(row["width"]),
                 human_count(row["rows"]) if row["rows"] is not None else "-",
                 human_float(row["trace"]) if row["trace"] is not None else "-",
