@@ -317,3 +317,31 @@ def test_combine_refuses_gram_files(world, tmp_path):
     result = CliRunner().invoke(main, ["combine", gram, gram, str(tmp_path / "out")])
     assert result.exit_code == 2 and "is a Gram file" in result.output, result.output
     assert not os.path.exists(tmp_path / "out")
+
+
+def test_sequence_classifier(tmp_path, tokenizer_dir):
+    """--task seq-cls: the head runs on every position (then pools), so it sees every token too."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    model_dir = str(tmp_path / "cls")
+    tiny.make_llama_classifier(model_dir, seed=4, tokenizer_dir=tokenizer_dir, dtype=torch.float64)
+    rows = [{"text": t, "label": i % 3} for i, t in enumerate(tiny.CORPUS)]
+    data = tiny.write_jsonl(str(tmp_path / "d.jsonl"), rows)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir, dtype=torch.float64)
+    seen, handles = {}, []
+    for name, module in linear_modules(model).items():
+
+        def hook(_module, args, name=name):
+            x = args[0].detach()
+            seen.setdefault(name, []).append(x.reshape(-1, x.shape[-1]))
+
+        handles.append(module.register_forward_pre_hook(hook))
+    with torch.no_grad():
+        for row in rows:
+            model(input_ids=torch.tensor([tokenizer(row["text"])["input_ids"]]))
+    inputs = {name: torch.cat(chunks) for name, chunks in seen.items()}
+    assert "score.weight" in inputs
+    out = str(tmp_path / "g")
+    compute_gram(model_dir, out, data, task="seq-cls", batch_size=3, **COMMON)
+    assert_grams_match(out, inputs)
