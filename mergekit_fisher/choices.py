@@ -36,6 +36,13 @@ class FisherType(StrChoice):
     EXACT = "exact"  # a sum over every class (classifiers only)
 
 
+class Statistic(StrChoice):
+    """What a `compute` output holds (`fisher_config.json` `statistic`; absent = fisher)."""
+
+    FISHER = "fisher"  # the diagonal Fisher of every parameter
+    GRAM = "gram"  # XᵀX of every linear layer's inputs, for RegMean
+
+
 class Params(StrChoice):
     """With --lora: which base tensors get a Fisher."""
 

@@ -4,6 +4,7 @@
     tokenizer/   byte-level BPE trained on the mixture's training text
     models/      base (pre-trained on the mixture), one specialist per domain
     fisher/      each specialist's Fisher, from `mergekit-fisher compute` on its own training text
+    gram/        each specialist's Gram file (`compute --statistic gram`, same text), for `regmean`
     recipes/     <method>.yml, rerunnable with `mergekit-yaml recipes/<method>.yml OUT`
     merges/      <method>/ written by the stock `mergekit-yaml`
     results.json, results.md, chart.png
@@ -400,8 +401,33 @@ def compute_fishers(
     return fishers
 
 
+def compute_grams(
+    workdir: str, settings: DemoSettings, models: Dict[str, str], log: StageLog
+) -> Dict[str, str]:
+    """Each specialist's Gram file (for `regmean`), on the same training text as its Fisher."""
+    grams, commands = {}, {}
+    for name in settings.domains:
+        grams[name] = os.path.join(workdir, "gram", name)
+        commands[f"compute --statistic gram {name}"] = [
+            sys.executable,
+            *("-m", "mergekit_fisher", "compute", models[name], grams[name]),
+            *("--data", os.path.join(workdir, "data", f"{name}.train.jsonl")),
+            *("--statistic", "gram", "--num-examples", str(settings.fisher_examples)),
+            *("--max-length", str(settings.max_length)),
+            *("--batch-size", str(min(settings.batch_size, 8)), "--seed", str(settings.seed)),
+            "--no-progress",
+        ]
+    os.makedirs(os.path.join(workdir, "gram"), exist_ok=True)
+    run_commands(commands, settings, log)
+    return grams
+
+
 def write_recipes(
-    workdir: str, settings: DemoSettings, models: Dict[str, str], fishers: Dict[str, str]
+    workdir: str,
+    settings: DemoSettings,
+    models: Dict[str, str],
+    fishers: Dict[str, str],
+    grams: Optional[Dict[str, str]] = None,
 ) -> Dict[str, str]:
     import yaml
 
@@ -420,6 +446,7 @@ def write_recipes(
             density=settings.density,
             fisher_normalize=settings.fisher_normalize,
             fisher_floor=settings.fisher_floor,
+            grams=grams,
         )
         paths[method] = os.path.join(folder, f"{method}.yml")
         with open(paths[method], "w", encoding="utf-8") as fp:
@@ -506,11 +533,14 @@ def _run_stages(workdir: str, settings: DemoSettings, log: StageLog) -> dict:
         built = build_models(workdir, settings, log)
     models = built["paths"]
     with log.stage(
-        2, 5, "mergekit-fisher compute: each specialist's Fisher on its own training text"
+        2,
+        5,
+        "mergekit-fisher compute: each specialist's Fisher and Gram on its own training text",
     ):
         fishers = compute_fishers(workdir, settings, models, log)
+        grams = compute_grams(workdir, settings, models, log)
     with log.stage(3, 5, "mergekit-yaml: " + ", ".join(MERGE_METHODS)):
-        recipes = write_recipes(workdir, settings, models, fishers)
+        recipes = write_recipes(workdir, settings, models, fishers, grams)
         merges = run_merges(workdir, settings, recipes, log)
     with log.stage(4, 5, "evaluate every model on every domain's held-out text"):
         labelled = {"base": models["base"]}
@@ -542,6 +572,7 @@ def _run_stages(workdir: str, settings: DemoSettings, log: StageLog) -> dict:
         "train_loss_last": {name: values[-1] for name, values in built["losses"].items()},
         "models": models,
         "fishers": fishers,
+        "grams": grams,
         "recipes": recipes,
         "merges": merges,
         "timings_s": dict(log.timings, total=round(time.perf_counter() - started, 2)),

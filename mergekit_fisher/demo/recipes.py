@@ -1,15 +1,25 @@
-"""The demo's mergekit recipes: a plain average and TIES next to their Fisher-weighted twins.
+"""The demo's mergekit recipes: a plain average and TIES next to their Fisher-weighted twins, and
+RegMean.
 
 Every path is absolute (mergekit's model card would otherwise ask the Hub about relative ones), and
 each pair shares its settings (weights, density), so the only difference is the Fisher weighting.
+`regmean` averages the specialists like `linear` and `fisher` (no base), each with its Gram file.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Dict, List
+from typing import Dict, List, Optional
 
-MERGE_METHODS = ("linear", "ties", "dare_ties", "fisher", "fisher_ties", "fisher_dare_ties")
+MERGE_METHODS = (
+    "linear",
+    "ties",
+    "dare_ties",
+    "fisher",
+    "fisher_ties",
+    "fisher_dare_ties",
+    "regmean",
+)
 # which plain method each Fisher method is compared with in the report (same settings, same seed)
 FISHER_TWIN = {"fisher": "linear", "fisher_ties": "ties", "fisher_dare_ties": "dare_ties"}
 
@@ -23,6 +33,7 @@ def recipe_for(
     density: float,
     fisher_normalize: str = "mean",
     fisher_floor: float = 1e-6,
+    grams: Optional[Dict[str, str]] = None,
 ) -> dict:
     """A mergekit recipe (as a dict ready for YAML) merging `specialists` (domain -> model dir)
     with `method`.
@@ -34,7 +45,7 @@ def recipe_for(
         raise ValueError(f"unknown demo merge method {method!r}")
     base = os.path.abspath(base)
     uses_fisher = method.startswith("fisher")
-    uses_base = method not in ("linear", "fisher")
+    uses_base = method not in ("linear", "fisher", "regmean")
     models: List[dict] = []
     for domain, path in specialists.items():
         parameters: dict = {"weight": 1.0}
@@ -42,6 +53,8 @@ def recipe_for(
             parameters["density"] = density
         if uses_fisher:
             parameters["fisher"] = os.path.abspath(fishers[domain])
+        if method == "regmean":
+            parameters["gram"] = os.path.abspath(grams[domain])
         models.append({"model": os.path.abspath(path), "parameters": parameters})
     if uses_base:
         models.insert(0, {"model": base})

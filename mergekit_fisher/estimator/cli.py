@@ -16,6 +16,7 @@ from mergekit_fisher.choices import (
     Params,
     SaveDtype,
     Space,
+    Statistic,
     Task,
 )
 from mergekit_fisher.cli import EnumChoice, show_progress, verbosity_options
@@ -63,6 +64,14 @@ POSITIVE = click.IntRange(min=1)
     ),
 )
 @click.option("--task", type=EnumChoice(Task), default=Task.CAUSAL_LM.value, show_default=True)
+@click.option(
+    "--statistic",
+    type=EnumChoice(Statistic),
+    default=Statistic.FISHER.value,
+    show_default=True,
+    help="fisher: the diagonal Fisher (for the Fisher methods); gram: Σ xᵀx of every linear "
+    "layer's inputs over non-padding tokens (for merge_method: regmean; forward passes only)",
+)
 @click.option(
     "--fisher-type",
     type=EnumChoice(FisherType),
@@ -187,6 +196,7 @@ def compute(
     shuffle_buffer,
     shard,
     task,
+    statistic,
     fisher_type,
     samples,
     num_examples,
@@ -227,6 +237,7 @@ def compute(
         out_dir=out_dir,
         data=data,
         task=task,
+        statistic=statistic,
         fisher_type=fisher_type,
         samples=samples,
         num_examples=num_examples,

@@ -43,7 +43,7 @@ def check_finite(sums: Dict[str, torch.Tensor], names: Dict[str, List[str]], mod
             raise FisherInputError(
                 "non-finite (NaN/Inf) gradients",
                 model=model,
-                tensor=names[key][0],
+                tensor=names.get(key, [key])[0],
                 fix=(
                     "check the model weights and data; try --dtype float32 if the model ran in "
                     "half precision"

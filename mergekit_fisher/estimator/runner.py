@@ -22,6 +22,7 @@ from mergekit_fisher.choices import (
     Params,
     SaveDtype,
     Space,
+    Statistic,
     Task,
 )
 from mergekit_fisher.errors import FisherInputError
@@ -45,6 +46,7 @@ from mergekit_fisher.estimator.data import (
 from mergekit_fisher.estimator.device_plan import auto_device_map, parse_max_memory
 from mergekit_fisher.estimator.engine import FisherEngine
 from mergekit_fisher.estimator.finalize import check_finite, stream_to_writer
+from mergekit_fisher.estimator.gram import GramEngine, check_gram_options, gram_outputs
 from mergekit_fisher.estimator.loading import (
     DTYPES,
     check_model_path,
@@ -56,7 +58,12 @@ from mergekit_fisher.estimator.peers import Peers
 from mergekit_fisher.estimator.sources import DatasetOptions, Shard, parse_shard
 from mergekit_fisher.fisher_file import check_output_free, parse_shard_size
 from mergekit_fisher.fisher_file.provenance import model_identity
-from mergekit_fisher.fisher_file.writer import FisherWriter, estimated_size, output_lock
+from mergekit_fisher.fisher_file.writer import (
+    FisherWriter,
+    estimated_size,
+    output_lock,
+    write_fisher,
+)
 from mergekit_fisher.naming import output_names, to_stored_layout
 
 log = logging.getLogger(__name__)
@@ -96,6 +103,7 @@ class ComputeOptions:
     trust_remote_code: bool = False
     max_shard_size: str = "5GB"
     progress: bool = True
+    statistic: Statistic = Statistic.FISHER  # gram: RegMean's input Grams (estimator/gram.py)
 
     def resolved_fisher_type(self) -> FisherType:
         if self.fisher_type:
@@ -123,6 +131,8 @@ class ComputeOptions:
         ):
             relevant.pop(key)
         relevant["fisher_type"] = self.resolved_fisher_type()
+        if relevant["statistic"] == Statistic.FISHER:
+            relevant.pop("statistic")  # Fisher checkpoints written before --statistic still resume
         relevant["dataset_hash"] = dataset_hash
         return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()
 
@@ -181,6 +191,12 @@ def _validate(opts: ComputeOptions) -> None:
             fix=f"use {' or '.join(SaveDtype.values())}",
         )
     opts.parsed_shard()
+    check_gram_options(opts)
+    if opts.statistic == Statistic.GRAM and opts.save_dtype != SaveDtype.FLOAT32:
+        raise FisherInputError(
+            "Gram files are stored in float32: the merge's solve needs their precision",
+            fix="drop --save-dtype (or use float32) with --statistic gram",
+        )
     if opts.max_memory:
         parse_max_memory(opts.max_memory)
     _check_output(opts)
@@ -433,6 +449,23 @@ def _progress_bar(opts, peers, total: int, initial: int):
     )
 
 
+def _engine(opts: ComputeOptions, model, keys, wrappers):
+    acc_dtype = DTYPES[opts.accumulator_dtype]
+    if opts.statistic == Statistic.GRAM:  # forward-only Gram hooks instead of the Fisher
+        return GramEngine(model, keys=keys, accumulator_dtype=acc_dtype, model_name=opts.model)
+    return FisherEngine(
+        model,
+        task=opts.task,
+        fisher_type=opts.resolved_fisher_type(),
+        samples=opts.samples,
+        seed=opts.seed,
+        accumulator_dtype=acc_dtype,
+        keys=keys,
+        wrappers=wrappers,
+        model_name=opts.model,
+    )
+
+
 def _run(opts: ComputeOptions, peers: Peers, interrupt_after_rounds: Optional[int]):
     # the identity of the weights about to be loaded: recorded in the output, and a resumed
     # checkpoint must have been written for the very same weights
@@ -475,17 +508,7 @@ def _run(opts: ComputeOptions, peers: Peers, interrupt_after_rounds: Optional[in
             )
         if peers.is_main:  # read-only, OUT's parent a file, disk full: now, not at the end
             _check_output(opts, _needed_bytes(opts, keys, names, params))
-        engine = FisherEngine(
-            model,
-            task=opts.task,
-            fisher_type=fisher_type,
-            samples=opts.samples,
-            seed=opts.seed,
-            accumulator_dtype=DTYPES[opts.accumulator_dtype],
-            keys=keys,
-            wrappers=wrappers,
-            model_name=opts.model,
-        )
+        engine = _engine(opts, model, keys, wrappers)
     try:
         fingerprint = opts.fingerprint(plan.dataset_hash)
         counts = _resume(opts, peers, engine.accumulator, fingerprint, identity)
@@ -501,6 +524,8 @@ def _run(opts: ComputeOptions, peers: Peers, interrupt_after_rounds: Optional[in
             if peers.is_main:
                 raise no_examples_error(opts.data, totals.num_skipped)
     config = _config(opts, identity, plan, totals, peers, engine, names)
+    if opts.statistic == Statistic.GRAM:
+        return _write_grams(opts, peers, engine, names, config)
     return _write(opts, peers, engine, model, names, totals, config)
 
 
@@ -631,6 +656,30 @@ def _write(opts, peers, engine, model, names, totals: Counters, config):
     finally:
         if writer is not None and written is None:
             writer.abort()
+    return written
+
+
+def _write_grams(opts, peers, engine, names, config):
+    """`--statistic gram`: every sum reduced onto the main process, then written whole (inputs
+    shared by several layers are found by comparing the reduced sums, estimator/gram.py)."""
+    sums = engine.accumulator.sums
+    for value in sums.values():
+        peers.sum_to_main_(value)
+    written = None
+    with peers.phase("writing the Grams"):
+        if peers.is_main:
+            tensors, fields = gram_outputs(sums, names, engine.transposed_keys(), opts.model)
+            update = {**fields, "fisher_type": None, "samples_per_example": None}
+            written = write_fisher(
+                tensors,
+                opts.out_dir,
+                config.model_copy(update=update),
+                max_shard_size=opts.max_shard_size,
+                overwrite=opts.overwrite,
+            )
+            ckpt = checkpoint_path(opts.out_dir)
+            if opts.checkpoint_every and os.path.exists(ckpt):
+                os.remove(ckpt)
     return written
 
 

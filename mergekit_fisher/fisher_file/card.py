@@ -24,6 +24,13 @@ CITATION = """@inproceedings{matena2022merging,
   year      = {2022},
   url       = {https://arxiv.org/abs/2111.09832}
 }"""
+GRAM_CITATION = """@inproceedings{jin2023dataless,
+  title     = {Dataless Knowledge Fusion by Merging Weights of Language Models},
+  author    = {Jin, Xisen and Ren, Xiang and Preotiuc-Pietro, Daniel and Cheng, Pengxiang},
+  booktitle = {International Conference on Learning Representations},
+  year      = {2023},
+  url       = {https://arxiv.org/abs/2212.09849}
+}"""
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -31,23 +38,52 @@ def _hub_id(value: Optional[str]) -> Optional[str]:
     return value if value and _HUB_ID.match(value) else None
 
 
+def _is_gram(config: FisherConfig) -> bool:
+    return getattr(config, "statistic", None) == "gram"
+
+
 def recipe_snippet(config: FisherConfig, fisher_ref: str) -> str:
     model = config.model or "/path/to/this/model"
     if config.adapter:
         model = f"{model}+{config.adapter}"
+    method, key = ("regmean", "gram") if _is_gram(config) else ("fisher", "fisher")
     return yaml.safe_dump(
         {
-            "merge_method": "fisher",
+            "merge_method": method,
             "dtype": "bfloat16",
             "models": [
-                {"model": model, "parameters": {"weight": 1.0, "fisher": fisher_ref}},
+                {"model": model, "parameters": {"weight": 1.0, key: fisher_ref}},
                 {
                     "model": "/path/to/another/fine-tune",
-                    "parameters": {"weight": 1.0, "fisher": "/path/to/its/fisher"},
+                    "parameters": {"weight": 1.0, key: f"/path/to/its/{key}"},
                 },
             ],
         },
         sort_keys=False,
+    )
+
+
+def _about(config: FisherConfig) -> tuple:
+    """(title, what it is, citation): a Gram file (RegMean) or a Fisher."""
+    adapter = f" with the adapter `{config.adapter}`" if config.adapter else ""
+    if _is_gram(config):
+        return (
+            f"Gram matrices (RegMean) of {config.model or 'a model'}",
+            f"""The Gram matrices of `{config.model}`{adapter}: for every linear layer, the sum
+over the data's non-padding tokens of xᵀx for the layer's inputs x, with the number of rows summed
+(`gram_counts`). RegMean merges each linear layer by least squares on them (Jin et al., 2023).
+Tensors are stored under the names of the layers' weights, as a Gram file (format v1,
+`statistic: gram`) of [mergekit-fisher](https://github.com/mergekit-fisher/mergekit-fisher).""",
+            GRAM_CITATION,
+        )
+    return (
+        f"Fisher information of {config.model or 'a model'}",
+        f"""The diagonal Fisher information of `{config.model}`{adapter}:
+for every parameter, the mean over the data's examples of the squared gradient of the example's
+log-likelihood. Fisher-weighted merging trusts each model where its Fisher is high (Matena & Raffel,
+2022). Tensors are stored under the checkpoint's own names, in format v1 of
+[mergekit-fisher](https://github.com/mergekit-fisher/mergekit-fisher).""",
+        CITATION,
     )
 
 
@@ -83,17 +119,13 @@ def render_card(config: FisherConfig, fisher_ref: str) -> str:
         ("created", config.created),
     ]
     table = "\n".join(f"| {key} | {value} |" for key, value in rows if value not in (None, ""))
-    adapter = f" with the adapter `{config.adapter}`" if config.adapter else ""
+    title, about, citation = _about(config)
     return f"""---
 {yaml.safe_dump(meta, sort_keys=False).rstrip()}
 ---
-# Fisher information of {config.model or "a model"}
+# {title}
 
-The diagonal Fisher information of `{config.model}`{adapter}:
-for every parameter, the mean over the data's examples of the squared gradient of the example's
-log-likelihood. Fisher-weighted merging trusts each model where its Fisher is high (Matena & Raffel,
-2022). Tensors are stored under the checkpoint's own names, in format v1 of
-[mergekit-fisher](https://github.com/mergekit-fisher/mergekit-fisher).
+{about}
 
 ## How it was computed
 
@@ -112,6 +144,6 @@ With `pip install mergekit-fisher`, the stock `mergekit-yaml` runs:
 ## Citation
 
 ```bibtex
-{CITATION}
+{citation}
 ```
 """

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Dict, List, Optional
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from mergekit_fisher.choices import Space
+from mergekit_fisher.choices import Space, Statistic
 
 FORMAT_NAME = "mergekit-fisher"
 FORMAT_VERSION = 1
@@ -90,6 +90,22 @@ class FisherConfig(BaseModel):
     space: Space = Field(
         Space.DENSE.value,
         description="dense: names/shapes of the (merged) checkpoint; adapter: lora_A/lora_B names",
+    )
+    statistic: Optional[Statistic] = Field(
+        None,
+        description="fisher (also when absent: files written before Gram files existed) | gram",
+    )
+    # Gram files only (statistic: gram, see fisher_file/gram.py)
+    gram_counts: Optional[Dict[str, int]] = Field(
+        None, description="per Gram tensor: the number of input rows (tokens) summed into it"
+    )
+    gram_transposed: Optional[List[str]] = Field(
+        None, description="Gram tensors whose weight is stored [in, out] (HF Conv1D)"
+    )
+    gram_shared: Optional[Dict[str, str]] = Field(
+        None,
+        description="{layer weight: stored tensor}: layers whose input is another's (q/k/v, "
+        "gate/up), whose Gram is stored once under that other name",
     )
     fisher_type: Optional[str] = Field(None, description="empirical | sampled | exact")
     task: Optional[str] = None

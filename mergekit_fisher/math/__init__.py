@@ -1,4 +1,5 @@
-"""The math room: Fisher merging as small pure tensor functions (no I/O, no graph, no config)."""
+"""The math room: Fisher merging and RegMean as small pure tensor functions (no I/O, no graph, no
+config)."""
 
 from mergekit_fisher.math.fisher_merge import (
     NORMALIZATIONS,
@@ -9,6 +10,12 @@ from mergekit_fisher.math.fisher_merge import (
     normalize_fisher,
     working_dtype,
 )
+from mergekit_fisher.math.regmean import (
+    SingularGramError,
+    regmean_merge,
+    scale_off_diagonal,
+    weighted_average,
+)
 
 __all__ = [
     "NORMALIZATIONS",
@@ -18,4 +25,8 @@ __all__ = [
     "fisher_weighted_average",
     "normalize_fisher",
     "working_dtype",
+    "SingularGramError",
+    "regmean_merge",
+    "scale_off_diagonal",
+    "weighted_average",
 ]

@@ -34,6 +34,7 @@ from mergekit.sparsify import RescaleNorm, sparsify
 from mergekit_fisher.errors import FisherInputError, warn_once
 from mergekit_fisher.math import fisher_task_arithmetic, fisher_weighted_average, working_dtype
 from mergekit_fisher.merge.parameters import FISHER, fisher_parameter_specs
+from mergekit_fisher.merge.regmean import RegMeanMerge
 
 LOG = logging.getLogger(__name__)
 PAPER_URL = "https://arxiv.org/abs/2111.09832"
@@ -187,3 +188,12 @@ def is_fisher_method(method_name: str) -> bool:
     except RuntimeError:
         return False
     return isinstance(method, (FisherMerge, FisherTaskArithmeticMerge))
+
+
+def is_plugin_method(method_name: str) -> bool:
+    """A Fisher method or `regmean`: the methods whose recipes are checked strictly and up front."""
+    try:
+        method = mergekit_registry.get(method_name)
+    except RuntimeError:
+        return False
+    return isinstance(method, (FisherMerge, FisherTaskArithmeticMerge, RegMeanMerge))

@@ -21,7 +21,7 @@ from mergekit.merge_methods.base import BasePolicy
 from mergekit.options import MergeOptions
 
 from mergekit_fisher.errors import FisherInputError
-from mergekit_fisher.merge.methods import is_fisher_method
+from mergekit_fisher.merge.methods import is_plugin_method
 
 # What the Hugging Face Hub accepts as a repository id: "name" or "org/name".
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
@@ -91,7 +91,7 @@ def _has_base(config: MergeConfiguration) -> bool:
 
 def check_recipe(config: MergeConfiguration, options: MergeOptions) -> None:
     """Refuse, before anything is loaded, a Fisher recipe that mergekit would fail on later."""
-    if not is_fisher_method(config.merge_method):
+    if not is_plugin_method(config.merge_method):
         return
     method = mergekit_registry.get(config.merge_method)
     if method.spec.contract.base == BasePolicy.REQUIRED and not _has_base(config):
@@ -130,7 +130,7 @@ def removing_failed_output(original):
         try:
             return original(merge_config, out_path, *args, **kwargs)
         except BaseException:
-            if not existed and is_fisher_method(merge_config.merge_method):
+            if not existed and is_plugin_method(merge_config.merge_method):
                 shutil.rmtree(out_path, ignore_errors=True)
             raise
 

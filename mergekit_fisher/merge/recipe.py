@@ -21,7 +21,7 @@ from mergekit.parameter_resolver import resolve_parameters
 from pydantic import ValidationError
 
 from mergekit_fisher.errors import FisherInputError
-from mergekit_fisher.merge.methods import is_fisher_method
+from mergekit_fisher.merge.methods import is_plugin_method
 from mergekit_fisher.merge.parameters import ALLOW_NEGATIVE_WEIGHTS
 
 
@@ -70,7 +70,7 @@ def _scopes(sources, models: Iterable[Optional[ModelReference]]):
 
 def checked_resolve_parameters(spec: MergeMethodSpec, *, tensor_name, inputs, sources, **kwargs):
     """mergekit's `resolve_parameters`, with strict names and typed values for Fisher methods."""
-    if is_fisher_method(spec.name):
+    if is_plugin_method(spec.name):
         for model, settings in _scopes(sources, [None, *inputs]):
             check_names(spec, settings, model)
             name = tensor_name if model is None else inputs[model]
@@ -104,11 +104,12 @@ def check_weights(
             "parameters if you mean it (e.g. task negation)",
             kind="recipe",
         )
-    # A Fisher-weighted average needs a positive total: all-zero weights would write zeros, and
-    # a total <= 0 lets the denominator cross 0. (For `fisher_X`, all-zero weights keep the base.)
-    if method_name == "fisher" and sum(values) <= 0:
+    # A Fisher-weighted average (or RegMean) needs a positive total: all-zero weights would write
+    # zeros, and a total <= 0 lets the denominator cross 0. (For `fisher_X`, all-zero weights keep
+    # the base.)
+    if method_name in ("fisher", "regmean") and sum(values) <= 0:
         raise FisherInputError(
-            f"the weights of {tensor_name} sum to {sum(values)}: a Fisher-weighted average "
+            f"the weights of {tensor_name} sum to {sum(values)}: a {method_name} merge "
             "needs a positive total",
             fix="give the models positive `weight`s",
             kind="recipe",

@@ -4,10 +4,11 @@ Three hooks, all idempotent, all run by the `.pth` start-up hook right after mer
 module they need (so the stock `mergekit-yaml` knows the methods), and by `register()` for our
 own entry points and for Python users:
 
-* `register_methods()` adds `fisher` and `fisher_<X>` for each member X of mergekit's generalized
-  task arithmetic family to mergekit's method registry. It runs once `mergekit.merge_methods` has
-  finished importing, and imports only `methods` (whose own imports are the already-loaded
-  `mergekit.merge_methods` and `mergekit.sparsify`), so it is safe in the middle of any import.
+* `register_methods()` adds `fisher`, `regmean` and `fisher_<X>` for each member X of mergekit's
+  generalized task arithmetic family to mergekit's method registry. It runs once
+  `mergekit.merge_methods` has finished importing, and imports only `methods` and `regmean` (whose
+  own imports are the already-loaded `mergekit.merge_methods` and `mergekit.sparsify`), so it is
+  safe in the middle of any import.
 * `patch_planner()` makes `mergekit.plan` build `FisherMergeTask`s for those methods (the only
   place that knows each *input's* tensor name) and resolve their parameters strictly. It runs once
   `mergekit.plan` has finished importing and imports `tasks`, whose mergekit dependencies
@@ -30,6 +31,7 @@ from mergekit.merge_methods import registry as mergekit_registry
 from mergekit.merge_methods.base import MergeMethod
 
 from mergekit_fisher.merge.methods import FisherMerge, FisherTaskArithmeticMerge
+from mergekit_fisher.merge.regmean import RegMeanMerge
 
 # mergekit's generalized task arithmetic methods that get a Fisher-weighted twin `fisher_<name>`
 TASK_ARITHMETIC_NAMESAKES = (
@@ -45,7 +47,7 @@ TASK_ARITHMETIC_NAMESAKES = (
 
 
 def fisher_methods() -> List[MergeMethod]:
-    methods: List[MergeMethod] = [FisherMerge()]
+    methods: List[MergeMethod] = [FisherMerge(), RegMeanMerge()]
     for name in TASK_ARITHMETIC_NAMESAKES:
         methods.append(FisherTaskArithmeticMerge.of(mergekit_registry.get(name)))
     return methods

@@ -26,6 +26,7 @@ from safetensors import safe_open
 
 from mergekit_fisher.errors import FisherInputError, warn_once
 from mergekit_fisher.fisher_file import FisherFile, open_fisher
+from mergekit_fisher.fisher_file.gram import check_is_fisher
 from mergekit_fisher.hub import resolve_fisher_path
 from mergekit_fisher.merge.parameters import (
     FISHER,
@@ -254,6 +255,7 @@ def _locate_fisher(
 
 def _checked_fisher_file(model, input_parameters, method_name, shared) -> FisherFile:
     fisher_file = open_for_model(input_parameters[model].get(FISHER), model, method_name)
+    check_is_fisher(fisher_file, str(model))  # a Gram file (for regmean) has no Fisher in it
     check_space(fisher_file, model)
     check_provenance(fisher_file, model, shared[PROVENANCE])
     if shared["fisher_validate"] == FisherValidation.FULL:

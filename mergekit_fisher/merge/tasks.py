@@ -27,9 +27,11 @@ from mergekit.tokenizer.truncate import TruncatedVocabulary
 from mergekit_fisher.errors import FisherInputError
 from mergekit_fisher.fisher_file import open_fisher
 from mergekit_fisher.math import Normalization, normalize_fisher
+from mergekit_fisher.merge.gram_tasks import regmean_merge_task
 from mergekit_fisher.merge.methods import is_fisher_method
 from mergekit_fisher.merge.parameters import FISHER
 from mergekit_fisher.merge.recipe import check_weights
+from mergekit_fisher.merge.regmean import is_regmean_method
 from mergekit_fisher.merge.resolution import FisherInput, resolve_fisher_inputs
 from mergekit_fisher.naming import convert_stored
 
@@ -206,13 +208,15 @@ class FisherMergeTask(ExecuteMergeMethodTask):
 
 def fisher_aware_merge_task(**kwargs) -> ExecuteMergeMethodTask:
     """Drop-in for `ExecuteMergeMethodTask(...)` in mergekit's planner."""
-    if not is_fisher_method(kwargs["method_name"]):
+    regmean = is_regmean_method(kwargs["method_name"])
+    if not regmean and not is_fisher_method(kwargs["method_name"]):
         return ExecuteMergeMethodTask(**kwargs)
     gather = kwargs["gather_tensors"]
     if isinstance(gather, TensorDictWrapper):
         raise FisherInputError(
             f"{kwargs['method_name']} needs each input's checkpoint tensor names to find its "
-            "Fisher, which mergekit-pytorch's raw state dicts do not carry",
+            f"{'Gram' if regmean else 'Fisher'}, which mergekit-pytorch's raw state dicts do not "
+            "carry",
             fix="save the models as Hugging Face checkpoints and merge with `mergekit-yaml` "
             "(or `mergekit-fisher merge`)",
         )
@@ -230,6 +234,8 @@ def fisher_aware_merge_task(**kwargs) -> ExecuteMergeMethodTask:
         shared,
         output_weight.name,
     )
+    if regmean:  # the Gram is over the layer's inputs: vocabulary permutations do not touch it
+        return regmean_merge_task(inner.weight_info, **kwargs)
     inputs, truncate_rows = resolve_fisher_inputs(
         method_name=kwargs["method_name"],
         weight_info=inner.weight_info,

@@ -26,6 +26,7 @@ from mergekit_fisher.fisher_file import (
     open_fisher,
     parse_shard_size,
 )
+from mergekit_fisher.fisher_file.gram import check_is_fisher
 from mergekit_fisher.fisher_file.provenance import (
     IDENTITY_KEYS,
     compare_identity,
@@ -221,6 +222,8 @@ def combine_fishers(
         out_abs, overwrite, inputs=paths
     )  # OUT must not be (or hold) an input: before any read
     files = [open_fisher(p) for p in paths]
+    for fisher in files:  # Grams pool by summing sums and counts, not by this weighted mean
+        check_is_fisher(fisher)
     _check_compatible(files)
     _check_same_model(files, allow_different_models)
     weights = list(weights) if weights is not None else _example_weights(files)

@@ -284,10 +284,16 @@ def collect_masses(planned) -> tuple:
     method name. Runs through mergekit's own executor (its schedule, its RNG order)."""
     from mergekit.graph import Executor
 
+    from mergekit_fisher.merge.gram_tasks import GramMergeTask
+
     share_tasks = []
     method = None
+    gram_tasks = []
     for weight_info, task in planned:
-        if isinstance(task, FisherMergeTask):
+        if isinstance(task, GramMergeTask):
+            method = task.method_name
+            gram_tasks.append((weight_info, task))
+        elif isinstance(task, FisherMergeTask):
             method = task.method_name
             share_tasks.append(
                 (weight_info, ShareTask(merge_task=task, with_tensors=sparsifies(method)))
@@ -312,10 +318,30 @@ def collect_masses(planned) -> tuple:
         group.floor_decides += result["floor"]
         if result["none_kept"] is not None:
             group.none_kept = (group.none_kept or 0) + result["none_kept"]
+    for weight_info, task in gram_tasks:
+        _add_gram_masses(groups, labels, weight_info.name, task)
     names = model_labels(labels)
     for group in groups.values():
         group.mass = {names[model]: mass for model, mass in group.mass.items()}
     return groups, [names[model] for model in labels], method
+
+
+def _add_gram_masses(groups, labels: List, name: str, task) -> None:
+    """regmean: each model's share of the layer's trace Σ wᵢ tr(Gᵢ) (mean Grams; α leaves the
+    diagonal alone) -- how much of the layer's input energy the solve weighs from each model.
+    Tensors without a Gram (averaged) are not counted."""
+    grams = task.gram_tensors.execute()
+    if not any(gram.numel() for gram in grams.values()):
+        return
+    layer, module = layer_and_module(name)
+    group = groups.setdefault((module, layer), GroupMass())
+    for model, gram in grams.items():
+        if model not in labels:
+            labels.append(model)
+        weight = float(task.input_parameters[model].get("weight", 1.0))
+        trace = float(gram.double().diagonal().sum())
+        group.mass[model] = group.mass.get(model, 0.0) + weight * trace
+    group.elements += next(gram.shape[0] for gram in grams.values()) ** 2
 
 
 def explain_recipe(

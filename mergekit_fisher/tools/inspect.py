@@ -18,6 +18,7 @@ import click
 from mergekit_fisher.choices import Grouping, Space
 from mergekit_fisher.cli import EnumChoice, verbosity_options
 from mergekit_fisher.fisher_file import FisherFile, open_fisher
+from mergekit_fisher.fisher_file.gram import is_gram
 from mergekit_fisher.tools.checkpoint import checkpoint_shapes, tied_aliases
 from mergekit_fisher.tools.grouping import group_label, group_sort_key
 from mergekit_fisher.tools.report import format_table, human_count, human_float, percent
@@ -166,6 +167,13 @@ def build_report(path: str, model: Optional[str], by: str) -> dict:
         summary: Summary = row.pop("summary")
         share = summary.sum / total.sum if total.sum else None
         report["rows"].append({**row, **summary.to_dict(), "share": share})
+    if is_gram(fisher):  # a Gram file (regmean): its own per-layer report and coverage
+        from mergekit_fisher.tools.gram_report import gram_report
+
+        report["statistic"] = "gram"
+        report["gram"] = gram_report(fisher, checkpoint_shapes(model) if model else None)
+        report["gram"]["model"] = model
+        return _clean(report)
     if model is not None:
         fisher_shapes = {name: fisher.header(name).shape for name in fisher.names()}
         model_shapes = checkpoint_shapes(model)
@@ -191,7 +199,8 @@ def _provenance_lines(report: dict) -> List[str]:
     where = (
         f"{layout['kind']}, {layout['files']} safetensors file{'s' if layout['files'] != 1 else ''}"
     )
-    lines = [f"Fisher file:  {report['path']} ({where})"]
+    what = "Gram file:   " if report.get("statistic") == "gram" else "Fisher file: "
+    lines = [f"{what} {report['path']} ({where})"]
     if config is None:
         lines.append(
             "format:       no fisher_config found: provenance unknown (not written by "
@@ -281,6 +290,14 @@ def _coverage_lines(cov: dict) -> List[str]:
 
 
 def format_report(report: dict) -> str:
+    if report.get("statistic") == "gram":
+        from mergekit_fisher.tools.gram_report import format_gram_coverage, format_gram_rows
+
+        gram = report["gram"]
+        parts = ["\n".join(_provenance_lines(report)), format_gram_rows(gram)]
+        if gram["coverage"] is not None:
+            parts.append("\n".join(format_gram_coverage(gram["coverage"], gram["model"])))
+        return "\n\n".join(parts)
     parts = ["\n".join(_provenance_lines(report)), _table(report)]
     if report["coverage"] is not None:
         parts.append("\n".join(_coverage_lines(report["coverage"])))
@@ -288,6 +305,15 @@ def format_report(report: dict) -> str:
 
 
 def has_problems(report: dict) -> bool:
+    if report.get("statistic") == "gram":
+        from mergekit_fisher.tools.gram_report import gram_problems
+
+        # off-diagonal Gram entries may be negative: the Gram checks decide
+        return bool(
+            report["totals"]["nonfinite"]
+            or report["config_stats_match"] is False
+            or gram_problems(report["gram"])
+        )
     totals = report["totals"]
     cov = report["coverage"] or {}
     return bool(
@@ -331,7 +357,7 @@ def has_problems(report: dict) -> bool:
 def inspect_command(
     fisher: str, model: Optional[str], by: Grouping, as_json: bool, check: bool
 ) -> None:
-    """Summarise the Fisher file FISHER (and its coverage of --model)."""
+    """Summarise the Fisher (or Gram) file FISHER (and its coverage of --model)."""
     report = build_report(fisher, model, by)
     if as_json:
         click.echo(json.dumps(report, indent=2, allow_nan=False))
