@@ -222,15 +222,19 @@ def _check_output(opts: ComputeOptions, needed_bytes: Optional[int] = None) -> N
     )
 
 
-def _needed_bytes(opts: ComputeOptions, keys, names, params) -> int:
-    """The output (float32, one copy per stored name) plus, when checkpointing, the accumulators."""
-    output = sum(params[pid].numel() * len(names[key]) for pid, key in keys.items())
-    needed = estimated_size(output, DTYPES[opts.save_dtype])
+def _needed_bytes(opts: ComputeOptions, engine, names) -> int:
+    """The output (one copy per stored name; a Gram is in x in) plus, when checkpointing, the
+    accumulators -- sized from the accumulators themselves."""
+    sums = engine.accumulator.sums
+    if opts.statistic == Statistic.GRAM:
+        output = estimated_size(sum(t.numel() for t in sums.values()))
+    else:
+        copies = sum(t.numel() * len(names[key]) for key, t in sums.items())
+        output = estimated_size(copies, DTYPES[opts.save_dtype])
     if opts.checkpoint_every:
-        needed += estimated_size(
-            sum(params[pid].numel() for pid in keys), DTYPES[opts.accumulator_dtype]
-        )
-    return needed
+        kept = sum(t.numel() for t in sums.values())
+        output += estimated_size(kept, DTYPES[opts.accumulator_dtype])
+    return output
 
 
 def _plan_targets(model, opts: ComputeOptions, stored):
@@ -506,9 +510,9 @@ def _run(opts: ComputeOptions, peers: Peers, interrupt_after_rounds: Optional[in
             raise FisherInputError(
                 "no parameters selected", model=opts.model, fix="check --params / --space / --lora"
             )
-        if peers.is_main:  # read-only, OUT's parent a file, disk full: now, not at the end
-            _check_output(opts, _needed_bytes(opts, keys, names, params))
         engine = _engine(opts, model, keys, wrappers)
+        if peers.is_main:  # read-only, OUT's parent a file, disk full: now, not at the end
+            _check_output(opts, _needed_bytes(opts, engine, names))
     try:
         fingerprint = opts.fingerprint(plan.dataset_hash)
         counts = _resume(opts, peers, engine.accumulator, fingerprint, identity)
