@@ -32,7 +32,8 @@ def world(tmp_path_factory, tokenizer_dir):
 # ---------------------------------------------------------------- finalization memory
 class LiveTensorBytes(TorchDispatchMode):
     """Bytes of live tensor storages over time: the ones registered up front plus every tensor an
-    operation returns while the mode is on (one count per storage)."""
+    operation returns while the mode is on (one count per storage). Temporaries internal to one
+    kernel are not seen (bench/bench_memory.py measures the process)."""
 
     def __init__(self, tensors=()):
         super().__init__()

@@ -19,7 +19,7 @@ SHARD_PATTERN = "fisher{suffix}.safetensors"
 HEADER_CONFIG_KEY = "fisher_config"
 
 
-STATS_CHUNK = 1 << 20  # elements: an 8 MB float64 chunk at a time
+STATS_CHUNK = 1 << 15  # elements: a 256 KB float64 chunk at a time
 
 
 class GlobalStats(BaseModel):
@@ -45,6 +45,7 @@ class GlobalStats(BaseModel):
             chunk = flat[start : start + STATS_CHUNK].to(torch.float64)
             total += float(chunk.sum())
             squares += float(chunk.square_().sum())
+            del chunk  # before the next one is made: one chunk alive at a time
         return cls(sum=total, sum_sq=squares, num_elements=tensor.numel())
 
     def __add__(self, other: "GlobalStats") -> "GlobalStats":

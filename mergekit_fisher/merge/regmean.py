@@ -181,7 +181,7 @@ def check_regmean_shared(parameters: dict) -> None:
     if alpha is None or not (0.0 <= alpha <= 1.0):
         raise FisherInputError(
             f"{ALPHA} must be between 0 and 1, got {alpha!r} ({where})",
-            fix=f"use the paper's off-diagonal scale, e.g. {DEFAULT_ALPHA} (1 = exact least "
+            fix=f"use an off-diagonal scale in [0, 1], e.g. {DEFAULT_ALPHA} (1 = exact least "
             "squares, 0 = per-feature weighted average)",
             kind="recipe",
         )
