@@ -345,3 +345,18 @@ def test_sequence_classifier(tmp_path, tokenizer_dir):
     out = str(tmp_path / "g")
     compute_gram(model_dir, out, data, task="seq-cls", batch_size=3, **COMMON)
     assert_grams_match(out, inputs)
+
+
+def test_bfloat16_grams_are_the_float32_ones_rounded(world, tmp_path):
+    """--save-dtype bfloat16 halves a Gram file: the stored values are the float32 run's rounded to
+    bfloat16, and the shared-input map and counts are unchanged."""
+    full, half = str(tmp_path / "f32"), str(tmp_path / "bf16")
+    compute_gram(world["model"], full, world["data"], **COMMON)
+    compute_gram(world["model"], half, world["data"], save_dtype="bfloat16", **COMMON)
+    (f32, values), (b16, rounded) = gram_of(full), gram_of(half)
+    assert b16.config.dtype == "bfloat16" and {b16.header(n).dtype for n in b16.names()} == {"BF16"}
+    assert b16.config.gram_shared == f32.config.gram_shared
+    assert b16.config.gram_counts == f32.config.gram_counts
+    for name, value in values.items():
+        expected = value.float().to(torch.bfloat16).double()
+        torch.testing.assert_close(rounded[name], expected, rtol=0, atol=0, msg=name)

@@ -192,11 +192,6 @@ def _validate(opts: ComputeOptions) -> None:
         )
     opts.parsed_shard()
     check_gram_options(opts)
-    if opts.statistic == Statistic.GRAM and opts.save_dtype != SaveDtype.FLOAT32:
-        raise FisherInputError(
-            "Gram files are stored in float32: the merge's solve needs their precision",
-            fix="drop --save-dtype (or use float32) with --statistic gram",
-        )
     if opts.max_memory:
         parse_max_memory(opts.max_memory)
     _check_output(opts)
@@ -678,6 +673,7 @@ def _write_grams(opts, peers, engine, names, config):
                 tensors,
                 opts.out_dir,
                 config.model_copy(update=update),
+                dtype=DTYPES[opts.save_dtype],
                 max_shard_size=opts.max_shard_size,
                 overwrite=opts.overwrite,
             )
