@@ -34,6 +34,7 @@ from mergekit_fisher.fisher_file.gram import (
     scan_gram_file,
 )
 from mergekit_fisher.hub import resolve_fisher_path
+from mergekit_fisher.merge.loader_task import LoaderTask
 from mergekit_fisher.merge.provenance import check_provenance
 from mergekit_fisher.merge.regmean import (
     GRAM,
@@ -186,23 +187,11 @@ def _check_shape(model, gram_file: FisherFile, stored: str, shape, axis: int) ->
         )
 
 
-class LoadGramTensors(Task[Dict[ModelReference, torch.Tensor]]):
+class LoadGramTensors(LoaderTask, Task[Dict[ModelReference, torch.Tensor]]):
     """Each input's mean Gram (sum / count, float32, CPU) for one output tensor, or `no_gram()`."""
 
     inputs: ImmutableMap[ModelReference, GramInput]
     output_name: str
-
-    def arguments(self) -> Dict[str, Task]:
-        return {}
-
-    def uses_accelerator(self) -> bool:
-        return False
-
-    def priority(self) -> int:
-        return -1000  # as mergekit's LoadTensor: load late, free early
-
-    def group_label(self) -> Optional[str]:
-        return self.output_name
 
     def execute(self) -> Dict[ModelReference, torch.Tensor]:
         result = {}

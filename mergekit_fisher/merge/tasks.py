@@ -28,6 +28,7 @@ from mergekit_fisher.errors import FisherInputError
 from mergekit_fisher.fisher_file import open_fisher
 from mergekit_fisher.math import Normalization, normalize_fisher
 from mergekit_fisher.merge.gram_tasks import regmean_merge_task
+from mergekit_fisher.merge.loader_task import LoaderTask
 from mergekit_fisher.merge.methods import is_fisher_method
 from mergekit_fisher.merge.parameters import FISHER
 from mergekit_fisher.merge.recipe import check_weights
@@ -36,7 +37,7 @@ from mergekit_fisher.merge.resolution import FisherInput, resolve_fisher_inputs
 from mergekit_fisher.naming import convert_stored
 
 
-class LoadFisherTensors(Task[Dict[ModelReference, torch.Tensor]]):
+class LoadFisherTensors(LoaderTask, Task[Dict[ModelReference, torch.Tensor]]):
     """Read, normalize and floor the Fisher of every input of one output tensor (float32, CPU)."""
 
     inputs: ImmutableMap[ModelReference, FisherInput]
@@ -45,18 +46,6 @@ class LoadFisherTensors(Task[Dict[ModelReference, torch.Tensor]]):
     output_name: str
     vocabulary_axis: Optional[int] = None
     truncate_rows: Optional[int] = None  # --unsafe-truncate-embeddings: keep this many token rows
-
-    def arguments(self) -> Dict[str, Task]:
-        return {}
-
-    def uses_accelerator(self) -> bool:
-        return False
-
-    def priority(self) -> int:
-        return -1000  # as mergekit's LoadTensor: load late, free early
-
-    def group_label(self) -> Optional[str]:
-        return self.output_name
 
     def execute(self) -> Dict[ModelReference, torch.Tensor]:
         return {model: self._load(model, spec) for model, spec in self.inputs.items()}
