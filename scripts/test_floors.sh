@@ -66,6 +66,12 @@ smoke=(
     "tests/test_estimator_exact.py::test_seq_cls_equals_brute_force"
     "tests/test_estimator_lora.py::test_adapter_targets_only"
     "tests/test_estimator_data.py::test_txt_saved_dataset_and_dataset_repo_equal_jsonl"
-    "tests/test_tools_plotting.py::test_heatmap_png_has_the_expected_size"
+    "tests/test_tools_plotting.py::test_png_size_and_printed_numbers"
+    # compute at scale: lazy datasets sources and streaming (datasets), the writer (safetensors),
+    # one process failing among two (accelerate, torch.distributed)
+    "tests/test_compute_scale.py::test_text_field_split_and_subset_of_datasets_sources"
+    "tests/test_compute_scale.py::test_streaming_a_datasets_source"
+    "tests/test_compute_scale.py::test_save_dtype_bfloat16_round_trips_through_inspect_and_merge"
+    "tests/test_estimator_distributed.py::test_a_failure_on_one_process_stops_both_with_one_error"
 )
 exec "$VENV/bin/python" -m pytest -q "${smoke[@]}" "$@"

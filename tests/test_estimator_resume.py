@@ -28,7 +28,7 @@ def world(tmp_path_factory, tokenizer_dir):
     return {"model": model, "data": tiny.write_jsonl(str(root / "d.jsonl"), ROWS)}
 
 
-def test_interrupt_then_resume_equals_one_run(world, tmp_path):
+def test_interrupt_then_resume_equals_one_run(world, tmp_path, caplog):
     common = dict(
         fisher_type="sampled", samples=2, batch_size=2, seed=3, progress=False, shuffle=True
     )
@@ -56,7 +56,10 @@ def test_interrupt_then_resume_equals_one_run(world, tmp_path):
     with pytest.raises(FisherInputError, match="different options"):
         run_compute(changed)
 
-    run_compute(options)
+    with caplog.at_level("INFO", logger="mergekit_fisher.estimator.runner"):
+        run_compute(options)
+    # it says where it resumes: 2 batches of 2 examples were checkpointed
+    assert f"resuming from {checkpoint_path(out)}: 2 batches (4 examples) done" in caplog.text
     assert not os.path.exists(checkpoint_path(out))
     resumed = open_fisher(out)
     assert resumed.config.num_examples == len(ROWS)
