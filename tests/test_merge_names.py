@@ -190,9 +190,10 @@ def test_lora_adapters_as_base_plus_adapter_references(tmp_path, tokenizer_dir):
     base = tiny.make_llama(base_dir, seed=0, tokenizer_dir=tokenizer_dir)
     adapters, dense_states, values, fishers = [], [], [], []
     for index in range(2):
+        model = tiny.make_llama(seed=0)  # (it seeds torch itself: the adapter's seed comes after)
         torch.manual_seed(10 + index)
         peft_model = get_peft_model(
-            tiny.make_llama(seed=0),
+            model,
             LoraConfig(
                 r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False
             ),
@@ -218,8 +219,9 @@ def test_lora_adapters_as_base_plus_adapter_references(tmp_path, tokenizer_dir):
     merged = run_recipe(recipe, str(tmp_path / "out"), lora_merge_cache=str(tmp_path / "cache"))
     norm = [normalized_reference(v, "mean") for v in values]
     changed = "model.layers.1.self_attn.q_proj.weight"
-    # the adapters do change it
+    # the adapters do change it, each its own way
     assert not torch.allclose(dense_states[0][changed], base.state_dict()[changed])
+    assert not torch.allclose(dense_states[0][changed], dense_states[1][changed])
     for name in (
         changed,
         "model.layers.0.self_attn.v_proj.weight",
