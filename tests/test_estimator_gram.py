@@ -237,20 +237,17 @@ def test_two_processes_equal_one(world, tmp_path):
     assert_grams_match(two, world["inputs"])
 
 
-def test_computed_grams_merge_to_the_least_squares_solution(world, tmp_path, tokenizer_dir):
-    """End to end: two fine-tunes, each measured on its own data; regmean = lstsq on those
-    inputs (mean Grams: each model's rows weigh 1/nᵢ)."""
-    from transformers import AutoModelForCausalLM
-
-    base = AutoModelForCausalLM.from_pretrained(world["model"], dtype=torch.float64)
+def _fine_tunes_merged(base, parts, tmp_path, tokenizer_dir, *, seed, batch_size):
+    """Perturbed copies of `base`, one per part of the rows, each with its computed Gram and the
+    brute-force inputs of its layers; merged by `regmean` at α = 1 without a ridge (exact least
+    squares). Returns (merged state, per-model inputs, per-model states)."""
     models, grams, inputs, states = [], [], [], []
-    halves = [ROWS[:5], ROWS[5:]]
-    for index, rows in enumerate(halves):
+    for index, rows in enumerate(parts):
         path = str(tmp_path / f"ft{index}")
-        tiny.perturbed_copy(base, path, seed=60 + index, scale=0.05, tokenizer_dir=tokenizer_dir)
+        tiny.perturbed_copy(base, path, seed=seed + index, scale=0.05, tokenizer_dir=tokenizer_dir)
         data = tiny.write_jsonl(str(tmp_path / f"d{index}.jsonl"), rows)
         gram = str(tmp_path / f"gram{index}")
-        compute_gram(path, gram, data, batch_size=2, **COMMON)
+        compute_gram(path, gram, data, batch_size=batch_size, **COMMON)
         models.append(path)
         grams.append(gram)
         inputs.append(brute_force_inputs(path, tokenizer_dir, rows))
@@ -261,7 +258,18 @@ def test_computed_grams_merge_to_the_least_squares_solution(world, tmp_path, tok
         "parameters": {"regmean_alpha": 1.0, "regmean_ridge": 0.0},
         "models": [{"model": m, "parameters": {"gram": g}} for m, g in zip(models, grams)],
     }
-    merged = run_recipe(recipe, str(tmp_path / "out"))
+    return run_recipe(recipe, str(tmp_path / "out")), inputs, states
+
+
+def test_computed_grams_merge_to_the_least_squares_solution(world, tmp_path, tokenizer_dir):
+    """End to end: two fine-tunes, each measured on its own data; regmean = lstsq on those
+    inputs (mean Grams: each model's rows weigh 1/nᵢ)."""
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(world["model"], dtype=torch.float64)
+    merged, inputs, states = _fine_tunes_merged(
+        base, [ROWS[:5], ROWS[5:]], tmp_path, tokenizer_dir, seed=60, batch_size=2
+    )
     for name in ("model.layers.0.self_attn.q_proj.weight", "model.layers.1.mlp.down_proj.weight"):
         blocks = [x[name] / x[name].shape[0] ** 0.5 for x in inputs]
         targets = [b @ s[name].double().T for b, s in zip(blocks, states)]
@@ -275,24 +283,9 @@ def test_conv1d_weights_merge_in_their_own_layout(tmp_path, tokenizer_dir):
     """GPT-2 stores its linear weights [in, out] (y = x W): regmean solves W = (Σ Gᵢ)⁻¹ Σ Gᵢ Wᵢ
     there, the square attention c_proj included (whose layout a shape cannot tell)."""
     base = tiny.make_family("gpt2", seed=5, dtype=torch.float64)
-    models, grams, inputs, states = [], [], [], []
-    for index, rows in enumerate([ROWS[:6], ROWS[4:]]):
-        path = str(tmp_path / f"ft{index}")
-        tiny.perturbed_copy(base, path, seed=80 + index, scale=0.05, tokenizer_dir=tokenizer_dir)
-        data = tiny.write_jsonl(str(tmp_path / f"d{index}.jsonl"), rows)
-        gram = str(tmp_path / f"gram{index}")
-        compute_gram(path, gram, data, batch_size=3, **COMMON)
-        models.append(path)
-        grams.append(gram)
-        inputs.append(brute_force_inputs(path, tokenizer_dir, rows))
-        states.append(tiny.state_dict_from_dir(path))
-    recipe = {
-        "merge_method": "regmean",
-        "dtype": "float64",
-        "parameters": {"regmean_alpha": 1.0, "regmean_ridge": 0.0},
-        "models": [{"model": m, "parameters": {"gram": g}} for m, g in zip(models, grams)],
-    }
-    merged = run_recipe(recipe, str(tmp_path / "out"))
+    merged, inputs, states = _fine_tunes_merged(
+        base, [ROWS[:6], ROWS[4:]], tmp_path, tokenizer_dir, seed=80, batch_size=3
+    )
     for name in ("transformer.h.0.attn.c_attn.weight", "transformer.h.1.attn.c_proj.weight"):
         blocks = [x[name] / x[name].shape[0] ** 0.5 for x in inputs]
         targets = [b @ s[name].double() for b, s in zip(blocks, states)]  # x W: [in, out]
