@@ -90,6 +90,14 @@ def to_stored_layout(model, tensors: Dict[str, torch.Tensor]) -> Dict[str, torch
     return revert_weight_conversion(base, tensors)
 
 
+def stored_names(model, names: Iterable[str], shapes: Mapping[str, Sequence[int]]) -> List[str]:
+    """The checkpoint's stored names of the in-memory tensors `names` (shapes by name), sorted: a
+    fused MoE expert tensor gives its per-expert stored tensors, a renamed router its stored name.
+    Shapes only: the conversion runs on meta tensors."""
+    placeholders = {name: torch.empty(tuple(shapes[name]), device="meta") for name in names}
+    return sorted(to_stored_layout(model, placeholders)) if placeholders else []
+
+
 TensorSource = Callable[[], torch.Tensor]
 
 

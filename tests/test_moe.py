@@ -17,7 +17,7 @@ from merge_world import run_recipe, wide_fisher
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from mergekit_fisher.fisher_file import FisherConfig, write_fisher
+from mergekit_fisher.fisher_file import FisherConfig, open_fisher, write_fisher
 
 ROWS = [{"text": text} for text in tiny.CORPUS[:5]]
 EXPERTS = 3
@@ -139,6 +139,8 @@ def test_compute_writes_stored_expert_tensors_equal_to_brute_force(family, tmp_p
     with safe_open(os.path.join(model_dir, "model.safetensors"), "pt") as handle:
         stored = set(handle.keys())
     assert set(got) == stored  # exactly the checkpoint's names, no fused in-memory name
+    # experts, routers (and Qwen2-MoE's shared expert) on the fast path: nothing went batch-1
+    assert open_fisher(str(tmp_path / "f")).config.fallback_tensors == []
     reference_model = AutoModelForCausalLM.from_pretrained(
         model_dir, dtype=torch.float64, experts_implementation="eager"
     )
@@ -232,3 +234,149 @@ def test_moe_fisher_without_an_expert_is_a_plan_time_error(tmp_path, tokenizer_d
     assert_clean_failure(
         result, shards, "model.layers.1.mlp.experts.gate_up_proj", "checkpoint conversion"
     )
+
+
+def _stored_expert_names(family: str) -> list:
+    _c, _x, template, parts, (_router_mem, router_stored) = FAMILIES[family]
+    names = [router_stored.format(l=layer) for layer in range(LAYERS)]
+    for layer in range(LAYERS):
+        for e in range(EXPERTS):
+            names += [template.format(l=layer, e=e, part=part) for part in parts.values()]
+    return sorted(names)
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
+def test_fallback_lists_the_stored_expert_names(family, tmp_path, tokenizer_dir, monkeypatch):
+    """With the experts and routers forced onto the exact batch-1 path, `fallback_tensors` names
+    the checkpoint's per-expert tensors (not the fused in-memory ones), and the Fisher is still
+    the brute-force one."""
+    from mergekit_fisher.estimator import coverage
+
+    monkeypatch.setattr(coverage, "verified_experts", lambda *_a: False)
+    monkeypatch.setattr(coverage, "_verified_router", lambda *_a: False)
+    model_dir = str(tmp_path / family)
+    make_moe(family, model_dir, tokenizer_dir)
+    data = tiny.write_jsonl(str(tmp_path / "d.jsonl"), ROWS[:3])
+    got = compute(
+        model_dir,
+        str(tmp_path / "f"),
+        data,
+        fisher_type="empirical",
+        batch_size=2,
+        dtype="float64",
+        accumulator_dtype="float64",
+    )
+    assert open_fisher(str(tmp_path / "f")).config.fallback_tensors == _stored_expert_names(family)
+    reference_model = AutoModelForCausalLM.from_pretrained(
+        model_dir, dtype=torch.float64, experts_implementation="eager"
+    )
+    reference = tiny.brute_force_fisher(
+        reference_model,
+        lm_reference_examples(AutoTokenizer.from_pretrained(tokenizer_dir), ROWS[:3]),
+    )
+    expected = stored_from_memory(family, reference)
+    assert_fisher_close(got, {k: v for k, v in expected.items() if k in got})
+
+
+def _engine_fisher(model, rows):
+    from mergekit_fisher.estimator.data import Example, collate
+    from mergekit_fisher.estimator.engine import FisherEngine
+
+    model.eval().requires_grad_(False)
+    engine = FisherEngine(model, fisher_type="empirical", accumulator_dtype=torch.float64)
+    engine.step(collate([Example(i, ids, list(ids)) for i, ids in enumerate(rows)], 0, "causal-lm"))
+    engine.close()
+    return engine, engine.fisher()
+
+
+TOKEN_ROWS = [[5, 9, 9, 4, 12, 3], [6, 7, 8], [9, 3, 3, 3, 1]]
+
+
+def _tiny_mixtral():
+    import transformers
+
+    config = transformers.MixtralConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=24,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+    )
+    torch.manual_seed(3)
+    model = AutoModelForCausalLM.from_config(config, experts_implementation="eager").double()
+    with torch.no_grad():
+        for param in model.parameters():
+            param.normal_(0, 0.3)  # routers of random init, not all-equal: routing varies
+    return model
+
+
+def test_experts_of_another_formula_take_the_exact_path():
+    """Experts computing act(up) * gate (halves swapped) fail the plan-time numerical check: exact
+    fallback, still equal to brute force."""
+    from transformers.models.mixtral.modeling_mixtral import MixtralExperts
+
+    class SwappedExperts(MixtralExperts):
+        def forward(self, hidden_states, top_k_index, top_k_weights):
+            out = torch.zeros_like(hidden_states)
+            for e in range(self.num_experts):
+                token, slot = torch.where(top_k_index == e)
+                up, gate = torch.nn.functional.linear(
+                    hidden_states[token], self.gate_up_proj[e]
+                ).chunk(2, dim=-1)
+                y = torch.nn.functional.linear(self.act_fn(gate) * up, self.down_proj[e])
+                out.index_add_(0, token, y * top_k_weights[token, slot, None])
+            return out
+
+    model = _tiny_mixtral()
+    block = model.model.layers[1].mlp
+    swapped = SwappedExperts(model.config).double()
+    swapped.load_state_dict(block.experts.state_dict())
+    block.experts = swapped
+    engine, got = _engine_fisher(model, TOKEN_ROWS)
+    prefix = "model.layers.1.mlp.experts."
+    assert {prefix + "gate_up_proj", prefix + "down_proj"} <= set(engine.fallback)
+    assert not any(k.startswith("model.layers.0.mlp.experts") for k in engine.fallback_keys())
+    assert_fisher_close(got, tiny.brute_force_fisher(model, [(r, list(r)) for r in TOKEN_ROWS]))
+
+
+class TokenMajorMLP(torch.nn.Module):
+    """Flattens tokens position-major ((T, B) order): the same B*T rows as an MoE block's
+    ``view(-1, H)``, but example b's are not rows [b*T, (b+1)*T) -- must not take the fast path."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        flat = x.transpose(0, 1).reshape(-1, x.shape[-1])
+        out = self.inner(flat)
+        return out.reshape(x.shape[1], x.shape[0], -1).transpose(0, 1)
+
+
+def test_token_flattened_input_in_another_order_takes_the_exact_path():
+    model = tiny.make_llama(seed=5).double()
+    layer = model.model.layers[0]
+    layer.mlp = TokenMajorMLP(layer.mlp)
+    engine, got = _engine_fisher(model, TOKEN_ROWS)
+    mlp = "model.layers.0.mlp.inner."
+    assert {mlp + "gate_proj.weight", mlp + "down_proj.weight"} <= set(engine.fallback_keys())
+    reference = tiny.brute_force_fisher(model, [(r, list(r)) for r in TOKEN_ROWS])
+    assert_fisher_close(got, reference)
+
+
+def test_fused_experts_fast_path_equals_brute_force_in_float64():
+    """Tokens of every example spread over all experts, padding in the batch: the per-example
+    grouping of the routed tokens is exact (float64, 1e-9), experts and routers on the fast path."""
+    model = _tiny_mixtral()
+    engine, got = _engine_fisher(model, TOKEN_ROWS + [[2, 2]])
+    assert engine.fallback_keys() == []
+    reference = tiny.brute_force_fisher(model, [(r, list(r)) for r in TOKEN_ROWS + [[2, 2]]])
+    for name in (
+        "model.layers.0.mlp.experts.gate_up_proj",
+        "model.layers.1.mlp.experts.down_proj",
+        "model.layers.1.mlp.gate.weight",
+    ):
+        torch.testing.assert_close(got[name], reference[name], rtol=1e-9, atol=1e-14)

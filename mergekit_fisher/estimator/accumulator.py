@@ -8,7 +8,13 @@ from typing import Dict, Sequence
 import torch
 
 from mergekit_fisher.estimator import outer_squares
-from mergekit_fisher.estimator.gradient_terms import DenseGrads, RowGrads, add_squared_sum
+from mergekit_fisher.estimator.gradient_terms import (
+    DenseGrads,
+    ExpertGrads,
+    OuterGrads,
+    RowGrads,
+    add_squared_sum,
+)
 
 # devices where per-example gradients are formed example by example (see outer_squares)
 PER_EXAMPLE_LOOP_DEVICES = ("cpu",)
@@ -31,7 +37,10 @@ class FisherAccumulator:
         """``sums[key] += sum_b w_b * (sum of the terms' G_b)**2`` (see gradient_terms): summed,
         THEN squared."""
         target = self.sums[key]
-        per_example_device = target.device.type in PER_EXAMPLE_LOOP_DEVICES
+        if isinstance(terms[0], ExpertGrads):  # disjoint slices [e]: each squared on its own
+            for expert, term in ExpertGrads.merged(terms).items():
+                _add_terms_to(target[expert], [term], weights)
+            return
         if len(terms) == 1:
             (term,) = terms
             if isinstance(term, RowGrads):
@@ -40,16 +49,7 @@ class FisherAccumulator:
                 )
             if isinstance(term, DenseGrads):
                 return self.add_dense(key, term.per_example, weights)
-            if per_example_device and term.left.device == target.device:
-                return outer_squares.add_per_example(target, term.left, term.right, weights)
-        # row blocks of all B examples at once (a CPU's blocks a few L2-sized per-example blocks
-        # big)
-        budget = (
-            outer_squares.BLOCK_ELEMENTS_CPU * 4
-            if per_example_device
-            else outer_squares.BLOCK_ELEMENTS_GPU
-        )
-        add_squared_sum(target, terms, weights, budget)
+        _add_terms_to(target, terms, weights)
 
     def add_dense(self, key: str, per_example: torch.Tensor, weights: torch.Tensor) -> None:
         """`per_example`: (B, *shape) gradients; squared here (in place: callers hand over
@@ -83,3 +83,19 @@ class FisherAccumulator:
     def load_state(self, state: Dict[str, torch.Tensor]) -> None:
         for key, value in state.items():
             self.sums[key].copy_(value.to(self.sums[key].device, self.dtype))
+
+
+def _add_terms_to(target: torch.Tensor, terms: Sequence, weights: torch.Tensor) -> None:
+    """``target += sum_b w_b * (sum of the terms' G_b)**2`` for linear-map terms (and mixes)."""
+    per_example_device = target.device.type in PER_EXAMPLE_LOOP_DEVICES
+    if len(terms) == 1 and isinstance(terms[0], OuterGrads):
+        (term,) = terms
+        if per_example_device and term.left.device == target.device:
+            return outer_squares.add_per_example(target, term.left, term.right, weights)
+    # row blocks of all B examples at once (a CPU's blocks a few L2-sized per-example blocks big)
+    budget = (
+        outer_squares.BLOCK_ELEMENTS_CPU * 4
+        if per_example_device
+        else outer_squares.BLOCK_ELEMENTS_GPU
+    )
+    add_squared_sum(target, terms, weights, budget)

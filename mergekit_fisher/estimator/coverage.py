@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mergekit_fisher.estimator.experts import ExpertsHandler, verified_experts
 from mergekit_fisher.estimator.hooks import EmbeddingHandler, Handler, LinearHandler, NormHandler
 
 
@@ -162,6 +163,41 @@ def _verified_linear(module: nn.Module) -> bool:
 
 
 @torch.no_grad()
+def _verified_router(module: nn.Module) -> bool:
+    """An MoE router (transformers 5's `...TopKRouter`): a module of one (E, H) `weight` whose
+    output is a tuple starting with the logits ``x.reshape(-1, H) W^T`` -- their gradient is all the
+    weight's gradient, whatever the rest of the router (softmax, top-k) does with them."""
+    own = dict(module.named_parameters(recurse=False))
+    weight = own.get("weight")
+    if (
+        set(own) != {"weight"}
+        or weight.dim() != 2
+        or not weight.is_floating_point()
+        or weight.device.type == "meta"
+        or any(True for _ in module.children())
+        or any(True for _ in module.buffers(recurse=False))
+    ):
+        return False
+    generator = torch.Generator().manual_seed(8642)
+    x = torch.randn((2, 3, weight.shape[1]), generator=generator).to(weight.device, weight.dtype)
+    tol = 1e-2 if weight.dtype in (torch.float16, torch.bfloat16) else 1e-5
+    with _perturbed(module, generator) as trials:
+        for _ in trials():
+            try:
+                out = module(x)
+            except Exception:  # noqa: BLE001 - not a router we understand
+                return False
+            if not isinstance(out, tuple) or not out or not isinstance(out[0], torch.Tensor):
+                return False
+            expected = F.linear(x.reshape(-1, weight.shape[1]), weight)
+            if out[0].shape != expected.shape or not torch.allclose(
+                out[0].float(), expected.float(), rtol=tol, atol=tol
+            ):
+                return False
+    return True
+
+
+@torch.no_grad()
 def _verified_embedding_scale(module: nn.Module) -> Optional[float]:
     """c for an nn.Embedding subclass computing exactly c * embedding(ids, W) (Gemma: sqrt(H))."""
     if not _own_weight_and_bias(module) or "bias" in dict(module.named_parameters(recurse=False)):
@@ -251,6 +287,11 @@ def plan_handlers(
             normalize = _verified_normalizer(module)
             if normalize is not None:
                 kind, extra = "norm", {"normalize": normalize}
+        elif verified_experts(module, _perturbed):
+            proposals.append((module, "experts", own, {}))
+            continue
+        elif _verified_router(module):
+            kind, extra = "linear", {"output_index": 0}
         if kind is None or set(own) - {"weight", "bias"}:
             continue
         proposals.append((module, kind, own, extra))
@@ -288,6 +329,8 @@ def plan_handlers(
             handlers.append(LinearHandler(module, role_keys, roles, **extra))
         elif kind == "embedding":
             handlers.append(EmbeddingHandler(module, role_keys, roles, **extra))
+        elif kind == "experts":
+            handlers.append(ExpertsHandler(module, role_keys, roles))
         else:
             handlers.append(NormHandler(module, role_keys, roles, **extra))
 

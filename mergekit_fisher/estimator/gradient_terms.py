@@ -5,7 +5,8 @@ call of the parameter in the forward pass (tied embedding + lm_head, a module ca
 
 * `DenseGrads`:  (B, rows, cols) already materialised (norms, biases: small);
 * `OuterGrads`:  left_b^T right_b summed over tokens (Linear / Conv1D / LoRA dense weights);
-* `RowGrads`:    a few rows per example (Embedding: the rows of the tokens example b holds).
+* `RowGrads`:    a few rows per example (Embedding: the rows of the tokens example b holds);
+* `ExpertGrads`: a 3-D fused-experts parameter (E, rows, cols): one `OuterGrads` per expert hit.
 
 `add_squared_sum` squares ``sum(terms)`` in row blocks of bounded size, so a tied V x H matrix never
 needs the B x V x H per-example buffer (8 GB for Llama-3.2-1B at batch 8). It is also how a GPU
@@ -17,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import List, Sequence, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 import torch
 
@@ -88,6 +89,31 @@ class RowGrads:
             out.view(-1, out.shape[2]).index_add_(
                 0, examples * block + local_rows, values.to(out.dtype)
             )
+
+
+@dataclass
+class ExpertGrads:
+    """Slice [e] of example b's gradient is `terms[e]`'s G_b (OuterGrads, tokens routed to e
+    grouped by example); experts absent got no token."""
+
+    terms: List[Tuple[int, OuterGrads]]
+
+    @staticmethod
+    def merged(parts: Sequence["ExpertGrads"]) -> Dict[int, OuterGrads]:
+        """Several calls' terms, summed per expert: a sum of outer products over tokens is one
+        outer product over the concatenated tokens (summed, then squared)."""
+        by_expert: Dict[int, List[OuterGrads]] = {}
+        for part in parts:
+            for expert, term in part.terms:
+                by_expert.setdefault(expert, []).append(term)
+        return {
+            expert: terms[0]
+            if len(terms) == 1
+            else OuterGrads(
+                torch.cat([t.left for t in terms], 1), torch.cat([t.right for t in terms], 1)
+            )
+            for expert, terms in by_expert.items()
+        }
 
 
 def on_device(term, device: torch.device):

@@ -47,6 +47,9 @@ EXAMPLE = "example"  # (B, ..., T, ..., features): every row belongs to one exam
 # (B, features): one row per example (pooled seq-cls heads), only where the probe allowed it
 ROWS = "rows"
 SHARED = "shared"  # (1, ..., T, ..., features) with B > 1: computed once, broadcast over the batch
+# (B*T, ..., features): tokens flattened example-major (MoE blocks' `hidden.view(-1, H)`), only
+# where the probe saw every call so and saw one example's change stay in that example's T rows
+TOKENS = "tokens"
 
 
 def _flat_tokens(tensor: torch.Tensor, trailing: int) -> torch.Tensor:
@@ -69,17 +72,34 @@ class Handler:
         self.module = module
         self.keys = keys  # role ("weight", "bias") -> accumulator key
         self.params = params  # role -> parameter
-        self.rows_allowed = (
-            False  # set by `probe_structure`: (B, features) inputs keep examples apart
-        )
+        # set by `probe_structure`: (B, features) / (B*T, features) inputs keep examples apart
+        self.rows_allowed = False
+        self.tokens_allowed = False
+
+    # the output whose gradient drives `contribute`: the output itself, or one element of a tuple
+    # (MoE routers return (logits, scores, indices))
+    output_index: Optional[int] = None
 
     def saved_input(self, args, kwargs):
         if args:
             return args[0]
         return next(iter(kwargs.values()), None)
 
+    def saved_extras(self, args, kwargs, x) -> Optional[tuple]:
+        """Further inputs `contribute` needs (MoE experts: the routing), detached; None: not in the
+        form this handler understands (exact fallback)."""
+        return ()
+
+    def output_of(self, output):
+        if self.output_index is None:
+            return output
+        if isinstance(output, (tuple, list)) and len(output) > self.output_index:
+            return output[self.output_index]
+        return None
+
     def input_form(self, x, batch: int, seq: int) -> Optional[str]:
-        """EXAMPLE / ROWS / SHARED, or None (not structurally per-example: exact fallback)."""
+        """EXAMPLE / ROWS / TOKENS / SHARED, or None (not structurally per-example: exact
+        fallback)."""
         if not isinstance(x, torch.Tensor) or x.dim() < 1 + self.trailing:
             return None
         tokens = x.shape[1 : x.dim() - self.trailing]
@@ -88,21 +108,29 @@ class Handler:
                 return EXAMPLE
             if not tokens and self.trailing and self.rows_allowed:
                 return ROWS
+        if x.shape[0] == batch * seq and not tokens and self.trailing and self.tokens_allowed:
+            return TOKENS
+        if x.shape[0] == batch:
             return None
         if x.shape[0] == 1 and seq in tokens:
             return SHARED
         return None
 
-    def contribute(self, x: torch.Tensor, delta: torch.Tensor, sink: "GradientSink") -> None:
+    def contribute(self, x: torch.Tensor, delta: torch.Tensor, sink: "GradientSink", *extras):
+        """Per-example gradient terms from x (B, ..., features) and delta (B, ..., out)."""
         raise NotImplementedError
 
 
 class LinearHandler(Handler):
-    """nn.Linear (weight O x I), HF Conv1D (weight I x O, `transposed`), LoRA wrappers (W0 + BA)."""
+    """nn.Linear (weight O x I), HF Conv1D (weight I x O, `transposed`), LoRA wrappers (W0 + BA),
+    MoE routers (logits = x W^T, the first of the outputs)."""
 
-    def __init__(self, module, keys, params, *, transposed: bool = False):
+    def __init__(
+        self, module, keys, params, *, transposed: bool = False, output_index: Optional[int] = None
+    ):
         super().__init__(module, keys, params)
         self.transposed = transposed
+        self.output_index = output_index  # MoE routers: the logits are element 0 of a tuple
 
     def contribute(self, x, delta, sink):
         dtype = working_dtype(delta.dtype)
@@ -184,6 +212,8 @@ class _Call:
     output: Optional[torch.Tensor] = (
         None  # SHARED calls only: resolved in the graph before backward
     )
+    extras: tuple = ()
+    tokens: bool = False  # TOKENS form: x and delta are (B*T, ...), unflattened for `contribute`
 
 
 @dataclass
@@ -269,12 +299,17 @@ class PerExampleCapture:
                 return None
             x = handler.saved_input(args, kwargs)
             form = handler.input_form(x, self.batch_size, self.seq_len)
-            lead = self.batch_size if form in (EXAMPLE, ROWS) else 1
+            lead = {EXAMPLE: self.batch_size, ROWS: self.batch_size}.get(form, 1)
+            if form == TOKENS:
+                lead = self.batch_size * self.seq_len
+            out = handler.output_of(output)
+            extras = handler.saved_extras(args, kwargs, x) if form is not None else None
             if (
                 form is None
-                or not isinstance(output, torch.Tensor)
-                or output.dim() == 0
-                or output.shape[0] != lead
+                or extras is None
+                or not isinstance(out, torch.Tensor)
+                or out.dim() == 0
+                or out.shape[0] != lead
             ):
                 shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
                 self.mark_exact(
@@ -283,19 +318,24 @@ class PerExampleCapture:
                     f"{self.seq_len}, ...) in {type(module).__name__}",
                 )
                 return None
-            call = _Call(handler, x.detach())
+            if not out.requires_grad and out is not output:
+                # a tuple element was consumed inside the module already (a router's scores):
+                # a leaf made now would not reach them
+                self.mark_exact(handler, f"{type(module).__name__}'s output needs no gradient")
+                return None
+            call = _Call(handler, x.detach(), extras=extras, tokens=form == TOKENS)
             for key in handler.keys.values():
                 self.uses[key] = self.uses.get(key, 0) + 1
-            if not output.requires_grad:
+            if not out.requires_grad:
                 # nothing upstream needs a gradient (params are frozen): start the graph here
-                output.requires_grad_(True)
-                self.leaves.append(output)
+                out.requires_grad_(True)
+                self.leaves.append(out)
             if form == SHARED:
-                call.output = output
+                call.output = out
                 self.shared.append(call)
             else:
                 self.calls.append(call)
-                output.register_hook(lambda delta, call=call: self._on_output_grad(call, delta))
+                out.register_hook(lambda delta, call=call: self._on_output_grad(call, delta))
             return None  # the output is never replaced
 
         return hook
@@ -401,7 +441,11 @@ class PerExampleCapture:
     def _on_output_grad(self, call: _Call, delta: torch.Tensor) -> None:
         if self.pass_state is None:
             return None
-        call.handler.contribute(call.saved, delta.detach(), self.sink)
+        x, delta = call.saved, delta.detach()
+        if call.tokens:  # (B*T, ...) -> (B, T, ...): rows are example-major (probe_structure)
+            x = x.reshape(self.batch_size, self.seq_len, *x.shape[1:])
+            delta = delta.reshape(self.batch_size, self.seq_len, *delta.shape[1:])
+        call.handler.contribute(x, delta, self.sink, *call.extras)
         return None
 
     def backward(self, loss: torch.Tensor, weights: torch.Tensor, *, retain_graph: bool) -> None:
@@ -600,10 +644,11 @@ def probe_structure(
             )
             continue
         handler.rows_allowed = rows_allowed
+        handler.tokens_allowed = True
         forms = []
         for (batch, seq, _offset), calls in zip(shapes + [shapes[1]], per_batch):
             forms.extend(handler.input_form(x, batch, seq) for x in calls[key])
-        handler.rows_allowed = False
+        handler.rows_allowed = handler.tokens_allowed = False
         if any(form is None for form in forms):
             reasons[key] = "an input is not (batch, ..., tokens, ..., features)"
             continue
@@ -611,25 +656,39 @@ def probe_structure(
         if len(before) != len(after):
             reasons[key] = "called a different number of times when one example changes (routed)"
             continue
+        reason = _mixing(handler, before, after, *shapes[1][:2])
+        if reason:
+            reasons[key] = reason
+            continue
+        if rows_allowed and ROWS in forms:
+            handler.rows_allowed = True
+        if TOKENS in forms:
+            handler.tokens_allowed = True
+    return reasons
+
+
+def _mixing(handler: Handler, before: list, after: list, batch: int, seq: int) -> Optional[str]:
+    """Why the calls' inputs (before / after example 0 changed) mix examples, or None."""
+    handler.rows_allowed = handler.tokens_allowed = True
+    try:
         for x, y in zip(before, after):
             if x.shape != y.shape:
-                reasons[key] = "its input changes shape when one example changes (routed)"
-                break
-            if x.shape[0] == shapes[1][0]:
-                rest, changed = x[1:].double(), y[1:].double()
-                scale = float(x.double().abs().max()) if x.numel() else 0.0
-                if rest.numel() and float((rest - changed).abs().max()) > 1e-3 * scale + 1e-6:
-                    reasons[key] = (
-                        "its input rows of one example depend on another example (routed / mixed)"
-                    )
-                    break
-                if (
-                    handler.input_form(x, *shapes[1][:2]) == ROWS
-                    and float((x[0].double() - y[0].double()).abs().max()) <= 1e-3 * scale + 1e-6
-                ):
-                    # a (B, features) input is one row per example only if row 0 is example 0's
-                    reasons[key] = "its (batch, features) input does not follow example 0 (routed)"
-                    break
-        if key not in reasons and rows_allowed and ROWS in forms:
-            handler.rows_allowed = True
-    return reasons
+                return "its input changes shape when one example changes (routed)"
+            form = handler.input_form(x, batch, seq)
+            if form == TOKENS:  # rows example-major: example b's are rows [b*T, (b+1)*T)
+                x, y = x.reshape(batch, seq, *x.shape[1:]), y.reshape(batch, seq, *y.shape[1:])
+            elif x.shape[0] != batch:
+                continue
+            rest, changed = x[1:].double(), y[1:].double()
+            scale = float(x.double().abs().max()) if x.numel() else 0.0
+            if rest.numel() and float((rest - changed).abs().max()) > 1e-3 * scale + 1e-6:
+                return "its input rows of one example depend on another example (routed / mixed)"
+            if (
+                form in (ROWS, TOKENS)
+                and float((x[0].double() - y[0].double()).abs().max()) <= 1e-3 * scale + 1e-6
+            ):
+                # a flat input is one example's rows only if example 0's rows follow example 0
+                return "its flattened input does not follow example 0 (routed)"
+    finally:
+        handler.rows_allowed = handler.tokens_allowed = False
+    return None

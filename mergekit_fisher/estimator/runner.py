@@ -64,7 +64,7 @@ from mergekit_fisher.fisher_file.writer import (
     output_lock,
     write_fisher,
 )
-from mergekit_fisher.naming import output_names, to_stored_layout
+from mergekit_fisher.naming import output_names, stored_names, to_stored_layout
 
 log = logging.getLogger(__name__)
 
@@ -579,6 +579,15 @@ def _loop(run: Run, counts: Counters, fingerprint, identity, interrupt_after_rou
             progress.close()
 
 
+def _fallback_tensors(opts, engine, names) -> List[str]:
+    """The exact-fallback tensors as the checkpoint stores them (a fused MoE expert tensor: its
+    per-expert tensors), like the Fisher file's own names."""
+    fallback = {names[k][0]: engine.accumulator.sums[k].shape for k in engine.fallback_keys()}
+    if opts.space == Space.ADAPTER:
+        return sorted(fallback)
+    return stored_names(engine.model, fallback, fallback)
+
+
 def _config(opts, identity, plan, totals: Counters, peers, engine, names):
     from mergekit_fisher.fisher_file import FisherConfig
 
@@ -611,7 +620,7 @@ def _config(opts, identity, plan, totals: Counters, peers, engine, names):
         model_dtype=str(opts.dtype),
         shuffle=opts.shuffle,
         num_processes=peers.world,
-        fallback_tensors=sorted(names[k][0] for k in engine.fallback_keys()),
+        fallback_tensors=_fallback_tensors(opts, engine, names),
     )
 
 
