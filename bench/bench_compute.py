@@ -9,11 +9,15 @@ one run.
     .venv/bin/python bench/bench_compute.py --device cuda --examples 256 --batch-size 16
     # peak memory, each in a fresh process
     .venv/bin/python bench/bench_compute.py --memory --tie --vocab 32000
+    # a Mixtral-shaped MoE (8 experts, top-2), plus the estimator with experts and routers forced
+    # onto the exact batch-1 fallback (what they ran on before the fused-experts fast path)
+    OMP_WAIT_POLICY=PASSIVE .venv/bin/python bench/bench_compute.py --moe --check
 
 * estimator: `FisherEngine.step` (per-example squared gradients from one backward pass per batch);
 * loop:      the obvious exact method -- per example: forward, autograd.grad of the summed
              log-likelihood w.r.t. every parameter, square, add;
-* train:     one training step (forward + loss.backward() of the batch-summed loss), no optimizer.
+* train:     one training step (forward + loss.backward() of the batch-summed loss), no optimizer;
+* fallback:  (--moe only) the estimator with the experts and routers on its batch-1 fallback.
 """
 
 from __future__ import annotations
@@ -29,10 +33,33 @@ import time
 import torch
 
 
+def moe_config(args):
+    from transformers import MixtralConfig
+
+    return MixtralConfig(
+        vocab_size=args.vocab,
+        hidden_size=args.hidden,
+        intermediate_size=args.expert_intermediate or args.hidden * 2,
+        num_local_experts=args.experts,
+        num_experts_per_tok=args.top_k,
+        num_hidden_layers=args.layers,
+        num_attention_heads=max(1, args.hidden // 64),
+        num_key_value_heads=max(1, args.hidden // 128),
+        max_position_embeddings=args.seq_len,
+        tie_word_embeddings=args.tie,
+        pad_token_id=0,
+    )
+
+
 def build(args):
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
+    if args.moe:  # experts as compute loads them (loading.py): eager per-expert matmuls
+        model = AutoModelForCausalLM.from_config(moe_config(args), experts_implementation="eager")
+        with torch.no_grad():  # random routers (HF initialises them to zero: uniform routing)
+            for layer in model.model.layers:
+                layer.mlp.gate.weight.normal_(0, 0.02)
     config = LlamaConfig(
         vocab_size=args.vocab,
         hidden_size=args.hidden,
@@ -44,7 +71,9 @@ def build(args):
         tie_word_embeddings=args.tie,
         pad_token_id=0,
     )
-    model = LlamaForCausalLM(config).to(device=args.device, dtype=getattr(torch, args.dtype)).eval()
+    if not args.moe:
+        model = LlamaForCausalLM(config)
+    model = model.to(device=args.device, dtype=getattr(torch, args.dtype)).eval()
     generator = torch.Generator().manual_seed(1)
     ids = torch.randint(3, args.vocab, (args.examples, args.seq_len), generator=generator)
     lengths = torch.randint(
@@ -83,6 +112,18 @@ def run_estimator(model, data, args):
     finally:
         engine.close()
     return engine.fisher()
+
+
+def run_fallback(model, data, args):
+    """The estimator with the experts and routers refused by coverage: their batch-1 path."""
+    from mergekit_fisher.estimator import coverage
+
+    saved = coverage.verified_experts, coverage._verified_router
+    coverage.verified_experts = coverage._verified_router = lambda *_a: False
+    try:
+        return run_estimator(model, data, args)
+    finally:
+        coverage.verified_experts, coverage._verified_router = saved
 
 
 def run_loop(model, data, args):
@@ -140,7 +181,12 @@ def print_peak(args, model, ids, lengths):
     """One method, one process: its peak (CPU: max RSS; GPU: max allocated) above the model and
     data."""
     data = batches(ids, lengths, args.batch_size)
-    fn = {"estimator": run_estimator, "loop": run_loop, "train": run_train}[args.only]
+    fn = {
+        "estimator": run_estimator,
+        "loop": run_loop,
+        "train": run_train,
+        "fallback": run_fallback,
+    }[args.only]
     if args.device.startswith("cuda"):
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -153,7 +199,7 @@ def print_peak(args, model, ids, lengths):
 def memory_report(args):
     argv = [a for a in sys.argv[1:] if a != "--memory"]
     peaks = {}
-    for method in ("estimator", "loop", "train"):
+    for method in ("estimator", "loop", "train") + (("fallback",) if args.moe else ()):
         out = subprocess.run(
             [
                 sys.executable,
@@ -220,7 +266,15 @@ def main():
         action="store_true",
         help="peak memory of each method above the built model, each in a fresh process",
     )
-    parser.add_argument("--only", choices=["estimator", "loop", "train"], help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--moe", action="store_true", help="a Mixtral-shaped MoE instead of Llama (see --experts)"
+    )
+    parser.add_argument("--experts", type=int, default=8)
+    parser.add_argument("--top-k", type=int, default=2)
+    parser.add_argument("--expert-intermediate", type=int, default=None, help="default: 2 x hidden")
+    parser.add_argument(
+        "--only", choices=["estimator", "loop", "train", "fallback"], help=argparse.SUPPRESS
+    )
     args = parser.parse_args()
     if args.strategy != "auto":
         from mergekit_fisher.estimator import accumulator
@@ -241,16 +295,28 @@ def main():
     run_estimator(model, data[:1], args)
     run_loop(model, loop_data[:1], args)
     run_train(model, data[:1], args)
+    if args.moe:
+        run_fallback(model, loop_data[:1], args)
 
     rates = {"estimator": [], "loop": [], "train": []}
-    for _ in range(args.reps):  # interleaved, so drifts in machine load hit all three alike
+    if args.moe:
+        rates["fallback"] = []
+    for _ in range(args.reps):  # interleaved, so drifts in machine load hit all alike
         rates["estimator"].append(args.examples / timed(run_estimator, model, data, args))
         rates["loop"].append(loop_n / timed(run_loop, model, loop_data, args))
         rates["train"].append(args.examples / timed(run_train, model, data, args))
+        if args.moe:
+            rates["fallback"].append(loop_n / timed(run_fallback, model, loop_data, args))
     median = {k: statistics.median(v) for k, v in rates.items()}
     params = sum(p.numel() for p in model.parameters())
+    kind = (
+        f"Mixtral-shaped MoE ({args.experts} experts, top-{args.top_k}, expert intermediate "
+        f"{args.expert_intermediate or args.hidden * 2})"
+        if args.moe
+        else "Llama"
+    )
     print(
-        f"model: Llama hidden {args.hidden}, {args.layers} layers, "
+        f"model: {kind} hidden {args.hidden}, {args.layers} layers, "
         f"vocab {args.vocab}{' tied' if args.tie else ''}, "
         f"{params / 1e6:.2f}M params, "
         f"{args.dtype} on {args.device}; seq <= {args.seq_len}, batch {args.batch_size}, "
@@ -269,11 +335,19 @@ def main():
         "(target >= 4x CPU, >= 10x GPU)"
     )
     print(f"  estimator / train = {median['estimator'] / median['train']:.2f}x   (target >= 0.6x)")
+    if args.moe:
+        print(f"  estimator / fallback = {median['estimator'] / median['fallback']:.2f}x")
     if args.check:
-        fisher = run_estimator(model, loop_data, args)
         reference = run_loop(model, loop_data, args)
-        worst = max(float((f - r).norm() / r.norm()) for f, r in zip(fisher.values(), reference))
-        print(f"  check: max tensor-wise relative difference estimator vs loop = {worst:.2e}")
+        checked = [("estimator", run_estimator)] + (
+            [("fallback", run_fallback)] if args.moe else []
+        )
+        for name, fn in checked:
+            fisher = fn(model, loop_data, args)
+            worst = max(
+                float((f - r).norm() / r.norm()) for f, r in zip(fisher.values(), reference)
+            )
+            print(f"  check: max tensor-wise relative difference {name} vs loop = {worst:.2e}")
     print(json.dumps({"rates_ex_per_s": rates, "median": median, "args": vars(args)}))
 
 

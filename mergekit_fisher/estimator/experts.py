@@ -89,15 +89,23 @@ def verified_experts(module: torch.nn.Module, perturbed) -> bool:
     return True
 
 
-def by_example(values: torch.Tensor, examples: torch.Tensor, batch: int) -> torch.Tensor:
-    """Rows `values` (n, D) of examples `examples` (n,), sorted -> (B, max count, D), zero-padded
-    (a zero row adds nothing to a sum of outer products)."""
-    counts = torch.bincount(examples, minlength=batch)
-    starts = torch.cumsum(counts, 0) - counts
-    position = torch.arange(examples.numel(), device=values.device) - starts[examples]
-    out = values.new_zeros(batch, int(counts.max()) if examples.numel() else 0, values.shape[1])
-    out[examples, position] = values
-    return out
+class ByExample:
+    """Routed tokens of examples `examples` (n,), sorted, laid out as (B, max count, D),
+    zero-padded: a zero row adds nothing to a sum of outer products."""
+
+    def __init__(self, examples: torch.Tensor, batch: int):
+        counts = torch.bincount(examples, minlength=batch)
+        starts = torch.cumsum(counts, 0) - counts
+        self.index = (
+            examples,
+            torch.arange(examples.numel(), device=examples.device) - starts[examples],
+        )
+        self.shape = (batch, int(counts.max()) if examples.numel() else 0)
+
+    def __call__(self, values: torch.Tensor) -> torch.Tensor:
+        out = values.new_zeros(*self.shape, values.shape[1])
+        out[self.index] = values
+        return out
 
 
 def expert_token_grads(
@@ -157,29 +165,15 @@ class ExpertsHandler(Handler):
             if not 0 <= e < gate_up.shape[0]:
                 continue  # transformers' "no expert" slot (num_experts) under expert parallelism
             token, slot = torch.where(index == e)  # sorted by token: grouped by example
-            examples = token // seq
+            pad = ByExample(token // seq, batch)
             h = flat_x[token]
             delta_y, a, delta_gu = expert_token_grads(
                 h, flat_delta[token], scores[token, slot], gate_up[e], down[e], self.module.act_fn
             )
             if "down_proj" in self.keys:
-                down_terms.append(
-                    (
-                        e,
-                        OuterGrads(
-                            by_example(delta_y, examples, batch), by_example(a, examples, batch)
-                        ),
-                    )
-                )
+                down_terms.append((e, OuterGrads(pad(delta_y), pad(a))))
             if "gate_up_proj" in self.keys:
-                gate_up_terms.append(
-                    (
-                        e,
-                        OuterGrads(
-                            by_example(delta_gu, examples, batch), by_example(h, examples, batch)
-                        ),
-                    )
-                )
+                gate_up_terms.append((e, OuterGrads(pad(delta_gu), pad(h))))
         if "down_proj" in self.keys:
             sink.add(self.keys["down_proj"], ExpertGrads(down_terms))
         if "gate_up_proj" in self.keys:
