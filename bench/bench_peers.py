@@ -21,12 +21,12 @@ A method that cannot run the model (an exception) is reported with its error's f
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import statistics
 import subprocess
 import sys
-import time
 
 import torch
 
@@ -100,18 +100,19 @@ def run_functorch(model, data, args):
     params = {name: p.detach() for name, p in named.items()}
     buffers = dict(model.named_buffers())
 
-    def example_loss(params, ids, mask, labels):
-        logits = functional_call(
-            model, (params, buffers), (), {"input_ids": ids[None], "attention_mask": mask[None]}
-        ).logits
+    # no attention mask: HF's padding-mask construction is data-dependent, which vmap refuses;
+    # with right padding and causal attention a real token never sees a pad, and pads predict
+    # nothing, so the per-example gradients are the same
+    def example_loss(params, ids, labels):
+        logits = functional_call(model, (params, buffers), (), {"input_ids": ids[None]}).logits
         return _loss(logits, labels[None])
 
-    per_example = vmap(grad(example_loss), in_dims=(None, 0, 0, 0))
+    per_example = vmap(grad(example_loss), in_dims=(None, 0, 0))
     sums = {name: torch.zeros_like(p, dtype=torch.float32) for name, p in params.items()}
     count = 0
     for batch in data:
         batch = batch.to(args.device)
-        grads = per_example(params, batch.input_ids, batch.attention_mask, batch.labels)
+        grads = per_example(params, batch.input_ids, batch.labels)
         for name, g in grads.items():
             sums[name].add_(g.float().square().sum(0))
         count += batch.input_ids.shape[0]
@@ -123,6 +124,11 @@ def run_backpack(model, data, args):
     from backpack.extensions import SumGradSquared
 
     named = _named(model)
+    # BackPACK refuses an Embedding's padding_idx; the pad row's gradient is zero here anyway
+    # (right padding, causal attention, pads predict nothing)
+    for module in model.modules():
+        if isinstance(module, torch.nn.Embedding):
+            module.padding_idx = None
     extend(model)
     _trainable(model, True)
     sums = {name: torch.zeros_like(p, dtype=torch.float32) for name, p in named.items()}
@@ -167,7 +173,9 @@ def check(result, reference):
 
 
 def _first_line(error: Exception) -> str:
-    return f"{type(error).__name__}: {str(error).strip().splitlines()[0][:120] if str(error) else ''}"
+    return (
+        f"{type(error).__name__}: {str(error).strip().splitlines()[0][:120] if str(error) else ''}"
+    )
 
 
 def row(args, seq: int) -> dict:
@@ -179,10 +187,12 @@ def row(args, seq: int) -> dict:
     data = bench_compute.batches(ids, lengths, args.batch_size)
     reference = run_loop(model, data, args)
     methods = [m for m in METHODS if m in args.methods]
+    # one copy per method: peers leave hooks and attributes behind (opacus, BackPACK's extend)
+    models = {name: copy.deepcopy(model) for name in methods}
     status, errors = {}, {}
     for name in methods:  # warm-up + check (and what runs at all)
         try:
-            result = RUNNERS[name](model, data[:1] if name == "train" else data, args)
+            result = RUNNERS[name](models[name], data[:1] if name == "train" else data, args)
         except Exception as error:  # noqa: BLE001 - a peer that cannot run this model
             errors[name] = _first_line(error)
             continue
@@ -190,11 +200,14 @@ def row(args, seq: int) -> dict:
             worst, covered = check(result, reference)
             status[name] = {"rel_diff": worst, "covered": covered, "of": len(reference)}
     rates = {name: [] for name in methods if name not in errors}
+    plans = []
     for _ in range(args.reps):
         for name in rates:
-            rates[name].append(
-                args.examples / bench_compute.timed(RUNNERS[name], model, data, args)
-            )
+            bench_compute.PLAN_SECONDS.clear()
+            elapsed = bench_compute.timed(RUNNERS[name], models[name], data, args)
+            # our engine's one-time plan is not per-batch work (bench_compute reports it apart)
+            plans.extend(bench_compute.PLAN_SECONDS)
+            rates[name].append(args.examples / (elapsed - sum(bench_compute.PLAN_SECONDS)))
 
     def per_rep(a, b):
         return statistics.median(x / y for x, y in zip(rates[a], rates[b]))
@@ -211,6 +224,7 @@ def row(args, seq: int) -> dict:
         "vs_train": {k: per_rep(k, "train") for k in rates if "train" in rates},
         "check": status,
         "errors": errors,
+        "plan_s": statistics.median(plans) if plans else None,
     }
     return summary
 
@@ -277,7 +291,9 @@ def main():
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--seq", type=int, nargs="+", default=[16, 64, 128, 256])
-    parser.add_argument("--tokens", type=int, default=1024, help="tokens per batch (<= seq x batch)")
+    parser.add_argument(
+        "--tokens", type=int, default=1024, help="tokens per batch (<= seq x batch)"
+    )
     parser.add_argument("--batches", type=int, default=2, help="batches per repetition")
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--layers", type=int, default=4)
