@@ -22,6 +22,7 @@ from mergekit_fisher.estimator.objectives import (
     lm_loglik,
     lm_passes,
 )
+from mergekit_fisher.estimator.padding import mask_is_redundant
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +77,7 @@ class FisherEngine:
             devices={k: p.device for k, p in params.items()},
         )
         self.accepted = accepted_inputs(model)
+        self.drop_mask = False
         self.dropped: Set[str] = set()
         self.handlers, self.fallback = plan_handlers(model, keys, wrappers=wrappers)
         config = getattr(model, "config", None)
@@ -89,6 +91,14 @@ class FisherEngine:
             vocab,
             getattr(config, "pad_token_id", None),
             rows_allowed=is_cls,
+        )
+        # right-padded causal batches: the mask changes no gradient (padding.py)
+        self.drop_mask = mask_is_redundant(
+            self.forward,
+            model.get_input_embeddings().weight.device,
+            vocab,
+            getattr(config, "pad_token_id", None),
+            model.get_input_embeddings().weight.dtype,
         )
         self.capture = PerExampleCapture(self.handlers, self.accumulator)
         for handler in self.handlers:
@@ -115,6 +125,8 @@ class FisherEngine:
                 )
         if "use_cache" in self.accepted:  # no KV cache: nothing is generated
             passed["use_cache"] = False
+        if self.drop_mask:
+            passed.pop("attention_mask", None)
         return self.model(**passed).logits
 
     def step(self, batch: Batch) -> int:

@@ -157,8 +157,8 @@ class ExpertsHandler(Handler):
         seq = flat_x.shape[0] // batch
         scores = scores.reshape(flat_x.shape[0], -1).to(dtype)
         index = index.reshape(flat_x.shape[0], -1)
-        gate_up = self.module.gate_up_proj.detach().to(dtype)
-        down = self.module.down_proj.detach().to(dtype)
+        # one expert at a time in the working dtype: never a float32 copy of all E experts
+        gate_up, down = self.module.gate_up_proj.detach(), self.module.down_proj.detach()
         down_terms: List[Tuple[int, OuterGrads]] = []
         gate_up_terms: List[Tuple[int, OuterGrads]] = []
         for e in torch.unique(index).tolist():
@@ -168,7 +168,12 @@ class ExpertsHandler(Handler):
             pad = ByExample(token // seq, batch)
             h = flat_x[token]
             delta_y, a, delta_gu = expert_token_grads(
-                h, flat_delta[token], scores[token, slot], gate_up[e], down[e], self.module.act_fn
+                h,
+                flat_delta[token],
+                scores[token, slot],
+                gate_up[e].to(dtype),
+                down[e].to(dtype),
+                self.module.act_fn,
             )
             if "down_proj" in self.keys:
                 down_terms.append((e, OuterGrads(pad(delta_y), pad(a))))

@@ -11,8 +11,11 @@ the accumulator.
 Which calls may take that path is decided by STRUCTURE, per call (`input_form`): the module's input
 must be ``(B, ..., T, ..., features)`` -- B the batch size, T the current batch's sequence length --
 or, for a sequence-classification head the plan-time probe has seen keep examples apart, ``(B,
-features)``. Anything else (token-flattened or routed inputs such as ``expert(hidden[top_x])``,
-batch-less tables) sends the module's parameters to the exact fallback from that batch on. A hook
+features)``, or tokens flattened example-major, ``(B*T, features)`` (an MoE block's
+``hidden.view(-1, H)``), where the probe saw every call so and a change to one example stay in that
+example's T rows. Anything else (routed inputs such as ``expert(hidden[top_x])``, flattenings in
+another order, batch-less tables) sends the module's parameters to the exact fallback from that
+batch on. Fused MoE experts and routers: estimator/experts.py. A hook
 never replaces or changes a module's output: the one batch-shared case kept on the fast path -- a
 ``(1, T, ...)`` output such as GPT-2's / BERT's position embeddings -- is resolved in the autograd
 graph (`_resolve_shared`): when every consumer of that output is a broadcasting ``+``, the
@@ -567,8 +570,10 @@ def probe_structure(
     whether rows of examples 1-2 stay the same when only example 0 changes (a routed or permuted
     input mixes examples even when its shape looks right); and whether the parameter is read outside
     its own module. Handlers whose calls were all per-example (B, features) rows and kept examples
-    apart may take ROWS inputs later (`rows_allowed`: seq-cls heads). A model that cannot run the
-    dummy batches keeps the run-time checks only.
+    apart may take ROWS inputs later (`rows_allowed`: seq-cls heads); likewise (B*T, features)
+    token rows whose example-0 block alone followed example 0 (`tokens_allowed`: MoE blocks). A
+    model that cannot run the dummy batches keeps the run-time checks only -- and so no ROWS or
+    TOKENS inputs, which only the probe can allow.
     """
     owners: Dict[int, List[Handler]] = {}
     for handler in handlers:
