@@ -380,3 +380,45 @@ def test_fused_experts_fast_path_equals_brute_force_in_float64():
         "model.layers.1.mlp.gate.weight",
     ):
         torch.testing.assert_close(got[name], reference[name], rtol=1e-9, atol=1e-14)
+
+
+def test_experts_shared_by_two_blocks_are_summed_then_squared():
+    """One experts module (and router) called by both layers: each example's two contributions per
+    expert are summed before squaring (ExpertGrads.merged), not squared apart."""
+    model = _tiny_mixtral()
+    first, second = model.model.layers[0].mlp, model.model.layers[1].mlp
+    second.experts, second.gate = first.experts, first.gate
+    engine, got = _engine_fisher(model, TOKEN_ROWS)
+    assert engine.fallback_keys() == []
+    reference = tiny.brute_force_fisher(model, [(r, list(r)) for r in TOKEN_ROWS])
+    for name in ("model.layers.0.mlp.experts.gate_up_proj", "model.layers.0.mlp.experts.down_proj"):
+        torch.testing.assert_close(got[name], reference[name], rtol=1e-9, atol=1e-14)
+    assert_fisher_close(got, reference)
+
+
+def test_only_some_expert_tensors_selected():
+    """A Fisher of one gate_up_proj and one router alone (as --params would select): those
+    tensors, equal to brute force, and no other. The experts stay on the fast path; the layer-0
+    router, with nothing selected upstream, has logits that need no gradient (its scores were
+    computed inside the router already): exact fallback, still exact."""
+    from mergekit_fisher.estimator.data import Example, collate
+    from mergekit_fisher.estimator.engine import FisherEngine
+
+    model = _tiny_mixtral().eval().requires_grad_(False)
+    wanted = ["model.layers.1.mlp.experts.gate_up_proj", "model.layers.0.mlp.gate.weight"]
+    named = dict(model.named_parameters())
+    engine = FisherEngine(
+        model,
+        fisher_type="empirical",
+        accumulator_dtype=torch.float64,
+        keys={id(named[name]): name for name in wanted},
+    )
+    examples = [Example(i, ids, list(ids)) for i, ids in enumerate(TOKEN_ROWS)]
+    engine.step(collate(examples, 0, "causal-lm"))
+    engine.close()
+    got = engine.fisher()
+    assert sorted(got) == sorted(wanted)
+    assert engine.fallback_keys() == ["model.layers.0.mlp.gate.weight"]
+    assert "needs no gradient" in engine.exact_reasons()["model.layers.0.mlp.gate.weight"]
+    reference = tiny.brute_force_fisher(model, [(r, list(r)) for r in TOKEN_ROWS])
+    assert_fisher_close(got, {name: reference[name] for name in wanted})
