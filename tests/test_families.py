@@ -34,7 +34,6 @@ from mergekit_fisher.fisher_file import open_fisher
 
 MOE = ("mixtral", "qwen2_moe", "qwen3_moe")
 FAMILIES = list(tiny.FAMILIES)
-DENSE = [f for f in FAMILIES if f not in MOE]
 LM_ROWS = [{"text": t} for t in tiny.CORPUS[:5]] + [
     {"prompt": "q: what merges?", "completion": " fisher"},
     {"text": "short"},
@@ -386,7 +385,7 @@ def _adapter(world, targets):
     return path, merged
 
 
-@pytest.mark.parametrize("family", DENSE)
+@pytest.mark.parametrize("family", FAMILIES)
 def test_lora_equals_dense_merged_brute_force(worlds, tmp_path, family):
     world = worlds(family)
     adapter, merged = _adapter(world, LORA_TARGETS.get(family, ["q_proj", "v_proj"]))
