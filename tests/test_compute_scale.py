@@ -376,3 +376,44 @@ def test_streaming_a_datasets_source(world, tmp_path):
         main, ["compute", world["model"], str(tmp_path / "z"), "--data", str(repo), "--streaming"]
     )
     assert bad.exit_code == 2 and "--streaming needs --num-examples" in bad.output
+
+
+# ---------------------------------------------------------------- batches of similar length
+def test_group_by_length_keeps_every_row_and_cuts_the_padding():
+    from mergekit_fisher.estimator.sources import GROUP_WINDOW, group_by_length
+
+    generator = torch.Generator().manual_seed(0)
+    sizes = torch.randint(10, 1000, (1000,), generator=generator).tolist()
+    positions = torch.randperm(1000, generator=generator)
+    indices = torch.arange(1000)
+    batch = 4
+    grouped, grouped_indices = group_by_length(positions, indices, sizes, batch)
+    # the same (row, selection index) pairs, each once
+    assert sorted(zip(grouped.tolist(), grouped_indices.tolist())) == sorted(
+        zip(positions.tolist(), indices.tolist())
+    )
+    window = batch * GROUP_WINDOW  # rows never leave their window; longest first inside it
+    for start in range(0, 1000, window):
+        inside = grouped[start : start + window].tolist()
+        assert set(inside) == set(positions[start : start + window].tolist())
+        assert [sizes[p] for p in inside] == sorted((sizes[p] for p in inside), reverse=True)
+
+    def padding(order):
+        rows = [sizes[p] for p in order.tolist()]
+        return sum(
+            max(rows[i : i + batch]) * len(rows[i : i + batch]) - sum(rows[i : i + batch])
+            for i in range(0, len(rows), batch)
+        )
+
+    assert padding(grouped) < 0.1 * padding(positions)
+
+
+def test_grouped_batches_give_the_same_fisher(world, tmp_path):
+    rows = [{"text": " ".join(tiny.CORPUS[: 1 + i % 4])} for i in range(12)]  # 1-4 sentences
+    data = tiny.write_jsonl(str(tmp_path / "varied.jsonl"), rows)
+    common = dict(fisher_type="sampled", samples=2, seed=3, shuffle=True, batch_size=3)
+    grouped = compute(world["model"], str(tmp_path / "g"), data, **common)
+    plain = compute(world["model"], str(tmp_path / "p"), data, group_by_length=False, **common)
+    for name in plain:  # the same examples and sampled labels, other batches: float rounding
+        torch.testing.assert_close(grouped[name], plain[name], rtol=1e-5, atol=1e-12)
+    assert open_fisher(str(tmp_path / "g")).config.num_examples == len(rows)

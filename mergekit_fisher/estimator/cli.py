@@ -106,6 +106,15 @@ POSITIVE = click.IntRange(min=1)
 @click.option("--seed", type=int, default=0, show_default=True, help="shuffling and sampled labels")
 @click.option("--shuffle/--no-shuffle", default=True, show_default=True)
 @click.option(
+    "--group-by-length/--no-group-by-length",
+    default=True,
+    show_default=True,
+    help=(
+        "JSONL/txt: batch rows of similar length together (within windows of 64 batches), so "
+        "less padding is computed; the Fisher is the same up to float rounding"
+    ),
+)
+@click.option(
     "--lora",
     type=click.Path(file_okay=False),
     default=None,
@@ -204,6 +213,7 @@ def compute(
     batch_size,
     seed,
     shuffle,
+    group_by_length,
     lora,
     params,
     space,
@@ -245,6 +255,7 @@ def compute(
         batch_size=batch_size,
         seed=seed,
         shuffle=shuffle,
+        group_by_length=group_by_length,
         lora=lora,
         params=params,
         space=space,

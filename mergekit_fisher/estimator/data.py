@@ -25,6 +25,7 @@ from mergekit_fisher.estimator.sources import (
     DatasetOptions,
     Shard,
     StreamSource,
+    group_by_length,
     looks_local,
     open_source,
     parse_json_line,
@@ -427,7 +428,10 @@ def plan_data(
     options: DatasetOptions = DatasetOptions(),
     streaming: bool = False,
     shuffle_buffer: int = 10_000,
+    group_batch_size: Optional[int] = None,
 ):
+    """Which rows a run reads, in which order; `group_batch_size`: batches of that size get rows
+    of similar length (files only: their row sizes are known from the scan)."""
     if streaming:
         if num_examples is None:
             raise DataError(
@@ -459,6 +463,9 @@ def plan_data(
             file=path,
             fix="use fewer shards than rows",
         )
+    sizes = getattr(source, "sizes", None)
+    if group_batch_size and group_batch_size > 1 and sizes is not None:
+        positions, indices = group_by_length(positions, indices, sizes, group_batch_size)
     return DataPlan(source, positions, indices, path)
 
 

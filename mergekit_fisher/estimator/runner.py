@@ -98,6 +98,7 @@ class ComputeOptions:
     shard: Optional[str] = None  # "I/N"
     streaming: bool = False  # datasets: read as a stream (needs num_examples)
     shuffle_buffer: int = 10_000  # rows in datasets' shuffle buffer, with streaming
+    group_by_length: bool = True  # batches of similar-length rows (JSONL/txt): less padding
     checkpoint_every: Optional[int] = None  # examples
     overwrite: bool = False
     trust_remote_code: bool = False
@@ -492,6 +493,7 @@ def _run(opts: ComputeOptions, peers: Peers, interrupt_after_rounds: Optional[in
             options=opts.data_options(),
             streaming=opts.streaming,
             shuffle_buffer=opts.shuffle_buffer,
+            group_batch_size=opts.batch_size if opts.group_by_length else None,
         )
         if peers.is_main:  # every selected row checked now, not hours in
             check_rows(plan, task=opts.task, num_labels=num_labels, text_field=opts.text_field)

@@ -38,6 +38,7 @@ class LineSource:
     def __init__(self, path: str, kind: str):
         self.path, self.kind = path, kind
         self.offsets, self.line_numbers = array("q"), array("q")
+        self.sizes = array("q")  # bytes per row: what `group_by_length` sorts by
         digest = hashlib.sha256()
         position, number, pending = 0, 0, b""
         with open(path, "rb") as fp:
@@ -50,10 +51,12 @@ class LineSource:
                     if line.strip():
                         self.offsets.append(position)
                         self.line_numbers.append(number)
+                        self.sizes.append(len(line))
                     position += len(line) + 1
         if pending.strip():
             self.offsets.append(position)
             self.line_numbers.append(number + 1)
+            self.sizes.append(len(pending))
         self.dataset_hash = digest.hexdigest()
         self.num_rows = len(self.offsets)
 
@@ -223,6 +226,26 @@ def select(
         order = order[:num_examples]
     indices = torch.arange(len(order))[shard.index :: shard.count]
     return order[indices], indices
+
+
+GROUP_WINDOW = 64  # batches whose rows are sorted together
+
+
+def group_by_length(
+    positions: torch.Tensor, indices: torch.Tensor, sizes, batch_size: int
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The selection reordered so that each batch holds rows of similar size: within every window
+    of `GROUP_WINDOW` batches, rows sorted longest first (stable), as HF Trainer's
+    `group_by_length` does. Each row keeps its selection index (its sampled labels), so the Fisher
+    is the same up to float rounding; only the padding shrinks."""
+    window = batch_size * GROUP_WINDOW
+    order = []
+    for start in range(0, len(positions), window):
+        chunk = positions[start : start + window].tolist()
+        ranked = sorted(range(len(chunk)), key=lambda k: -sizes[chunk[k]])
+        order.extend(start + k for k in ranked)
+    order = torch.tensor(order, dtype=torch.long)
+    return positions[order], indices[order]
 
 
 def rows_at(source, positions: List[int]) -> List[Row]:
