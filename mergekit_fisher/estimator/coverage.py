@@ -142,9 +142,7 @@ def _verified_linear(module: nn.Module) -> bool:
     ):
         return False
     weight = module.weight
-    generator = torch.Generator().manual_seed(4321)
-    x = torch.randn((2, 3, weight.shape[1]), generator=generator).to(weight.device, weight.dtype)
-    tol = 1e-2 if weight.dtype in (torch.float16, torch.bfloat16) else 1e-5
+    generator, x, tol = _probe_input(weight, seed=4321)
     with _perturbed(module, generator) as trials:
         for _ in trials():
             try:
@@ -160,6 +158,15 @@ def _verified_linear(module: nn.Module) -> bool:
             ):
                 return False
     return True
+
+
+def _probe_input(weight: torch.Tensor, *, seed: int):
+    """A seeded (2, 3, in) input on the weight's device and dtype for a numerical module check,
+    the generator (for the perturbed trials) and the tolerance for that dtype."""
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn((2, 3, weight.shape[1]), generator=generator).to(weight.device, weight.dtype)
+    tol = 1e-2 if weight.dtype in (torch.float16, torch.bfloat16) else 1e-5
+    return generator, x, tol
 
 
 @torch.no_grad()
@@ -178,9 +185,7 @@ def _verified_router(module: nn.Module) -> bool:
         or any(True for _ in module.buffers(recurse=False))
     ):
         return False
-    generator = torch.Generator().manual_seed(8642)
-    x = torch.randn((2, 3, weight.shape[1]), generator=generator).to(weight.device, weight.dtype)
-    tol = 1e-2 if weight.dtype in (torch.float16, torch.bfloat16) else 1e-5
+    generator, x, tol = _probe_input(weight, seed=8642)
     with _perturbed(module, generator) as trials:
         for _ in trials():
             try:
