@@ -84,12 +84,19 @@ def build(args):
     return model, ids, lengths
 
 
-def batches(ids, lengths, batch_size):
+def batches(ids, lengths, batch_size, group: bool = False):
+    """Padded batches of the examples; `group`: formed as `compute --group-by-length` forms them
+    (rows of similar length together; each example keeps its index)."""
     from mergekit_fisher.estimator.data import Example, collate
 
+    order = list(range(len(ids)))
+    if group:
+        from mergekit_fisher.estimator.sources import group_by_length
+
+        everyone = torch.arange(len(ids))
+        order = group_by_length(everyone, everyone, lengths.tolist(), batch_size)[0].tolist()
     examples = [
-        Example(i, ids[i, : lengths[i]].tolist(), ids[i, : lengths[i]].tolist())
-        for i in range(len(ids))
+        Example(i, ids[i, : lengths[i]].tolist(), ids[i, : lengths[i]].tolist()) for i in order
     ]
     return [
         collate(examples[s : s + batch_size], 0, "causal-lm")

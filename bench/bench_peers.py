@@ -184,7 +184,7 @@ def row(args, seq: int) -> dict:
     args.batch_size = max(1, args.tokens // seq)
     args.examples = args.batch_size * args.batches
     model, ids, lengths = bench_compute.build(args)
-    data = bench_compute.batches(ids, lengths, args.batch_size)
+    data = bench_compute.batches(ids, lengths, args.batch_size, group=args.group_by_length)
     reference = run_loop(model, data, args)
     methods = [m for m in METHODS if m in args.methods]
     # one copy per method: peers leave hooks and attributes behind (opacus, BackPACK's extend)
@@ -308,6 +308,11 @@ def main():
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
     parser.add_argument("--memory", action="store_true")
+    parser.add_argument(
+        "--group-by-length",
+        action="store_true",
+        help="batch the examples as `compute --group-by-length` does (every batched method alike)",
+    )
     parser.add_argument("--only", choices=METHODS, help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.fisher_type = "empirical"
@@ -319,7 +324,8 @@ def main():
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.device}, "
         f"{args.dtype}; hidden {args.hidden}, {args.layers} layers, vocab {args.vocab}"
         f"{' tied' if args.tie else ''}{' MoE' if args.moe else ''}; {args.tokens} tokens per "
-        f"batch, {args.batches} batches per rep, {args.reps} reps",
+        f"batch, {args.batches} batches per rep, {args.reps} reps"
+        f"{', batches grouped by length' if args.group_by_length else ''}",
         flush=True,
     )
     rows = []
